@@ -1,0 +1,12 @@
+"""finetune: fine-tune a causal language model with one command.
+
+    import finetune
+    finetune.train("sample_data/recipes.txt", model="tiny")
+    finetune.generate("Title:", run="recipes", n=3)
+"""
+
+from finetune.api import generate, train
+from finetune.errors import FinetuneError
+
+__all__ = ["train", "generate", "FinetuneError"]
+__version__ = "0.1.0"

@@ -1,0 +1,101 @@
+"""The Python API: `finetune.train(...)` and `finetune.generate(...)`, for notebooks and scripts.
+
+The CLI is a thin layer over these two functions, so both share one set of defaults.
+Heavy libraries (torch, transformers) are imported only when a function runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from finetune.config import (
+    SECTIONS,
+    GenerateConfig,
+    resolve_run_config,
+    validate_generate_config,
+)
+from finetune.errors import FinetuneError
+
+# Every config field has a unique name across sections, so keywords can be flat:
+# train("data.txt", model="tiny", steps=200) sets model.name, data.paths and train.steps.
+_KEYWORD_TO_KEY = {"model": ("model", "name"), "data": ("data", "paths")}
+for _section, _cls in SECTIONS.items():
+    for _field in dataclasses.fields(_cls):
+        _KEYWORD_TO_KEY.setdefault(_field.name, (_section, _field.name))
+_KEYWORD_TO_KEY.pop("name")
+_KEYWORD_TO_KEY.pop("paths")
+
+
+def overrides_from_keywords(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    layer: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    for keyword, value in values.items():
+        if keyword not in _KEYWORD_TO_KEY:
+            raise FinetuneError(f"unknown option '{keyword}'; options are: {', '.join(sorted(_KEYWORD_TO_KEY))}")
+        section, key = _KEYWORD_TO_KEY[keyword]
+        layer[section][key] = value
+    return layer
+
+
+def train(data: Union[str, list[str], None] = None, *, config: Optional[str] = None, log=print, **options):
+    """Fine-tune a model on text files; returns a TrainResult (run_dir, checkpoint, step, val_loss).
+
+    >>> finetune.train("sample_data/recipes.txt", model="tiny", steps=300)
+    """
+    from finetune.training import train as run_training
+
+    if data is not None:
+        options["data"] = [data] if isinstance(data, (str, Path)) else [str(d) for d in data]
+        options["data"] = [str(d) for d in options["data"]]
+    cfg = resolve_run_config(config, overrides_from_keywords(options))
+    return run_training(cfg, log=log)
+
+
+def resolve_generation_source(run: Optional[str], checkpoint: Optional[str], model: Optional[str], runs_dir: str) -> str:
+    """The directory or hub id to sample from: --checkpoint, --model, or a run's latest checkpoint."""
+    from finetune import checkpoint as ckpt
+
+    given = [x for x in (run, checkpoint, model) if x]
+    if len(given) > 1:
+        raise FinetuneError("pass only one of --run, --checkpoint and --model")
+    if checkpoint:
+        if not Path(checkpoint).is_dir():
+            raise FinetuneError(f"checkpoint directory '{checkpoint}' does not exist; check the path")
+        return checkpoint
+    if model:
+        return model
+    return str(ckpt.checkpoint_for_run(ckpt.find_run(runs_dir, run)))
+
+
+def generate(
+    prompt: Union[str, list[str], None] = None,
+    *,
+    run: Optional[str] = None,
+    checkpoint: Optional[str] = None,
+    model: Optional[str] = None,
+    runs_dir: str = "runs",
+    trust_remote_code: bool = False,
+    write=None,
+    **options,
+) -> list[str]:
+    """Sample text from a run (its latest checkpoint), a checkpoint directory or a model id.
+
+    >>> finetune.generate("Title:", run="recipes", n=3, seed=1)
+    """
+    from finetune.generation import append_samples, generate_texts, load_for_generation
+
+    if prompt is not None:
+        options["prompts"] = [prompt] if isinstance(prompt, str) else list(prompt)
+    known = {f.name for f in dataclasses.fields(GenerateConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise FinetuneError(f"unknown option(s) {', '.join(unknown)}; options are: {', '.join(sorted(known))}")
+    cfg = GenerateConfig(**options)
+    validate_generate_config(cfg)
+    source = resolve_generation_source(run, checkpoint, model, runs_dir)
+    lm, tokenizer = load_for_generation(source, trust_remote_code)
+    texts = generate_texts(lm, tokenizer, cfg, write=write)
+    if cfg.output:
+        append_samples(Path(cfg.output), texts)
+    return texts

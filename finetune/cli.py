@@ -1,0 +1,187 @@
+"""The `finetune` command: one thin function per subcommand over finetune.api.
+
+Nothing heavy is imported at module level, so `finetune --help` stays fast (no torch).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from finetune.errors import FinetuneError
+
+EXIT_USER_ERROR = 2
+
+
+def _echo_err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _quiet_libraries() -> None:
+    """One-line warnings, and no library chatter a user cannot act on."""
+    warnings.showwarning = lambda message, category, *args, **kwargs: _echo_err(f"warning: {message}")
+    warnings.filterwarnings("ignore", module="torch")
+    warnings.filterwarnings("ignore", module="accelerate")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+class FinetuneGroup(click.Group):
+    """Turns FinetuneError into one line on stderr and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FinetuneError as exc:
+            _echo_err(f"error: {exc}")
+            ctx.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            _echo_err("aborted")
+            ctx.exit(130)
+
+
+@click.group(cls=FinetuneGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="finetune")
+def main():
+    """Fine-tune a causal language model on your text, then sample from it.
+
+    \b
+    Quick start (offline, CPU, about two minutes):
+      finetune train sample_data/recipes.txt --model tiny
+      finetune generate --run recipes --prompt "Title:" --n 3
+    \b
+    Fine-tune GPT-2 (124M) on your own data:
+      finetune train my_data.txt --steps 1000
+    """
+
+
+@main.command(context_settings={"show_default": True})
+@click.argument("data", nargs=-1)
+@click.option("--model", "-m", help="Hub id, local model directory, or a from-scratch preset: tiny, tiny-llama.  [default: gpt2]")
+@click.option("--config", "config_file", help="YAML config file, or a preset name from configs/ (tiny, gpt2, gpu).")
+@click.option("--run-name", help="Name of the run under --runs-dir.  [default: the first data file's name]")
+@click.option("--runs-dir", help="Directory holding all runs.  [default: runs]")
+@click.option("--steps", type=int, help="Optimizer steps.  [default: 1000, or from --epochs]")
+@click.option("--epochs", type=float, help="Passes over the data (used when --steps is not given).")
+@click.option("--batch-size", type=int, help="Blocks per device per micro-step.  [default: 8]")
+@click.option("--grad-accum", type=int, help="Micro-steps per optimizer step.  [default: 1]")
+@click.option("--lr", type=float, help="Peak learning rate.  [default: 1e-4; 2e-3 for tiny]")
+@click.option("--warmup", type=float, help="Warmup: a fraction of steps if < 1, else a step count.  [default: 0.02]")
+@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), help="LR decay after warmup.  [default: cosine]")
+@click.option("--weight-decay", type=float, help="AdamW weight decay (never on biases/norms).  [default: 0.01]")
+@click.option("--max-grad-norm", type=float, help="Gradient clipping norm; 0 disables.  [default: 1.0]")
+@click.option("--block-size", type=int, help="Tokens per training block.  [default: min(1024, model context)]")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), help="auto: bf16 (or fp16) on GPU, fp32 on CPU.  [default: auto]")
+@click.option("--line-by-line/--no-line-by-line", default=None, help="Each non-empty line is a document.")
+@click.option("--val-fraction", type=float, help="Share of blocks held out for validation.  [default: 0.05]")
+@click.option("--val-file", help="A separate validation text file (instead of --val-fraction).")
+@click.option("--eval-every", type=int, help="Steps between validation passes; 0 disables.  [default: 100]")
+@click.option("--sample-every", type=int, help="Steps between samples written to the run's samples/; 0 disables.  [default: 200]")
+@click.option("--save-every", type=int, help="Steps between checkpoints; 0 saves only at the end.  [default: 500]")
+@click.option("--keep", type=int, help="Checkpoints kept (the newest).  [default: 3]")
+@click.option("--seed", type=int, help="Random seed (data order, init, samples).  [default: 42]")
+@click.option("--encoding", help="Text encoding of the data files.  [default: utf-8]")
+@click.option("--cache-dir", help="Tokenized-data cache.  [default: $FINETUNE_CACHE or ~/.cache/finetune]")
+@click.option("--overwrite", is_flag=True, default=None, help="Delete an existing run of the same name and start over.")
+@click.option("--trust-remote-code", is_flag=True, default=None, help="Allow model code from the hub repo to run.")
+def train(data, config_file, **flags):
+    """Fine-tune a model on text files, directories or globs.
+
+    \b
+    Examples:
+      finetune train sample_data/recipes.txt --model tiny
+      finetune train my_data.txt --model gpt2 --steps 2000 --batch-size 4
+      finetune train 'books/*.txt' --config configs/gpu.yaml --run-name books
+    """
+    _quiet_libraries()
+    from finetune.api import train as api_train
+
+    options = {key: value for key, value in flags.items() if value is not None}
+    if data:
+        options["data"] = list(data)
+    result = api_train(config=config_file, log=_echo_err, **options)
+    if result.exit_code:
+        sys.exit(result.exit_code)
+
+
+def _read_prompt_file(path: str) -> list[str]:
+    from finetune.generation import SAMPLE_DELIMITER
+
+    file = Path(path)
+    if not file.is_file():
+        raise FinetuneError(f"prompt file '{path}' does not exist; check the path")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise FinetuneError(f"prompt file '{path}' is not UTF-8 text; convert it to UTF-8") from None
+    prompts = [p.strip("\n") for p in text.split(f"\n{SAMPLE_DELIMITER}\n")]
+    prompts = [p for p in prompts if p.strip()]
+    if not prompts:
+        raise FinetuneError(f"prompt file '{path}' is empty; write one prompt (or several, separated by {SAMPLE_DELIMITER} lines)")
+    return prompts
+
+
+@main.command(context_settings={"show_default": True})
+@click.option("--run", help="Sample from this run's latest checkpoint.  [default: the most recent run]")
+@click.option("--checkpoint", help="Sample from this checkpoint directory.")
+@click.option("--model", "-m", help="Sample from a hub id or model directory.")
+@click.option("--runs-dir", default="runs", help="Directory holding all runs.")
+@click.option("--prompt", "-p", "prompts", multiple=True, help="Text to continue; repeat for several prompts.")
+@click.option("--prompt-file", help="File with a prompt (several separated by ==================== lines).")
+@click.option("--n", "n", type=int, default=1, help="Samples per prompt.")
+@click.option("--batch-size", type=int, default=8, help="Samples decoded together.")
+@click.option("--max-new-tokens", "--length", type=int, default=200, help="Tokens generated per sample.")
+@click.option("--temperature", type=float, default=0.8, help="Randomness; 0 is greedy (always the likeliest token).")
+@click.option("--top-k", type=int, default=50, help="Sample among the k likeliest tokens; 0 disables.")
+@click.option("--top-p", type=float, default=0.95, help="Nucleus sampling probability mass; 1 disables.")
+@click.option("--repetition-penalty", type=float, default=1.0, help="Above 1 discourages repetition.")
+@click.option("--seed", type=int, help="Fix the randomness: the same seed gives the same samples.")
+@click.option("--stop", multiple=True, help="Cut each sample at this string; repeatable.")
+@click.option("--include-prompt/--no-include-prompt", default=True, help="Start each sample with its prompt.")
+@click.option("--output", "-o", help="Append samples to this file (separated by ==================== lines).")
+@click.option("--stream/--no-stream", default=None, help="Print tokens as they arrive.  [default: when one sample is asked for]")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub repo to run.")
+def generate(run, checkpoint, model, runs_dir, prompts, prompt_file, trust_remote_code, **options):
+    """Generate text from a trained run, a checkpoint or a model.
+
+    \b
+    Examples:
+      finetune generate --run recipes --prompt "Title: Lemon" --n 3
+      finetune generate --run recipes --temperature 0 --max-new-tokens 100
+      finetune generate --checkpoint runs/recipes/checkpoint-000600 -p "Title:" --stop "Title:" -o out.txt
+    """
+    _quiet_libraries()
+    from finetune.api import generate as api_generate
+    from finetune.generation import SAMPLE_DELIMITER
+
+    all_prompts = list(prompts)
+    if prompt_file:
+        all_prompts += _read_prompt_file(prompt_file)
+    options["prompts"] = all_prompts or [""]
+    output = options.get("output")
+    texts = api_generate(
+        run=run, checkpoint=checkpoint, model=model, runs_dir=runs_dir, trust_remote_code=trust_remote_code, **options
+    )
+    streamed = options["stream"] if options["stream"] is not None else len(texts) == 1
+    if output:
+        _echo_err(f"appended {len(texts)} sample(s) to {output}")
+    elif not streamed:
+        for text in texts:
+            click.echo(text.rstrip("\n"))
+            click.echo(SAMPLE_DELIMITER)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""Configuration dataclasses and their resolution: defaults < `--config FILE.yaml` < CLI flags.
+
+This module must stay light (no torch, no transformers): `finetune --help` imports it.
+A YAML file has one section per dataclass, with the field names as keys:
+
+    model:
+      name: tiny
+    data:
+      block_size: 128
+    train:
+      steps: 400
+      lr: 1e-3
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from finetune.errors import FinetuneError
+
+# Built-in model presets that are created from scratch (no hub access needed). Their training
+# defaults differ from fine-tuning a pretrained model: a random model needs a much higher
+# learning rate and many passes over a small corpus.
+SCRATCH_PRESETS = ("tiny", "tiny-llama")
+
+PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    preset: {
+        "data": {"block_size": 128},
+        "train": {
+            "steps": 600,
+            "batch_size": 16,
+            "lr": 2e-3,
+            "warmup": 30,
+            "weight_decay": 0.1,
+            "eval_every": 100,
+            "sample_every": 200,
+            "save_every": 300,
+        },
+    }
+    for preset in SCRATCH_PRESETS
+}
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    """Which model to fine-tune."""
+
+    name: str = "gpt2"  # hub id, local directory, or a from-scratch preset: tiny, tiny-llama
+    trust_remote_code: bool = False  # run model code shipped with a hub repo (off: it is arbitrary code)
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it becomes token blocks."""
+
+    paths: list[str] = field(default_factory=list)  # .txt files, directories or globs
+    block_size: Optional[int] = None  # tokens per training block; None: min(1024, model context)
+    line_by_line: bool = False  # each non-empty line is a document (instead of each file)
+    val_fraction: float = 0.05  # share of blocks held out for validation (0 disables)
+    val_file: Optional[str] = None  # a separate validation file; overrides val_fraction
+    eos_string: str = "<|endoftext|>"  # this string in the text also separates documents
+    encoding: str = "utf-8"  # text encoding of the input files
+    cache_dir: Optional[str] = None  # tokenized-data cache; None: $FINETUNE_CACHE or ~/.cache/finetune
+
+
+@dataclass
+class TrainConfig:
+    """How the training loop runs and where it writes."""
+
+    run_name: Optional[str] = None  # None: named after the first data file
+    runs_dir: str = "runs"  # parent directory of all runs
+    steps: Optional[int] = None  # optimizer steps; None: from epochs, else 1000
+    epochs: Optional[float] = None  # passes over the training blocks (used when steps is None)
+    batch_size: int = 8  # blocks per device per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 1e-4  # peak learning rate
+    weight_decay: float = 0.01  # AdamW decay on weight matrices (never on biases and norms)
+    warmup: float = 0.02  # warmup length: a fraction of steps if < 1, else a step count
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
+    max_grad_norm: float = 1.0  # gradient clipping (0 disables)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16/fp16 on GPU, fp32 on CPU
+    eval_every: int = 100  # steps between validation passes (0 disables)
+    eval_batches: int = 50  # at most this many batches per validation pass
+    sample_every: int = 200  # steps between samples written to samples/ (0 disables)
+    sample_tokens: int = 120  # new tokens per training-time sample
+    save_every: int = 500  # steps between checkpoints (0: only at the end)
+    keep: int = 3  # checkpoints kept on disk (the newest ones)
+    log_every: int = 10  # steps between metrics.jsonl entries
+    seed: int = 42  # seeds data order, initialisation and sampling
+    overwrite: bool = False  # delete an existing run of the same name first
+
+
+@dataclass
+class RunConfig:
+    """Everything `finetune train` needs; written to runs/<name>/config.yaml."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class GenerateConfig:
+    """Sampling options shared by `finetune generate` and the Python API."""
+
+    prompts: list[str] = field(default_factory=lambda: [""])  # "" samples unconditionally
+    n: int = 1  # samples per prompt
+    batch_size: int = 8  # sequences decoded together
+    max_new_tokens: int = 200  # tokens generated after the prompt
+    temperature: float = 0.8  # 0 means greedy decoding
+    top_k: int = 50  # keep the k most likely tokens (0 disables)
+    top_p: float = 0.95  # nucleus sampling mass (1 disables)
+    repetition_penalty: float = 1.0  # >1 discourages repeats
+    seed: Optional[int] = None  # fixes the samples; None: different each time
+    stop: list[str] = field(default_factory=list)  # cut each sample at the first of these strings
+    include_prompt: bool = True  # start each sample with its prompt
+    output: Optional[str] = None  # append samples to this file
+    stream: Optional[bool] = None  # print tokens as they come; None: when one sample is asked for
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _describe(inner[0]) + " or null"
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+    if origin is list:
+        return "a list of strings"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]
+
+
+def coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the field type `tp`, converting where YAML is loose (e.g. '1e-3')."""
+    origin = typing.get_origin(tp)
+    bad = FinetuneError(f"config key '{key}' must be {_describe(tp)}, got {value!r}")
+    if origin is typing.Union:
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return coerce(key, value, inner)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise bad
+        return list(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _apply(section_obj: Any, section: str, values: dict[str, Any], origin: str) -> None:
+    hints = typing.get_type_hints(type(section_obj))
+    for key, value in values.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, hints, n=1)
+            hint = f" (did you mean '{section}.{close[0]}'?)" if close else ""
+            raise FinetuneError(f"unknown config key '{section}.{key}' in {origin}{hint}")
+        setattr(section_obj, key, coerce(f"{section}.{key}", value, hints[key]))
+
+
+def apply_layer(cfg: RunConfig, layer: dict[str, Any], origin: str) -> None:
+    """Overlay one layer ({section: {key: value}}) onto `cfg`, rejecting unknown keys."""
+    if not isinstance(layer, dict):
+        raise FinetuneError(f"{origin} must be a mapping of sections ({', '.join(SECTIONS)})")
+    for section, values in layer.items():
+        if section not in SECTIONS:
+            close = difflib.get_close_matches(str(section), SECTIONS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise FinetuneError(
+                f"unknown config section '{section}' in {origin}{hint}; "
+                f"sections are: {', '.join(SECTIONS)}"
+            )
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise FinetuneError(f"config section '{section}' in {origin} must be a mapping")
+        _apply(getattr(cfg, section), section, values, origin)
+
+
+def find_config_file(name: str) -> Path:
+    """A path, or the name of a preset in configs/ (e.g. 'tiny' -> configs/tiny.yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (CONFIGS_DIR / name, CONFIGS_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    presets = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")) if CONFIGS_DIR.is_dir() else []
+    listing = f"; bundled presets: {', '.join(presets)}" if presets else ""
+    raise FinetuneError(f"config file '{name}' not found; pass a path to a YAML file{listing}")
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise FinetuneError(f"config file {path} is not valid YAML{where}; fix the syntax") from None
+    except UnicodeDecodeError:
+        raise FinetuneError(f"config file {path} is not UTF-8 text") from None
+    return data or {}
+
+
+def resolve_run_config(
+    config_file: Optional[str] = None, overrides: Optional[dict[str, dict[str, Any]]] = None
+) -> RunConfig:
+    """Build the run configuration: defaults < preset defaults < config file < overrides.
+
+    `overrides` holds only the values the user set (CLI flags or API keywords); None means unset.
+    """
+    overrides = {s: {k: v for k, v in vals.items() if v is not None} for s, vals in (overrides or {}).items()}
+    file_layer: dict[str, Any] = {}
+    file_origin = ""
+    if config_file:
+        path = find_config_file(config_file)
+        file_layer = load_yaml(path)
+        file_origin = str(path)
+
+    # The model name decides the preset defaults, so find it first (flags beat the file).
+    probe = RunConfig()
+    if file_layer:
+        apply_layer(probe, file_layer, file_origin)
+    apply_layer(probe, overrides, "the command line")
+
+    cfg = RunConfig()
+    if probe.model.name in PRESET_DEFAULTS:
+        apply_layer(cfg, PRESET_DEFAULTS[probe.model.name], f"the '{probe.model.name}' preset")
+    if file_layer:
+        apply_layer(cfg, file_layer, file_origin)
+    apply_layer(cfg, overrides, "the command line")
+    validate_run_config(cfg)
+    return cfg
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise FinetuneError(message)
+
+
+def validate_run_config(cfg: RunConfig) -> None:
+    """Range checks that types alone cannot express; each names the key and the fix."""
+    d, t = cfg.data, cfg.train
+    _require(bool(d.paths), "no training data given; pass one or more .txt files, directories or globs")
+    _require(d.block_size is None or d.block_size >= 2, "data.block_size (--block-size) must be at least 2")
+    _require(0 <= d.val_fraction < 1, "data.val_fraction (--val-fraction) must be in [0, 1), e.g. 0.05")
+    _require(t.steps is None or t.steps >= 1, "train.steps (--steps) must be at least 1")
+    _require(t.epochs is None or t.epochs > 0, "train.epochs (--epochs) must be positive")
+    _require(t.batch_size >= 1, "train.batch_size (--batch-size) must be at least 1")
+    _require(t.grad_accum >= 1, "train.grad_accum (--grad-accum) must be at least 1")
+    _require(t.lr > 0, "train.lr (--lr) must be positive, e.g. 1e-4")
+    _require(t.weight_decay >= 0, "train.weight_decay must be >= 0")
+    _require(t.warmup >= 0, "train.warmup (--warmup) must be >= 0 (a fraction < 1 or a step count)")
+    _require(t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 disables clipping)")
+    for key in ("eval_every", "sample_every", "save_every", "sample_tokens"):
+        _require(getattr(t, key) >= 0, f"train.{key} (--{key.replace('_', '-')}) must be >= 0")
+    _require(t.eval_batches >= 1, "train.eval_batches must be at least 1")
+    _require(t.keep >= 1, "train.keep (--keep) must be at least 1")
+    _require(t.log_every >= 1, "train.log_every must be at least 1")
+    if t.run_name is not None:
+        _require(
+            t.run_name not in ("", ".", "..") and "/" not in t.run_name and "\\" not in t.run_name,
+            f"run name {t.run_name!r} is not a plain name; use letters, digits, '-' or '_'",
+        )
+
+
+def validate_generate_config(cfg: GenerateConfig) -> None:
+    _require(cfg.n >= 1, "--n must be at least 1")
+    _require(cfg.batch_size >= 1, "--batch-size must be at least 1")
+    _require(cfg.max_new_tokens >= 1, "--max-new-tokens must be at least 1")
+    _require(cfg.temperature >= 0, "--temperature must be >= 0 (0 means greedy)")
+    _require(cfg.top_k >= 0, "--top-k must be >= 0 (0 disables it)")
+    _require(0 < cfg.top_p <= 1, "--top-p must be in (0, 1] (1 disables it)")
+    _require(cfg.repetition_penalty > 0, "--repetition-penalty must be positive (1 disables it)")
+    _require(all(s for s in cfg.stop), "--stop strings must not be empty")
+    _require(bool(cfg.prompts), "give at least one prompt (or none for unconditional samples)")
+
+
+def dump_yaml(cfg: RunConfig, path: Path) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def run_config_from_dict(data: dict[str, Any], origin: str) -> RunConfig:
+    cfg = RunConfig()
+    apply_layer(cfg, data, origin)
+    return cfg

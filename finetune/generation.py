@@ -1,0 +1,173 @@
+"""Sampling from a model: prompts, batching, stop strings, streaming and output files.
+
+Decoding itself is transformers' `generate` (greedy, temperature, top-k, top-p, repetition
+penalty, stop strings); this module owns what a user sees around it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from finetune.config import GenerateConfig
+from finetune.errors import FinetuneError
+
+SAMPLE_DELIMITER = "=" * 20  # gpt-2-simple's separator, so existing scripts keep parsing output files
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    """Text up to (not including) the earliest stop string."""
+    cut = len(text)
+    for stop in stops:
+        index = text.find(stop)
+        if index != -1:
+            cut = min(cut, index)
+    return text[:cut]
+
+
+def pick_device_and_dtype():
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return "cpu", torch.float32
+
+
+def load_for_generation(source: str, trust_remote_code: bool = False):
+    """Model and tokenizer from a checkpoint directory or hub id, ready for sampling."""
+    from finetune import modeling
+
+    device, dtype = pick_device_and_dtype()
+    tokenizer = modeling.load_tokenizer(source, trust_remote_code)
+    model = modeling.load_pretrained_model(source, trust_remote_code, dtype=dtype)
+    model.to(device).eval()
+    return model, tokenizer
+
+
+class StopAwareStreamer:
+    """Prints new text as tokens arrive, never printing past a stop string.
+
+    transformers calls `put` with the prompt first, then with each new token, and `end` when done.
+    Text that could still turn into a stop string (or an unfinished UTF-8 character) is held back.
+    """
+
+    def __init__(self, tokenizer, stops: list[str], write: Callable[[str], None]):
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.write = write
+        self.ids: list[int] = []
+        self.printed = 0
+        self.seen_prompt = False
+        self.stopped = False
+
+    def _emit(self, final: bool) -> None:
+        if self.stopped:
+            return
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        safe = cut_at_stop(text, self.stops)
+        if len(safe) < len(text):
+            self.stopped = True
+        elif not final:
+            hold = max((len(s) - 1 for s in self.stops), default=0)
+            safe = safe[: len(safe) - hold] if hold else safe
+            safe = safe.rstrip("\ufffd")
+        if len(safe) > self.printed:
+            self.write(safe[self.printed :])
+            self.printed = len(safe)
+
+    def put(self, value) -> None:
+        if not self.seen_prompt:
+            self.seen_prompt = True
+            return
+        self.ids.extend(int(t) for t in value.reshape(-1).tolist())
+        self._emit(final=False)
+
+    def end(self) -> None:
+        self._emit(final=True)
+
+
+def _encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    encoded = []
+    for prompt in prompts:
+        ids = tokenizer(prompt)["input_ids"] if prompt else []
+        encoded.append(ids if ids else [start])
+    return encoded
+
+
+def _generation_kwargs(cfg: GenerateConfig, tokenizer) -> dict:
+    kwargs = dict(
+        max_new_tokens=cfg.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        repetition_penalty=cfg.repetition_penalty,
+    )
+    if cfg.temperature == 0:
+        kwargs.update(do_sample=False)
+    else:
+        kwargs.update(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    if cfg.stop:  # lets generate end a sequence early; the text is cut exactly by cut_at_stop
+        kwargs.update(stop_strings=cfg.stop, tokenizer=tokenizer)
+    return kwargs
+
+
+def generate_texts(model, tokenizer, cfg: GenerateConfig, write: Optional[Callable[[str], None]] = None) -> list[str]:
+    """Samples for every prompt x n, in prompt order. Streams to `write` when one sample is asked for."""
+    import torch
+    from transformers import GenerationConfig
+
+    jobs = [prompt for prompt in cfg.prompts for _ in range(cfg.n)]
+    stream = cfg.stream if cfg.stream is not None else len(jobs) == 1
+    write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(cfg.seed)
+    gen_config = GenerationConfig(**{k: v for k, v in _generation_kwargs(cfg, tokenizer).items() if k != "tokenizer"})
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    texts: list[str] = []
+    for start in range(0, len(jobs), cfg.batch_size):
+        prompts = jobs[start : start + cfg.batch_size]
+        encoded = _encode_prompts(tokenizer, prompts)
+        width = max(len(ids) for ids in encoded)
+        if context and width + cfg.max_new_tokens > context:
+            raise FinetuneError(
+                f"prompt ({width} tokens) + --max-new-tokens ({cfg.max_new_tokens}) exceeds the model's context of "
+                f"{context} tokens; shorten the prompt or lower --max-new-tokens"
+            )
+        # Left padding: every row's last prompt token sits at the same position, where decoding starts.
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+        streamer = None
+        if stream:
+            if cfg.include_prompt:
+                write(prompts[0])
+            streamer = StopAwareStreamer(tokenizer, cfg.stop, write)
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=gen_config,
+                streamer=streamer,
+                tokenizer=tokenizer if cfg.stop else None,
+            )
+        if stream:
+            write("\n")
+        for prompt, row in zip(prompts, output[:, width:]):
+            text = cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), cfg.stop)
+            texts.append(prompt + text if cfg.include_prompt else text)
+    return texts
+
+
+def append_samples(path: Path, texts: list[str]) -> None:
+    """Append samples to a file, each followed by the delimiter line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as fh:
+            for text in texts:
+                fh.write(text.rstrip("\n") + "\n" + SAMPLE_DELIMITER + "\n")
+    except OSError as exc:
+        raise FinetuneError(f"cannot write samples to {path}: {exc.strerror or exc}; choose another --output path") from None

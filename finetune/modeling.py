@@ -1,0 +1,158 @@
+"""Load a model and tokenizer by hub id or local path, or build a from-scratch preset."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Iterable, Optional
+from urllib.parse import urlparse
+
+from finetune.errors import FinetuneError
+
+EOS = "<|endoftext|>"
+
+# Small architectures trained from scratch with a tokenizer learned from the user's data. They run
+# offline and learn the *form* of a small corpus in minutes on a laptop CPU.
+SCRATCH_MODELS = {
+    "tiny": dict(
+        model_type="gpt2", vocab_size=4096, n_positions=512, n_embd=256, n_layer=4, n_head=4,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    ),
+    "tiny-llama": dict(
+        model_type="llama", vocab_size=4096, max_position_embeddings=512, hidden_size=256,
+        intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+}
+
+
+def is_scratch_preset(name: str) -> bool:
+    return name in SCRATCH_MODELS and not Path(name).exists()
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A fast check, so an offline machine fails in seconds instead of minutes of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_kwargs(name: str, trust_remote_code: bool) -> dict:
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if not Path(name).exists() and not _hub_reachable():
+        kwargs["local_files_only"] = True
+    return kwargs
+
+
+def _load_error(name: str, exc: Exception) -> FinetuneError:
+    if Path(name).exists():
+        return FinetuneError(f"'{name}' is not a loadable model directory ({str(exc).splitlines()[0]}); it needs config.json and weights")
+    if name.startswith((".", "/", "~")) or os.sep in name.rstrip("/") and name.count("/") > 1:
+        return FinetuneError(f"model directory '{name}' does not exist; check the path")
+    return FinetuneError(
+        f"could not load model '{name}' from the Hugging Face Hub (no network, or no such model) "
+        f"and it is not in the local cache; pass a local directory with --model PATH, or --model tiny to train from scratch"
+    )
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **_hub_kwargs(name, trust_remote_code))
+    except (OSError, ValueError) as exc:
+        raise _load_error(name, exc) from None
+    return finish_tokenizer(tokenizer)
+
+
+def finish_tokenizer(tokenizer):
+    """Padding for batched generation: decoder-only models pad on the left, with EOS if no pad."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def context_length(config) -> int:
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1024
+
+
+def load_model_config(name: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    if is_scratch_preset(name):
+        return scratch_config(name, vocab_size=SCRATCH_MODELS[name]["vocab_size"])
+    try:
+        return AutoConfig.from_pretrained(name, **_hub_kwargs(name, trust_remote_code))
+    except (OSError, ValueError) as exc:
+        raise _load_error(name, exc) from None
+
+
+def scratch_config(preset: str, vocab_size: int, eos_id: int = 0):
+    from transformers import AutoConfig
+
+    spec = dict(SCRATCH_MODELS[preset])
+    model_type = spec.pop("model_type")
+    spec["vocab_size"] = vocab_size
+    return AutoConfig.for_model(model_type, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, **spec)
+
+
+def train_scratch_tokenizer(preset: str, texts: Iterable[str], digest: str, cache_dir: Path):
+    """A byte-level BPE tokenizer learned from the training data, cached by the data's digest.
+
+    Byte-level BPE (GPT-2's scheme) can encode any text, so prompts with unseen characters still work.
+    """
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocab_size = SCRATCH_MODELS[preset]["vocab_size"]
+    key = hashlib.sha256(f"{preset}:{vocab_size}:{digest}".encode()).hexdigest()[:24]
+    target = cache_dir / "tokenizers" / key
+    if not (target / "tokenizer.json").is_file():
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False)
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS)
+        tmp = target.with_name(f".tmp-{key}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer.save_pretrained(tmp)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # a concurrent run wrote it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return finish_tokenizer(AutoTokenizer.from_pretrained(target))
+
+
+def build_scratch_model(preset: str, tokenizer, seed: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = scratch_config(preset, vocab_size=len(tokenizer), eos_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def load_pretrained_model(name: str, trust_remote_code: bool = False, dtype=None):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **_hub_kwargs(name, trust_remote_code))
+    except (OSError, ValueError) as exc:
+        raise _load_error(name, exc) from None
+    return model
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
