@@ -90,6 +90,7 @@ def main():
 @click.option("--eval-every", type=int, help="Steps between validation passes; 0 disables.  [default: 100]")
 @click.option("--sample-every", type=int, help="Steps between samples written to the run's samples/; 0 disables.  [default: 200]")
 @click.option("--save-every", type=int, help="Steps between checkpoints; 0 saves only at the end.  [default: 500]")
+@click.option("--log-every", type=int, help="Steps between metrics.jsonl entries.  [default: 10]")
 @click.option("--keep", type=int, help="Checkpoints kept (the newest).  [default: 3]")
 @click.option("--seed", type=int, help="Random seed (data order, init, samples).  [default: 42]")
 @click.option("--encoding", help="Text encoding of the data files.  [default: utf-8]")

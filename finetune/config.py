@@ -33,14 +33,14 @@ PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     preset: {
         "data": {"block_size": 128},
         "train": {
-            "steps": 600,
+            "steps": 200,
             "batch_size": 16,
             "lr": 2e-3,
-            "warmup": 30,
+            "warmup": 20,
             "weight_decay": 0.1,
-            "eval_every": 100,
-            "sample_every": 200,
-            "save_every": 300,
+            "eval_every": 50,
+            "sample_every": 100,
+            "save_every": 100,
         },
     }
     for preset in SCRATCH_PRESETS

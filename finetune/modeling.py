@@ -19,7 +19,7 @@ EOS = "<|endoftext|>"
 SCRATCH_MODELS = {
     "tiny": dict(
         model_type="gpt2", vocab_size=4096, n_positions=512, n_embd=256, n_layer=4, n_head=4,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
     ),
     "tiny-llama": dict(
         model_type="llama", vocab_size=4096, max_position_embeddings=512, hidden_size=256,

@@ -1,0 +1,74 @@
+"""The tokenization pipeline: documents, EOS joins, packing, splits and the cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from finetune.data import _val_block_indices, prepare_data, resolve_files, split_documents
+from finetune.modeling import finish_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(gpt2_dir):
+    from transformers import AutoTokenizer
+
+    return finish_tokenizer(AutoTokenizer.from_pretrained(gpt2_dir))
+
+
+def test_split_documents_on_eos_string_and_lines():
+    text = "first doc\nline two<|endoftext|>\n\nsecond doc\n<|endoftext|>  \n"
+    assert split_documents(text, "<|endoftext|>", False) == ["first doc\nline two", "second doc"]
+    assert split_documents(text, "<|endoftext|>", True) == ["first doc", "line two", "second doc"]
+
+
+def test_documents_are_joined_with_the_real_eos_id(tmp_path, tokenizer):
+    (tmp_path / "a.txt").write_text("hello world<|endoftext|>goodbye")
+    prepared = prepare_data(resolve_files([str(tmp_path / "a.txt")]), tokenizer, 4, val_fraction=0,
+                            cache_dir=str(tmp_path / "c"), log=lambda _m: None)
+    tokens = np.asarray(prepared.train.tokens).tolist()
+    hello = tokenizer("hello world", add_special_tokens=False).input_ids
+    bye = tokenizer("goodbye", add_special_tokens=False).input_ids
+    eos = tokenizer.eos_token_id
+    assert tokens == hello + [eos] + bye + [eos]
+    # the EOS string never appears as its sub-word pieces
+    assert tokenizer.convert_tokens_to_ids("<") not in tokens or "<" in "hello world goodbye"
+
+
+def test_blocks_cover_the_stream_and_validation_is_spread(tmp_path, tokenizer):
+    (tmp_path / "a.txt").write_text(" ".join(f"word{i}" for i in range(3000)))
+    prepared = prepare_data(resolve_files([str(tmp_path / "a.txt")]), tokenizer, 16, val_fraction=0.1,
+                            cache_dir=str(tmp_path / "c"), log=lambda _m: None)
+    n_blocks = len(prepared.train) + len(prepared.val)
+    assert len(prepared.val) == round(n_blocks * 0.1)
+    assert set(prepared.train.indices).isdisjoint(prepared.val.indices)
+    assert prepared.val.indices.min() < n_blocks / 4 and prepared.val.indices.max() > 3 * n_blocks / 4
+    block = prepared.train[0]
+    assert block.dtype == np.int64 and block.shape == (16,)
+
+
+def test_val_indices_edge_cases():
+    assert len(_val_block_indices(1, 0.05)) == 0
+    assert len(_val_block_indices(2, 0.9)) == 1
+    assert len(_val_block_indices(100, 0)) == 0
+
+
+def test_files_are_ordered_and_deduplicated(tmp_path):
+    for name in ("b.txt", "a.txt", "c.md", "skip.bin"):
+        (tmp_path / name).write_text("x")
+    files = resolve_files([str(tmp_path), str(tmp_path / "a.txt")])
+    assert [f.name for f in files] == ["a.txt", "b.txt", "c.md"]
+
+
+def test_cache_key_depends_on_content_not_name(tmp_path, tokenizer):
+    (tmp_path / "one.txt").write_text("same words here " * 50)
+    (tmp_path / "two.txt").write_text("same words here " * 50)
+    kw = dict(val_fraction=0.05, cache_dir=str(tmp_path / "c"), log=lambda _m: None)
+    first = prepare_data(resolve_files([str(tmp_path / "one.txt")]), tokenizer, 8, **kw)
+    second = prepare_data(resolve_files([str(tmp_path / "two.txt")]), tokenizer, 8, **kw)
+    assert not first.from_cache and second.from_cache and first.cache_dir == second.cache_dir
+    (tmp_path / "two.txt").write_text("other words here " * 50)
+    third = prepare_data(resolve_files([str(tmp_path / "two.txt")]), tokenizer, 8, **kw)
+    assert not third.from_cache
