@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -93,21 +94,23 @@ def save_checkpoint(run_dir: Path, step: int, write_contents, keep: int) -> Path
     """
     final = run_dir / checkpoint_name(step)
     tmp = run_dir / f"{TMP_PREFIX}{final.name}"
+    if final.is_dir():
+        # Renamed directories are complete, and a step's weights never change, so an existing
+        # checkpoint of this step (a resumed run stopped before training on) is already right.
+        write_text_atomic(run_dir / "latest", final.name + "\n")
+        return final
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        pause_point("tmp-created", step)
         write_contents(tmp)
         _fsync_tree(tmp)
-        if final.exists():  # saving the same step again (e.g. the final save after a periodic one)
-            old = run_dir / f"{TMP_PREFIX}old-{final.name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        pause_point("fsynced", step)
+        os.replace(tmp, final)
         _fsync_dir(run_dir)
+        pause_point("renamed", step)
         write_text_atomic(run_dir / "latest", final.name + "\n")
+        pause_point("latest-written", step)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
@@ -117,6 +120,7 @@ def save_checkpoint(run_dir: Path, step: int, write_contents, keep: int) -> Path
             f"free disk space or make the run directory writable"
         ) from None
     prune_checkpoints(run_dir, keep)
+    pause_point("pruned", step)
     return final
 
 
@@ -129,11 +133,166 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def pause_point(stage: str, step: int) -> None:
+    """Test hook: with FINETUNE_TEST_PAUSE_AT=<stage>@<step>, stop here so a test can kill the process.
+
+    It lets the crash-safety tests choose the exact moment of a SIGKILL during a save.
+    """
+    wanted = os.environ.get("FINETUNE_TEST_PAUSE_AT")
+    if wanted and wanted == f"{stage}@{step}":
+        print(f"PAUSED {wanted}", flush=True)
+        time.sleep(3600)
+
+
+def _safetensors_problem(path: Path) -> Optional[str]:
+    """Why a safetensors file is unusable (truncated, bad header), or None if it is whole.
+
+    The format is an 8-byte header length, a JSON header with each tensor's byte range, then the
+    data; a file shorter than the furthest range was cut off (a crash, a full disk, a bad copy).
+    """
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            if size < 8 or header_len <= 0 or 8 + header_len > size:
+                return f"its header is cut off ({size} bytes)"
+            header = json.loads(fh.read(header_len))
+    except (OSError, ValueError) as exc:
+        return f"its header is unreadable ({exc})"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    expected = 8 + header_len + end
+    if size != expected:
+        return f"it has {size:,} bytes where its header promises {expected:,} (truncated)"
+    return None
+
+
+def verify_checkpoint(checkpoint: Path, for_resume: bool) -> None:
+    """Fail with the name of the bad file when a checkpoint is incomplete or corrupt."""
+    hint = (
+        f"; resume from an earlier checkpoint with --resume {checkpoint.parent}/checkpoint-NNNNNN"
+        if for_resume else "; use another checkpoint (--checkpoint DIR)"
+    )
+    config = checkpoint / "config.json"
+    if not config.is_file():
+        raise FinetuneError(f"checkpoint {checkpoint} has no config.json{hint}")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise FinetuneError(f"checkpoint file {config} is corrupt (not valid JSON){hint}") from None
+    weights = sorted(checkpoint.glob("*.safetensors"))
+    if not weights:
+        raise FinetuneError(f"checkpoint {checkpoint} has no .safetensors weights{hint}")
+    for path in weights:
+        problem = _safetensors_problem(path)
+        if problem:
+            raise FinetuneError(f"checkpoint file {path} is corrupt: {problem}{hint}")
+    if for_resume:
+        for name in ("state.json", "optimizer.pt", "scheduler.pt", "rng.pt"):
+            if not (checkpoint / STATE_DIR / name).is_file():
+                raise FinetuneError(f"checkpoint {checkpoint} lacks {STATE_DIR}/{name}, so it cannot be resumed{hint}")
+
+
 def read_training_state(checkpoint: Path) -> dict:
     path = checkpoint / STATE_DIR / "state.json"
-    if not path.is_file():
-        raise FinetuneError(f"{checkpoint} has no {STATE_DIR}/state.json, so it cannot be resumed; it can still be used to generate")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise FinetuneError(f"checkpoint file {path} is missing or corrupt; resume from an earlier checkpoint with --resume DIR") from None
+
+
+def load_torch_file(path: Path):
+    """torch.load restricted to tensors and plain containers (never arbitrary pickled objects)."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+        raise FinetuneError(
+            f"checkpoint file {path} is corrupt ({str(exc).splitlines()[0][:120]}); "
+            f"resume from an earlier checkpoint with --resume DIR"
+        ) from None
+
+
+def capture_rng_state() -> dict:
+    """Python, NumPy, torch (and CUDA) generator states, as tensors and plain lists."""
+    import random
+
+    import numpy as np
+    import torch
+
+    py_version, py_state, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_kind, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    version, values, gauss = state["python"]
+    random.setstate((version, tuple(values), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Settings that define the experiment: resuming with a different value would silently train a
+# different model, so it is refused. Everything else (steps, cadence, lr...) may change on resume.
+EXPERIMENT_KEYS = {
+    ("model", "name"): "model",
+    ("data", "line_by_line"): "--line-by-line",
+    ("data", "eos_string"): "EOS string",
+    ("train", "batch_size"): "--batch-size",
+    ("train", "grad_accum"): "--grad-accum",
+    ("train", "seed"): "--seed",
+}
+DATA_KEY_NAMES = {
+    "train": "the training data's contents",
+    "val": "the validation file's contents",
+    "tokenizer": "the tokenizer",
+    "block_size": "--block-size",
+    "line_by_line": "--line-by-line",
+    "val_fraction": "--val-fraction",
+    "eos_string": "EOS string",
+}
+IGNORED_ON_RESUME = {("train", "overwrite"), ("train", "resume"), ("train", "run_name"), ("data", "paths"), ("data", "cache_dir")}
+
+
+def compare_for_resume(saved: dict, current: dict, saved_data_key: dict, data_key: dict) -> list[str]:
+    """Raise naming the first experiment-defining difference; return the harmless ones as text."""
+    for (section, key), label in EXPERIMENT_KEYS.items():
+        before, after = saved[section].get(key), current[section].get(key)
+        if before != after:
+            raise FinetuneError(
+                f"cannot resume: {label} changed ({before!r} -> {after!r}) since the checkpoint; "
+                f"use a new --run-name for a new experiment, or --overwrite to restart this one"
+            )
+    for key, label in DATA_KEY_NAMES.items():
+        if saved_data_key.get(key) != data_key.get(key):
+            raise FinetuneError(
+                f"cannot resume: {label} changed since the checkpoint; "
+                f"use a new --run-name for a new experiment, or --overwrite to restart this one"
+            )
+    changes = []
+    for section, values in current.items():
+        for key, after in values.items():
+            before = saved.get(section, {}).get(key)
+            if (section, key) not in IGNORED_ON_RESUME and (section, key) not in EXPERIMENT_KEYS and before != after:
+                changes.append(f"{section}.{key} {before!r} -> {after!r}")
+    return changes
 
 
 def find_run(runs_dir: str, name: Optional[str]) -> Path:

@@ -95,6 +95,7 @@ def main():
 @click.option("--seed", type=int, help="Random seed (data order, init, samples).  [default: 42]")
 @click.option("--encoding", help="Text encoding of the data files.  [default: utf-8]")
 @click.option("--cache-dir", help="Tokenized-data cache.  [default: $FINETUNE_CACHE or ~/.cache/finetune]")
+@click.option("--resume", help="For an existing run: latest (continue it), fresh (start over; needs --overwrite if it has checkpoints) or a checkpoint directory.  [default: latest]")
 @click.option("--overwrite", is_flag=True, default=None, help="Delete an existing run of the same name and start over.")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow model code from the hub repo to run.")
 def train(data, config_file, **flags):
@@ -105,6 +106,8 @@ def train(data, config_file, **flags):
       finetune train sample_data/recipes.txt --model tiny
       finetune train my_data.txt --model gpt2 --steps 2000 --batch-size 4
       finetune train 'books/*.txt' --config configs/gpu.yaml --run-name books
+    \b
+    Running the same command again continues the run from its latest checkpoint.
     """
     _quiet_libraries()
     from finetune.api import train as api_train
@@ -113,7 +116,7 @@ def train(data, config_file, **flags):
     if data:
         options["data"] = list(data)
     result = api_train(config=config_file, log=_echo_err, **options)
-    if result.exit_code:
+    if result.exit_code:  # stopped by SIGINT/SIGTERM after saving: 130 / 143, as shells expect
         sys.exit(result.exit_code)
 
 

@@ -95,6 +95,7 @@ class TrainConfig:
     keep: int = 3  # checkpoints kept on disk (the newest ones)
     log_every: int = 10  # steps between metrics.jsonl entries
     seed: int = 42  # seeds data order, initialisation and sampling
+    resume: str = "latest"  # existing run: latest (continue it), fresh (refuse unless overwrite), or a checkpoint dir
     overwrite: bool = False  # delete an existing run of the same name first
 
 

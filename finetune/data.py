@@ -170,6 +170,7 @@ class PreparedData:
     num_documents: int
     cache_dir: Path
     from_cache: bool
+    key: dict  # what the cache fingerprint was computed from (file digests, tokenizer, block size...)
 
 
 def _tokenize_to_file(docs: Iterable[str], tokenizer, out_path: Path, dtype) -> tuple[int, int]:
@@ -324,7 +325,7 @@ def _load_cache(target: Path, from_cache: bool, log) -> PreparedData:
         f"data ({source}): {meta['num_documents']} documents, {meta['num_tokens']:,} tokens, "
         f"{len(train)} train blocks" + (f", {len(val)} validation blocks" if val else "") + f" of {block} tokens"
     )
-    return PreparedData(train, val, block, meta["num_documents"], target, from_cache)
+    return PreparedData(train, val, block, meta["num_documents"], target, from_cache, meta["key"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +365,8 @@ def collate_blocks(blocks: list[np.ndarray]):
     return torch.from_numpy(np.stack(blocks))
 
 
-def make_dataloader(blocks: TokenBlocks, batch_size: int, seed: int, shuffle: bool, drop_last: bool):
+def make_dataloader(blocks: TokenBlocks, batch_size: int, seed: int, shuffle: bool):
+    import torch
     from torch.utils.data import DataLoader
 
     sampler = EpochShuffleSampler(len(blocks), seed, shuffle)
@@ -373,6 +375,7 @@ def make_dataloader(blocks: TokenBlocks, batch_size: int, seed: int, shuffle: bo
         batch_size=batch_size,
         sampler=sampler,
         collate_fn=collate_blocks,
-        drop_last=drop_last,
-        pin_memory=False,
+        # Its own generator: otherwise each new iterator draws a seed from the global torch RNG,
+        # and a resumed run (which starts an iterator mid-epoch) would see different dropout.
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -36,8 +36,10 @@ def pick_device_and_dtype():
 
 def load_for_generation(source: str, trust_remote_code: bool = False):
     """Model and tokenizer from a checkpoint directory or hub id, ready for sampling."""
-    from finetune import modeling
+    from finetune import checkpoint, modeling
 
+    if Path(source).is_dir():
+        checkpoint.verify_checkpoint(Path(source), for_resume=False)
     device, dtype = pick_device_and_dtype()
     tokenizer = modeling.load_tokenizer(source, trust_remote_code)
     model = modeling.load_pretrained_model(source, trust_remote_code, dtype=dtype)

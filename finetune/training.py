@@ -107,13 +107,23 @@ def _log_to(path: Path, record: dict) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
-def _cycle(loader, sampler, epoch: int):
-    """Endless batches; each pass over the data reshuffles via the sampler's epoch."""
+def _batches(loader, sampler, epoch: int, skip: int, accelerator):
+    """Endless (epoch, index-in-epoch, batch); each pass reshuffles via the sampler's epoch.
+
+    `skip` batches of the first epoch are passed over without being loaded, so a resumed run
+    continues with exactly the batch the interrupted run would have seen next.
+    """
     while True:
         sampler.set_epoch(epoch)
-        for batch in loader:
-            yield epoch, batch
-        epoch += 1
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for index, batch in enumerate(epoch_loader, start=skip):
+            yield epoch, index + 1, batch
+        epoch, skip = epoch + 1, 0
+
+
+def forward_loss(model, batch):
+    """Mean next-token cross-entropy over the block (the model shifts labels itself)."""
+    return model(input_ids=batch, labels=batch).loss
 
 
 def evaluate(model, loader, max_batches: int, accelerator) -> float:
@@ -125,12 +135,32 @@ def evaluate(model, loader, max_batches: int, accelerator) -> float:
         for i, batch in enumerate(loader):
             if i >= max_batches:
                 break
-            loss = model(input_ids=batch, labels=batch).loss.detach().float().reshape(1)
+            loss = forward_loss(model, batch).detach().float().reshape(1)
             gathered = accelerator.gather_for_metrics(loss)
             total += gathered.sum().item()
             count += gathered.numel()
     model.train()
     return total / max(count, 1)
+
+
+def _resume_point(run_dir: Path, resume: str, overwrite: bool) -> Optional[Path]:
+    """The checkpoint to continue from, or None to start from the base model."""
+    existing = ckpt.list_checkpoints(run_dir)
+    if overwrite:
+        return None
+    if resume == "latest":
+        return ckpt.latest_checkpoint(run_dir) if existing else None
+    if resume == "fresh":
+        if existing:
+            raise FinetuneError(
+                f"run '{run_dir.name}' already has checkpoints; --resume fresh would discard them: "
+                f"add --overwrite to start over, or use a new --run-name"
+            )
+        return None
+    path = Path(resume)
+    if not path.is_dir():
+        raise FinetuneError(f"--resume {resume}: no such checkpoint directory; use latest, fresh or a checkpoint path")
+    return path
 
 
 def train(cfg: RunConfig, log: Callable[[str], None] = print) -> TrainResult:
@@ -146,27 +176,31 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> TrainResult:
     val_files = data_lib.resolve_files([cfg.data.val_file]) if cfg.data.val_file else None
     run_name = t.run_name or default_run_name(cfg.data.paths)
     run_dir = Path(t.runs_dir) / run_name
-    if ckpt.list_checkpoints(run_dir) and not t.overwrite:
-        raise FinetuneError(
-            f"run '{run_name}' already has checkpoints in {run_dir}; pass --overwrite to start it over "
-            f"or --run-name NEW for a separate run"
-        )
+    resume_from = _resume_point(run_dir, t.resume, t.overwrite)
+    saved_state: Optional[dict] = None
+    if resume_from is not None:
+        ckpt.verify_checkpoint(resume_from, for_resume=True)
+        saved_state = ckpt.read_training_state(resume_from)
 
     accelerator = Accelerator(mixed_precision=resolve_precision(t.precision))
     is_main = accelerator.is_main_process
     say = log if is_main else (lambda _msg: None)
     set_seed(t.seed)
 
-    # Tokenizer: learned from the data for from-scratch presets, else the model's own.
+    # Tokenizer: the checkpoint's when resuming; learned from the data for from-scratch presets;
+    # else the model's own.
     cache_dir = data_lib.cache_root(cfg.data.cache_dir)
     scratch = modeling.is_scratch_preset(cfg.model.name)
     with accelerator.main_process_first():
-        if scratch:
+        if resume_from is not None:
+            tokenizer = modeling.load_tokenizer(str(resume_from))
+        elif scratch:
             docs = data_lib.iter_documents(files, cfg.data.eos_string, cfg.data.line_by_line, cfg.data.encoding)
             tokenizer = modeling.train_scratch_tokenizer(cfg.model.name, docs, data_lib.files_digest(files), cache_dir)
         else:
             tokenizer = modeling.load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
-    model_config = modeling.load_model_config(cfg.model.name, cfg.model.trust_remote_code)
+    model_source = str(resume_from) if resume_from is not None else cfg.model.name
+    model_config = modeling.load_model_config(model_source, cfg.model.trust_remote_code)
     context = modeling.context_length(model_config)
     block_size = cfg.data.block_size or min(1024, context)
     if block_size > context:
@@ -178,19 +212,28 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> TrainResult:
             line_by_line=cfg.data.line_by_line, val_fraction=cfg.data.val_fraction, val_files=val_files,
             eos_string=cfg.data.eos_string, encoding=cfg.data.encoding, cache_dir=cfg.data.cache_dir, log=say,
         )
+    resolved = replace(cfg, train=replace(t, run_name=run_name), data=replace(cfg.data, block_size=prepared.block_size))
+    if saved_state is not None:
+        changes = ckpt.compare_for_resume(saved_state["config"], resolved.to_dict(), saved_state["data_key"], prepared.key)
+        say(f"resuming run '{run_name}' from {resume_from.name} (step {saved_state['step']})"
+            + (f"; changed: {', '.join(changes)}" if changes else ""))
+        if saved_state.get("num_processes", 1) != accelerator.num_processes:
+            say(f"warning: the run was saved with {saved_state['num_processes']} processes and resumes with "
+                f"{accelerator.num_processes}; the data order after this point differs from an uninterrupted run")
 
-    if scratch:
+    if resume_from is not None:
+        model = modeling.load_pretrained_model(str(resume_from), cfg.model.trust_remote_code, dtype=torch.float32)
+    elif scratch:
         model = modeling.build_scratch_model(cfg.model.name, tokenizer, t.seed)
     else:
         model = modeling.load_pretrained_model(cfg.model.name, cfg.model.trust_remote_code, dtype=torch.float32)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
 
-    train_loader = data_lib.make_dataloader(prepared.train, t.batch_size, t.seed, shuffle=True, drop_last=False)
+    train_loader = data_lib.make_dataloader(prepared.train, t.batch_size, t.seed, shuffle=True)
     train_sampler = train_loader.sampler
     val_loader = (
-        data_lib.make_dataloader(prepared.val, t.batch_size, t.seed, shuffle=False, drop_last=False)
-        if prepared.val is not None else None
+        data_lib.make_dataloader(prepared.val, t.batch_size, t.seed, shuffle=False) if prepared.val is not None else None
     )
     optimizer = build_optimizer(model, t.lr, t.weight_decay, fused=accelerator.device.type == "cuda")
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
@@ -204,7 +247,21 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> TrainResult:
     # would step it once per process), so the schedule counts optimizer steps.
     scheduler = get_scheduler(SCHEDULES[t.schedule], optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
-    resolved = replace(cfg, train=replace(t, run_name=run_name), data=replace(cfg.data, block_size=prepared.block_size))
+    step, tokens_seen, epoch, batches_in_epoch = 0, 0, 0, 0
+    val_loss: Optional[float] = None
+    if saved_state is not None:
+        state_dir = resume_from / ckpt.STATE_DIR
+        optimizer.load_state_dict(ckpt.load_torch_file(state_dir / "optimizer.pt"))
+        scheduler.load_state_dict(ckpt.load_torch_file(state_dir / "scheduler.pt"))
+        if accelerator.scaler is not None and (state_dir / "scaler.pt").is_file():
+            accelerator.scaler.load_state_dict(ckpt.load_torch_file(state_dir / "scaler.pt"))
+        step, tokens_seen = saved_state["step"], saved_state["tokens_seen"]
+        epoch, batches_in_epoch = saved_state["epoch"], saved_state["batches_in_epoch"]
+        val_loss = saved_state.get("val_loss")
+        if step >= total_steps:
+            say(f"run '{run_name}' already reached step {step} of {total_steps}; pass a larger --steps to train further")
+
+    metrics_path = run_dir / "metrics.jsonl"
     if is_main:
         if t.overwrite and run_dir.exists():
             shutil.rmtree(run_dir)
@@ -212,6 +269,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> TrainResult:
             (run_dir / "samples").mkdir(parents=True, exist_ok=True)
             ckpt.remove_leftovers(run_dir)
             dump_yaml(resolved, run_dir / "config.yaml")
+            _truncate_metrics(metrics_path, after_step=step)
         except OSError as exc:
             raise FinetuneError(f"cannot write to run directory {run_dir}: {exc.strerror or exc}; choose a writable --runs-dir") from None
     accelerator.wait_for_everyone()
@@ -226,27 +284,43 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> TrainResult:
         f"{effective_batch * prepared.block_size:,} tokens per step; ~{total_steps / steps_per_epoch:.1f} epochs"
     )
 
-    metrics_path = run_dir / "metrics.jsonl"
-    step, tokens_seen = 0, 0
-    val_loss: Optional[float] = None
-    last_checkpoint: Optional[Path] = None
+    last_checkpoint: Optional[Path] = resume_from
     nonfinite_streak = 0
-    batches = _cycle(train_loader, train_sampler, epoch=0)
-    epoch = 0
+    batches = _batches(train_loader, train_sampler, epoch, batches_in_epoch, accelerator)
+    if saved_state is not None:
+        # Last, so nothing above (model loading, iterator set-up) draws from the restored streams.
+        ckpt.restore_rng_state(ckpt.load_torch_file(resume_from / ckpt.STATE_DIR / "rng.pt"))
 
     def save() -> Path:
-        state = {"step": step, "tokens_seen": tokens_seen, "epoch": epoch, "val_loss": val_loss}
         unwrapped = accelerator.unwrap_model(model)
         state_dict = accelerator.get_state_dict(model)
+        if not all(torch.isfinite(p).all() for p in state_dict.values() if p.is_floating_point()):
+            raise FinetuneError(
+                f"the weights hold NaN/inf at step {step}; not saving them over the last good checkpoint. "
+                f"Lower --lr or use --precision fp32/bf16, then resume"
+            )
+        state = {
+            "step": step, "tokens_seen": tokens_seen, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
+            "val_loss": val_loss, "num_processes": world, "config": resolved.to_dict(), "data_key": prepared.key,
+        }
+        rng = ckpt.capture_rng_state()
 
         def write_contents(tmp: Path) -> None:
             unwrapped.save_pretrained(tmp, state_dict=state_dict)
+            ckpt.pause_point("model-written", step)
             tokenizer.save_pretrained(tmp)
+            ckpt.pause_point("tokenizer-written", step)
             state_dir = tmp / ckpt.STATE_DIR
             state_dir.mkdir()
             torch.save(optimizer.state_dict(), state_dir / "optimizer.pt")
+            ckpt.pause_point("optimizer-written", step)
             torch.save(scheduler.state_dict(), state_dir / "scheduler.pt")
+            if accelerator.scaler is not None:
+                torch.save(accelerator.scaler.state_dict(), state_dir / "scaler.pt")
+            torch.save(rng, state_dir / "rng.pt")
+            ckpt.pause_point("rng-written", step)
             (state_dir / "state.json").write_text(json.dumps(state, indent=1))
+            ckpt.pause_point("state-written", step)
 
         path = None
         if is_main:
@@ -265,18 +339,18 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> TrainResult:
         body = f"\n{'=' * 20}\n".join(texts)
         (run_dir / "samples" / f"samples-{step:06d}.txt").write_text(body + "\n", encoding="utf-8")
 
-    bar = tqdm(total=total_steps, disable=not is_main, dynamic_ncols=True, desc="training")
+    bar = tqdm(total=total_steps, initial=min(step, total_steps), disable=not is_main, dynamic_ncols=True, desc="training")
     model.train()
     window_start, window_tokens = time.perf_counter(), 0
     with StopSignals() as signals:
-        while step < total_steps:
+        while step < total_steps and not signals.received:
             loss_sum = torch.zeros((), device=accelerator.device)
             for micro in range(t.grad_accum):
-                epoch, batch = next(batches)
+                epoch, batches_in_epoch, batch = next(batches)
                 # Skip the gradient all-reduce on all but the last micro-step (DDP).
                 sync = nullcontext() if micro == t.grad_accum - 1 else accelerator.no_sync(model)
                 with sync:
-                    loss = model(input_ids=batch, labels=batch).loss / t.grad_accum
+                    loss = forward_loss(model, batch) / t.grad_accum
                     accelerator.backward(loss)
                 loss_sum += loss.detach()
                 window_tokens += batch.numel() * world
@@ -284,13 +358,15 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> TrainResult:
                 accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
             train_loss = accelerator.reduce(loss_sum, reduction="mean").item()
             if not math.isfinite(train_loss):
+                # The fp16 scaler's overflow steps keep a finite loss, so they never count here.
                 nonfinite_streak += 1
                 optimizer.zero_grad(set_to_none=True)
                 if nonfinite_streak >= MAX_NONFINITE_STEPS:
                     bar.close()
+                    kept = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
                     raise FinetuneError(
-                        f"the loss was not finite for {MAX_NONFINITE_STEPS} steps in a row (step {step}); "
-                        f"lower --lr or use --precision fp32/bf16; checkpoints written so far are intact"
+                        f"the loss was not finite for {MAX_NONFINITE_STEPS} steps in a row (at step {step + 1}); "
+                        f"lower --lr or use --precision fp32/bf16{kept}"
                     )
                 continue
             nonfinite_streak = 0
@@ -321,19 +397,26 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> TrainResult:
             if is_main and t.sample_every and step % t.sample_every == 0:
                 write_samples()
 
-            done = step == total_steps
-            if (t.save_every and step % t.save_every == 0) or done or signals.received:
+            if (t.save_every and step % t.save_every == 0) or step == total_steps or signals.received:
                 last_checkpoint = save()
-            if signals.received:
-                break
+        if signals.received and step > 0 and (last_checkpoint is None or last_checkpoint.name != ckpt.checkpoint_name(step)):
+            last_checkpoint = save()  # a signal before the first step completed
     bar.close()
 
     if signals.received:
         say(
             f"stopped by {signals.received} at step {step}; saved {last_checkpoint}. "
-            f"Continue with the same `finetune train` command and --run-name {run_name}"
+            f"Resume with the same `finetune train` command (run '{run_name}' continues from its latest checkpoint)"
         )
     elif is_main:
         say(f"done: {step} steps; checkpoint {last_checkpoint}")
     accelerator.end_training()
     return TrainResult(run_dir, last_checkpoint, step, val_loss, signals.received)
+
+
+def _truncate_metrics(path: Path, after_step: int) -> None:
+    """Drop metrics logged after the checkpoint being resumed (those steps are trained again)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("step", 0) <= after_step]
+    ckpt.write_text_atomic(path, "".join(line + "\n" for line in kept))

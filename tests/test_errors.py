@@ -120,8 +120,11 @@ def test_existing_run_is_not_overwritten(workdir, gpt2_dir):
     run_cli(*args)
     weights = workdir / "runs/keep/checkpoint-000002/model.safetensors"
     before = weights.read_bytes()
-    result = run_cli(*args, expect=None)
-    assert_one_clear_line(result, "pass --overwrite to start it over")
+    again = run_cli(*args)
+    assert "already reached step 2 of 2" in again.output
+    assert weights.read_bytes() == before
+    result = run_cli(*args, "--resume", "fresh", expect=None)
+    assert_one_clear_line(result, "--resume fresh would discard them: add --overwrite")
     assert weights.read_bytes() == before
     run_cli(*args[:-2], "--steps", 1, "--run-name", "keep", "--overwrite")
     assert not weights.exists() and (workdir / "runs/keep/checkpoint-000001").is_dir()
