@@ -200,6 +200,20 @@ def read_training_state(checkpoint: Path) -> dict:
         raise FinetuneError(f"checkpoint file {path} is missing or corrupt; resume from an earlier checkpoint with --resume DIR") from None
 
 
+def save_torch_file(obj, path: Path) -> None:
+    """torch.save that reports a failed write (e.g. a full disk) as OSError, like every other write."""
+    import errno
+
+    import torch
+
+    try:
+        torch.save(obj, path)
+    except RuntimeError as exc:  # torch's zip writer turns a short write into a RuntimeError
+        if shutil.disk_usage(path.parent).free < (1 << 20):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+        raise OSError(errno.EIO, f"writing {path.name} failed ({str(exc).splitlines()[0]})") from None
+
+
 def load_torch_file(path: Path):
     """torch.load restricted to tensors and plain containers (never arbitrary pickled objects)."""
     import pickle

@@ -312,12 +312,12 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> TrainResult:
             ckpt.pause_point("tokenizer-written", step)
             state_dir = tmp / ckpt.STATE_DIR
             state_dir.mkdir()
-            torch.save(optimizer.state_dict(), state_dir / "optimizer.pt")
+            ckpt.save_torch_file(optimizer.state_dict(), state_dir / "optimizer.pt")
             ckpt.pause_point("optimizer-written", step)
-            torch.save(scheduler.state_dict(), state_dir / "scheduler.pt")
+            ckpt.save_torch_file(scheduler.state_dict(), state_dir / "scheduler.pt")
             if accelerator.scaler is not None:
-                torch.save(accelerator.scaler.state_dict(), state_dir / "scaler.pt")
-            torch.save(rng, state_dir / "rng.pt")
+                ckpt.save_torch_file(accelerator.scaler.state_dict(), state_dir / "scaler.pt")
+            ckpt.save_torch_file(rng, state_dir / "rng.pt")
             ckpt.pause_point("rng-written", step)
             (state_dir / "state.json").write_text(json.dumps(state, indent=1))
             ckpt.pause_point("state-written", step)

@@ -43,6 +43,25 @@ def run_cli(*args: str, expect: int | None = 0):
     return result
 
 
+def make_read_only(path: Path) -> bool:
+    """Make a directory unwritable, even for root (chattr +i); False where that is impossible."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        path.chmod(0o500)
+        return True
+    return subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+
+
+def make_writable(path: Path) -> None:
+    import subprocess
+
+    if os.geteuid() != 0:
+        path.chmod(0o700)
+    else:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

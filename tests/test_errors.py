@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SAMPLE, run_cli
+from conftest import SAMPLE, make_read_only, make_writable, run_cli
 
 
 def assert_one_clear_line(result, message: str):
@@ -145,14 +145,11 @@ def test_run_without_checkpoint(workdir):
 
 def test_unwritable_output_file(trained_run, workdir):
     (workdir / "ro").mkdir()
-    (workdir / "ro").chmod(0o500)
+    if not make_read_only(workdir / "ro"):
+        pytest.skip("cannot make a directory read-only here")
     try:
         result = run_cli("generate", "--runs-dir", trained_run.parent, "--max-new-tokens", 2, "--n", 2,
                          "--output", workdir / "ro" / "sub" / "x.txt", expect=None)
     finally:
-        (workdir / "ro").chmod(0o700)
-    import os
-
-    if os.geteuid() == 0:
-        pytest.skip("root ignores directory permissions")
+        make_writable(workdir / "ro")
     assert_one_clear_line(result, "cannot write samples to")

@@ -1,0 +1,235 @@
+"""Fault tolerance through the CLI: exact resume after SIGKILL, SIGTERM, kills during a save,
+non-finite losses, corrupt checkpoints, unwritable and full disks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import SAMPLE, make_read_only, make_writable, read_metrics, run_cli
+from finetune import checkpoint as ckpt
+
+SAVE_STAGES = [
+    "tmp-created", "model-written", "tokenizer-written", "optimizer-written", "rng-written",
+    "state-written", "fsynced", "renamed", "latest-written", "pruned",
+]
+
+
+def train_args(model_dir: Path, run: str, steps: int, save_every: int, *extra) -> list[str]:
+    return ["train", str(SAMPLE), "--model", str(model_dir), "--run-name", run, "--steps", str(steps),
+            "--save-every", str(save_every), "--block-size", "32", "--batch-size", "4", "--log-every", "1",
+            "--eval-every", "0", "--sample-every", "0", "--keep", "2", *map(str, extra)]
+
+
+def start(args: list[str], cwd: Path, pause_at: str | None = None) -> subprocess.Popen:
+    env = dict(os.environ)
+    if pause_at:
+        env["FINETUNE_TEST_PAUSE_AT"] = pause_at
+    return subprocess.Popen([sys.executable, "-m", "finetune", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_pause(proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Block until the process prints PAUSED (the test hook), then SIGKILL it there."""
+    deadline = time.monotonic() + timeout
+    line = proc.stdout.readline()
+    while "PAUSED" not in line:
+        if not line and proc.poll() is not None:
+            raise AssertionError(f"process ended before pausing:\n{proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the pause")
+        line = proc.stdout.readline()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
+
+
+def weights(checkpoint: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(checkpoint / "model.safetensors")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert (wa[key] - wb[key]).abs().max().item() <= 1e-6, key
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, gpt2_dir):
+    """An uninterrupted 6-step run to compare the interrupted ones with."""
+    root = tmp_path_factory.mktemp("reference")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        run_cli(*train_args(gpt2_dir, "ref", 6, 2))
+    finally:
+        os.chdir(cwd)
+    return root / "runs" / "ref"
+
+
+def test_sigkill_after_checkpoint_then_resume_is_exact(workdir, gpt2_dir, reference):
+    args = train_args(gpt2_dir, "killed", 6, 3)
+    proc = start(args, workdir, pause_at="pruned@3")
+    wait_for_pause(proc)
+    run_dir = workdir / "runs" / "killed"
+    assert ckpt.latest_checkpoint(run_dir).name == "checkpoint-000003"
+    result = run_cli(*args)
+    assert "resuming run 'killed' from checkpoint-000003 (step 3)" in result.output
+    ref, got = losses(reference), losses(run_dir)
+    assert sorted(got) == list(range(1, 7))
+    for step in range(4, 7):
+        assert abs(ref[step] - got[step]) <= 1e-6, (step, ref[step], got[step])
+    assert_same_weights(reference / "checkpoint-000006", run_dir / "checkpoint-000006")
+
+
+def test_sigkill_during_save_never_breaks_latest(workdir, gpt2_dir, reference):
+    """Kill at each stage of writing checkpoint 4 (checkpoint 2 exists); every resume finishes exactly."""
+
+    def kill_at(stage: str) -> Path:
+        cwd = workdir / stage
+        cwd.mkdir()
+        proc = start(train_args(gpt2_dir, "r", 6, 2), cwd, pause_at=f"{stage}@4")
+        wait_for_pause(proc)
+        return cwd
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        dirs = list(pool.map(kill_at, SAVE_STAGES))
+    for stage, cwd in zip(SAVE_STAGES, dirs):
+        run_dir = cwd / "runs" / "r"
+        latest = ckpt.latest_checkpoint(run_dir)
+        ckpt.verify_checkpoint(latest, for_resume=True)  # latest always names a complete checkpoint
+        expected = "checkpoint-000004" if stage in ("latest-written", "pruned") else "checkpoint-000002"
+        assert latest.name == expected, (stage, latest.name)
+        os.chdir(cwd)
+        run_cli(*train_args(gpt2_dir, "r", 6, 2))
+        assert not list(run_dir.glob(".tmp-*")), f"leftovers after resume ({stage})"
+        assert_same_weights(reference / "checkpoint-000006", run_dir / "checkpoint-000006")
+
+
+def test_sigterm_saves_and_resume_completes(workdir, gpt2_dir):
+    args = train_args(gpt2_dir, "term", 100000, 100000)
+    proc = start(args, workdir)
+    metrics = workdir / "runs" / "term" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in err and "Resume with the same `finetune train` command" in err
+    latest = ckpt.latest_checkpoint(workdir / "runs" / "term")
+    stopped_at = int(latest.name.split("-")[1])
+    assert stopped_at >= 2
+    ckpt.verify_checkpoint(latest, for_resume=True)
+    result = run_cli(*train_args(gpt2_dir, "term", stopped_at + 2, 100000))
+    assert f"from checkpoint-{stopped_at:06d}" in result.output
+    assert ckpt.latest_checkpoint(workdir / "runs" / "term").name == f"checkpoint-{stopped_at + 2:06d}"
+    assert sorted(losses(workdir / "runs" / "term")) == list(range(1, stopped_at + 3))
+
+
+def test_nan_loss_stops_and_keeps_the_good_checkpoint(workdir, gpt2_dir, monkeypatch):
+    import finetune.training as training
+
+    real = training.forward_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss = real(model, batch)
+        return loss * float("nan") if calls["n"] > 4 and model.training else loss
+
+    monkeypatch.setattr(training, "forward_loss", poisoned)
+    result = run_cli(*train_args(gpt2_dir, "nan", 10, 2), expect=2)
+    assert "the loss was not finite for 3 steps in a row (at step 5)" in result.output
+    assert "the last good checkpoint is runs/nan/checkpoint-000004" in result.output
+    latest = ckpt.latest_checkpoint(workdir / "runs" / "nan")
+    assert latest.name == "checkpoint-000004"
+    ckpt.verify_checkpoint(latest, for_resume=True)
+    assert all(v.isfinite().all() for v in weights(latest).values())
+
+
+def test_truncated_weights_are_named_and_an_earlier_checkpoint_resumes(workdir, gpt2_dir):
+    args = train_args(gpt2_dir, "trunc", 2, 1)
+    run_cli(*args)
+    bad = workdir / "runs/trunc/checkpoint-000002/model.safetensors"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    result = run_cli("generate", "--run", "trunc", expect=2)
+    assert f"checkpoint file {bad.relative_to(workdir)} is corrupt" in result.output and "truncated" in result.output
+    result = run_cli(*train_args(gpt2_dir, "trunc", 4, 1), expect=2)
+    assert "model.safetensors is corrupt" in result.output and "--resume runs/trunc/checkpoint-NNNNNN" in result.output
+    result = run_cli(*train_args(gpt2_dir, "trunc", 3, 1), "--resume", "runs/trunc/checkpoint-000001")
+    assert "resuming run 'trunc' from checkpoint-000001 (step 1)" in result.output
+    assert ckpt.latest_checkpoint(workdir / "runs/trunc").name == "checkpoint-000003"
+
+
+def test_corrupt_optimizer_state_is_named(workdir, gpt2_dir):
+    run_cli(*train_args(gpt2_dir, "opt", 1, 1))
+    (workdir / "runs/opt/checkpoint-000001/training_state/optimizer.pt").write_bytes(b"garbage")
+    result = run_cli(*train_args(gpt2_dir, "opt", 2, 1), expect=2)
+    assert "checkpoint file runs/opt/checkpoint-000001/training_state/optimizer.pt is corrupt" in result.output
+
+
+def test_experiment_changes_are_refused_and_harmless_ones_reported(workdir, gpt2_dir, llama_dir):
+    run_cli(*train_args(gpt2_dir, "exp", 1, 1))
+    result = run_cli(*train_args(gpt2_dir, "exp", 2, 1), "--seed", 7, expect=2)
+    assert "cannot resume: --seed changed (42 -> 7)" in result.output
+    result = run_cli(*train_args(llama_dir, "exp", 2, 1), expect=2)
+    assert "cannot resume: model changed" in result.output
+    result = run_cli(*[a if a != "32" else "16" for a in train_args(gpt2_dir, "exp", 2, 1)], expect=2)
+    assert "cannot resume: --block-size changed" in result.output
+    other = workdir / "other.txt"
+    other.write_text(SAMPLE.read_text()[:20000])
+    args = train_args(gpt2_dir, "exp", 2, 1)
+    args[1] = str(other)
+    result = run_cli(*args, expect=2)
+    assert "cannot resume: the training data's contents changed" in result.output
+    result = run_cli(*train_args(gpt2_dir, "exp", 2, 1), "--lr", "3e-4")
+    assert "changed: train.steps 1 -> 2, train.lr 0.0001 -> 0.0003" in result.output
+
+
+def test_read_only_run_directory(workdir, gpt2_dir):
+    args = train_args(gpt2_dir, "ro", 2, 1)
+    run_cli(*train_args(gpt2_dir, "ro", 1, 1))
+    run_dir = workdir / "runs" / "ro"
+    if not make_read_only(run_dir):
+        pytest.skip("cannot make a directory read-only for root here (no chattr)")
+    try:
+        result = run_cli(*args, expect=2)
+    finally:
+        make_writable(run_dir)
+    assert "error:" in result.output and "Traceback" not in result.output
+    assert "make the run directory writable" in result.output or "choose a writable --runs-dir" in result.output
+    ckpt.verify_checkpoint(run_dir / "checkpoint-000001", for_resume=True)
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(workdir, gpt2_dir):
+    mount = workdir / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        result = run_cli(*train_args(gpt2_dir, "full", 4, 1), "--keep", "1", "--runs-dir", mount, expect=2)
+        assert "could not write checkpoint checkpoint-000002" in result.output
+        assert "No space left on device; the previous checkpoint checkpoint-000001 is intact" in result.output
+        run_dir = mount / "full"
+        assert ckpt.latest_checkpoint(run_dir).name == "checkpoint-000001"
+        ckpt.verify_checkpoint(run_dir / "checkpoint-000001", for_resume=True)
+        assert not list(run_dir.glob(".tmp-*"))
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
