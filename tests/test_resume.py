@@ -232,4 +232,30 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(workdir, gpt2_dir):
         ckpt.verify_checkpoint(run_dir / "checkpoint-000001", for_resume=True)
         assert not list(run_dir.glob(".tmp-*"))
     finally:
-        subprocess.run(["umount", str(mount)], capture_output=True)
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_ctrl_c_saves_and_a_second_ctrl_c_aborts(workdir, gpt2_dir):
+    # First Ctrl-C mid-run: finish the step, save, exit 130.
+    proc = start(train_args(gpt2_dir, "int", 100000, 100000), workdir)
+    metrics = workdir / "runs" / "int" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "stopped by SIGINT" in err
+    saved = ckpt.latest_checkpoint(workdir / "runs" / "int")
+    ckpt.verify_checkpoint(saved, for_resume=True)
+
+    # Ctrl-C twice while a save is being written: the second one aborts at once.
+    step = int(saved.name.split("-")[1]) + 2
+    proc = start(train_args(gpt2_dir, "int", step, 100000), workdir, pause_at=f"model-written@{step}")
+    assert "PAUSED" in proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "aborted" in err and "Traceback" not in err
+    assert ckpt.latest_checkpoint(workdir / "runs" / "int") == saved  # the half-written save never became latest
