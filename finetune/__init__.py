@@ -5,8 +5,8 @@
     finetune.generate("Title:", run="recipes", n=3)
 """
 
-from finetune.api import generate, train
+from finetune.api import export, generate, train
 from finetune.errors import FinetuneError
 
-__all__ = ["train", "generate", "FinetuneError"]
+__all__ = ["train", "generate", "export", "FinetuneError"]
 __version__ = "0.1.0"

@@ -38,7 +38,8 @@ def overrides_from_keywords(values: dict[str, Any]) -> dict[str, dict[str, Any]]
     return layer
 
 
-def train(data: Union[str, list[str], None] = None, *, config: Optional[str] = None, log=print, **options):
+def train(data: Union[str, list[str], None] = None, *, config: Optional[str] = None, log=print,
+          command: Optional[str] = None, **options):
     """Fine-tune a model on text files; returns a TrainResult (run_dir, checkpoint, step, val_loss).
 
     >>> finetune.train("sample_data/recipes.txt", model="tiny", steps=300)
@@ -49,7 +50,7 @@ def train(data: Union[str, list[str], None] = None, *, config: Optional[str] = N
         options["data"] = [data] if isinstance(data, (str, Path)) else [str(d) for d in data]
         options["data"] = [str(d) for d in options["data"]]
     cfg = resolve_run_config(config, overrides_from_keywords(options))
-    return run_training(cfg, log=log)
+    return run_training(cfg, log=log, command=command)
 
 
 def resolve_generation_source(run: Optional[str], checkpoint: Optional[str], model: Optional[str], runs_dir: str) -> str:
@@ -74,16 +75,18 @@ def generate(
     run: Optional[str] = None,
     checkpoint: Optional[str] = None,
     model: Optional[str] = None,
+    onnx: Optional[str] = None,
     runs_dir: str = "runs",
     trust_remote_code: bool = False,
     write=None,
     **options,
 ) -> list[str]:
-    """Sample text from a run (its latest checkpoint), a checkpoint directory or a model id.
+    """Sample text from a run (its latest checkpoint), a checkpoint directory, a model id, or an ONNX export.
 
     >>> finetune.generate("Title:", run="recipes", n=3, seed=1)
+    >>> finetune.generate("Title:", onnx="exports/recipes-onnx")   # ONNX Runtime, no torch needed
     """
-    from finetune.generation import append_samples, generate_texts, load_for_generation
+    from finetune.generation import append_samples
 
     if prompt is not None:
         options["prompts"] = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -93,9 +96,61 @@ def generate(
         raise FinetuneError(f"unknown option(s) {', '.join(unknown)}; options are: {', '.join(sorted(known))}")
     cfg = GenerateConfig(**options)
     validate_generate_config(cfg)
-    source = resolve_generation_source(run, checkpoint, model, runs_dir)
-    lm, tokenizer = load_for_generation(source, trust_remote_code)
-    texts = generate_texts(lm, tokenizer, cfg, write=write)
+    if onnx:
+        if run or checkpoint or model:
+            raise FinetuneError("pass --onnx alone, not with --run, --checkpoint or --model")
+        from finetune.onnx_generation import OnnxCausalLM, generate_texts_onnx
+
+        texts = generate_texts_onnx(OnnxCausalLM(onnx), cfg, write=write)
+    else:
+        from finetune.generation import generate_texts, load_for_generation
+
+        source = resolve_generation_source(run, checkpoint, model, runs_dir)
+        lm, tokenizer = load_for_generation(source, trust_remote_code)
+        texts = generate_texts(lm, tokenizer, cfg, write=write)
     if cfg.output:
         append_samples(Path(cfg.output), texts)
     return texts
+
+
+def export(
+    *,
+    run: Optional[str] = None,
+    checkpoint: Optional[str] = None,
+    format: str = "safetensors",
+    output: Optional[str] = None,
+    dtype: str = "fp32",
+    quantize: Optional[str] = None,
+    verify: bool = True,
+    overwrite: bool = False,
+    runs_dir: str = "runs",
+    log=print,
+):
+    """Export a run's latest checkpoint (or a checkpoint directory) as safetensors or ONNX.
+
+    >>> finetune.export(run="recipes", format="onnx", quantize="int8")
+    """
+    from finetune import checkpoint as ckpt
+    from finetune import exporting as exporter
+
+    if format not in ("safetensors", "onnx"):
+        raise FinetuneError(f"unknown export format '{format}'; use safetensors or onnx")
+    if dtype not in ("fp32", "fp16", "bf16"):
+        raise FinetuneError(f"unknown --dtype '{dtype}'; use fp32, fp16 or bf16")
+    if quantize not in (None, "int8"):
+        raise FinetuneError(f"unknown --quantize '{quantize}'; only int8 is supported")
+    if quantize and format != "onnx":
+        raise FinetuneError("--quantize int8 applies to --format onnx only")
+    if checkpoint:
+        source = Path(checkpoint)
+        if not source.is_dir():
+            raise FinetuneError(f"checkpoint directory '{checkpoint}' does not exist; check the path")
+        run_dir = source.parent if (source.parent / "config.yaml").is_file() else None
+    else:
+        run_dir = ckpt.find_run(runs_dir, run)
+        source = ckpt.checkpoint_for_run(run_dir)
+    suffix = "-".join(x for x in (format, quantize or (dtype if dtype != "fp32" else None)) if x)
+    target = Path(output) if output else Path("exports") / f"{run_dir.name if run_dir else source.name}-{suffix}"
+    if format == "onnx":
+        return exporter.export_onnx(source, target, run_dir, dtype, quantize, overwrite, verify, log)
+    return exporter.export_safetensors(source, target, run_dir, dtype, overwrite, verify, log)

@@ -6,6 +6,7 @@ Nothing heavy is imported at module level, so `finetune --help` stays fast (no t
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -23,19 +24,17 @@ def _echo_err(message: str) -> None:
 
 
 def _quiet_libraries() -> None:
-    """One-line warnings, and no library chatter a user cannot act on."""
-    warnings.showwarning = lambda message, category, *args, **kwargs: _echo_err(f"warning: {message}")
-    warnings.filterwarnings("ignore", module="torch")
-    warnings.filterwarnings("ignore", module="accelerate")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    try:
-        import transformers
+    """One-line warnings, and no library chatter a user cannot act on.
 
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-    except ImportError:
-        pass
+    Environment variables rather than library calls, so nothing heavy is imported here (the ONNX
+    generation path must run without torch or transformers).
+    """
+    warnings.showwarning = lambda message, category, *args, **kwargs: _echo_err(f"warning: {message}")
+    warnings.filterwarnings("ignore", module=r"(torch|accelerate|onnxscript|onnx_ir|onnxruntime|transformers)(\..*)?")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 class FinetuneGroup(click.Group):
@@ -113,11 +112,24 @@ def train(data, config_file, **flags):
     from finetune.api import train as api_train
 
     options = {key: value for key, value in flags.items() if value is not None}
+    command = _command_line("train", list(data), {"config": config_file, **options})
     if data:
         options["data"] = list(data)
-    result = api_train(config=config_file, log=_echo_err, **options)
+    result = api_train(config=config_file, log=_echo_err, command=command, **options)
     if result.exit_code:  # stopped by SIGINT/SIGTERM after saving: 130 / 143, as shells expect
         sys.exit(result.exit_code)
+
+
+def _command_line(name: str, arguments: list[str], options: dict) -> str:
+    """The command as a user would retype it (recorded in checkpoints and model cards)."""
+    words = ["finetune", name, *arguments]
+    for key, value in options.items():
+        if value is None or value is False:
+            continue
+        words.append(f"--{key.replace('_', '-')}")
+        if value is not True:
+            words.append(str(value))
+    return shlex.join(words)
 
 
 def _read_prompt_file(path: str) -> list[str]:
@@ -141,6 +153,7 @@ def _read_prompt_file(path: str) -> list[str]:
 @click.option("--run", help="Sample from this run's latest checkpoint.  [default: the most recent run]")
 @click.option("--checkpoint", help="Sample from this checkpoint directory.")
 @click.option("--model", "-m", help="Sample from a hub id or model directory.")
+@click.option("--onnx", "onnx_dir", help="Sample from an ONNX export with ONNX Runtime (no torch needed).")
 @click.option("--runs-dir", default="runs", help="Directory holding all runs.")
 @click.option("--prompt", "-p", "prompts", multiple=True, help="Text to continue; repeat for several prompts.")
 @click.option("--prompt-file", help="File with a prompt (several separated by ==================== lines).")
@@ -157,14 +170,15 @@ def _read_prompt_file(path: str) -> list[str]:
 @click.option("--output", "-o", help="Append samples to this file (separated by ==================== lines).")
 @click.option("--stream/--no-stream", default=None, help="Print tokens as they arrive.  [default: when one sample is asked for]")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub repo to run.")
-def generate(run, checkpoint, model, runs_dir, prompts, prompt_file, trust_remote_code, **options):
+def generate(run, checkpoint, model, onnx_dir, runs_dir, prompts, prompt_file, trust_remote_code, **options):
     """Generate text from a trained run, a checkpoint or a model.
 
     \b
     Examples:
       finetune generate --run recipes --prompt "Title: Lemon" --n 3
       finetune generate --run recipes --temperature 0 --max-new-tokens 100
-      finetune generate --checkpoint runs/recipes/checkpoint-000600 -p "Title:" --stop "Title:" -o out.txt
+      finetune generate --checkpoint runs/recipes/checkpoint-000200 -p "Title:" --stop "Title:" -o out.txt
+      finetune generate --onnx exports/recipes-onnx --prompt "Title:"
     """
     _quiet_libraries()
     from finetune.api import generate as api_generate
@@ -176,7 +190,8 @@ def generate(run, checkpoint, model, runs_dir, prompts, prompt_file, trust_remot
     options["prompts"] = all_prompts or [""]
     output = options.get("output")
     texts = api_generate(
-        run=run, checkpoint=checkpoint, model=model, runs_dir=runs_dir, trust_remote_code=trust_remote_code, **options
+        run=run, checkpoint=checkpoint, model=model, onnx=onnx_dir, runs_dir=runs_dir,
+        trust_remote_code=trust_remote_code, **options,
     )
     streamed = options["stream"] if options["stream"] is not None else len(texts) == 1
     if output:
@@ -185,6 +200,33 @@ def generate(run, checkpoint, model, runs_dir, prompts, prompt_file, trust_remot
         for text in texts:
             click.echo(text.rstrip("\n"))
             click.echo(SAMPLE_DELIMITER)
+
+
+
+@main.command(context_settings={"show_default": True})
+@click.option("--run", help="Export this run's latest checkpoint.  [default: the most recent run]")
+@click.option("--checkpoint", help="Export this checkpoint directory instead.")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "onnx"]), default="safetensors", help="Hugging Face directory, or ONNX with a KV cache.")
+@click.option("--output", "-o", help="Output directory.  [default: exports/<run>-<format>]")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", help="Weight precision (ONNX: fp32 or fp16).")
+@click.option("--quantize", type=click.Choice(["int8"]), help="ONNX only: dynamic int8 quantization (smaller, faster on CPU).")
+@click.option("--verify/--no-verify", default=True, help="Check the export against PyTorch (logits and greedy tokens).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--runs-dir", default="runs", help="Directory holding all runs.")
+def export(run, checkpoint, fmt, output, dtype, quantize, verify, overwrite, runs_dir):
+    """Export a trained model for serving or sharing.
+
+    \b
+    Examples:
+      finetune export --run recipes --format safetensors --output exports/recipes
+      finetune export --run recipes --format onnx
+      finetune export --run recipes --format onnx --quantize int8 --output exports/recipes-int8
+    """
+    _quiet_libraries()
+    from finetune.api import export as api_export
+
+    api_export(run=run, checkpoint=checkpoint, format=fmt, output=output, dtype=dtype, quantize=quantize,
+               verify=verify, overwrite=overwrite, runs_dir=runs_dir, log=_echo_err)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,14 @@ SCRATCH_MODELS = {
 }
 
 
+def quiet_transformers() -> None:
+    """No weight-loading progress bars or advice lines between a user's samples."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
 def is_scratch_preset(name: str) -> bool:
     return name in SCRATCH_MODELS and not Path(name).exists()
 
@@ -66,6 +74,7 @@ def _load_error(name: str, exc: Exception) -> FinetuneError:
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **_hub_kwargs(name, trust_remote_code))
     except (OSError, ValueError) as exc:

@@ -163,7 +163,7 @@ def _resume_point(run_dir: Path, resume: str, overwrite: bool) -> Optional[Path]
     return path
 
 
-def train(cfg: RunConfig, log: Callable[[str], None] = print) -> TrainResult:
+def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[str] = None) -> TrainResult:
     """Run training as configured; returns where the run and its last checkpoint are."""
     import torch
     from accelerate import Accelerator
@@ -302,6 +302,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print) -> TrainResult:
         state = {
             "step": step, "tokens_seen": tokens_seen, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
             "val_loss": val_loss, "num_processes": world, "config": resolved.to_dict(), "data_key": prepared.key,
+            "command": command or "finetune.train(...) (Python API)",
         }
         rng = ckpt.capture_rng_state()
 

@@ -77,10 +77,20 @@ def make_model_dir(path: Path, architecture: str = "gpt2") -> Path:
     common = dict(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=0, pad_token_id=0)
     if architecture == "gpt2":
         config = AutoConfig.for_model("gpt2", n_positions=256, n_embd=64, n_layer=2, n_head=2, **common)
-    elif architecture == "llama":
+    elif architecture in ("llama", "qwen2"):
         config = AutoConfig.for_model(
-            "llama", max_position_embeddings=256, hidden_size=64, intermediate_size=128,
+            architecture, max_position_embeddings=256, hidden_size=64, intermediate_size=128,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **common,
+        )
+    elif architecture == "gpt_neox":
+        config = AutoConfig.for_model(
+            "gpt_neox", max_position_embeddings=256, hidden_size=64, intermediate_size=128,
+            num_hidden_layers=2, num_attention_heads=4, **common,
+        )
+    elif architecture == "opt":  # an architecture the ONNX exporter does not list
+        config = AutoConfig.for_model(
+            "opt", max_position_embeddings=256, hidden_size=64, ffn_dim=128, word_embed_proj_dim=64,
+            num_hidden_layers=2, num_attention_heads=4, **common,
         )
     else:
         raise ValueError(architecture)

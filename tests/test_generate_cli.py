@@ -12,11 +12,11 @@ from conftest import run_cli
 def test_same_seed_same_text(trained_run: Path):
     args = ["generate", "--runs-dir", trained_run.parent, "--run", "recipes", "--prompt", "Title:",
             "--n", 3, "--max-new-tokens", 30, "--seed", 7]
-    first, second = run_cli(*args).output, run_cli(*args).output
+    first, second = run_cli(*args).stdout, run_cli(*args).stdout
     assert first == second
     samples = first.split("====================\n")[:-1]
     assert len(samples) == 3 and len(set(samples)) > 1  # sampling, not greedy
-    assert run_cli(*args[:-1], 8).output != first
+    assert run_cli(*args[:-1], 8).stdout != first
 
 
 def test_greedy_equals_transformers_generate(trained_run: Path):
@@ -26,7 +26,7 @@ def test_greedy_equals_transformers_generate(trained_run: Path):
     ckpt = trained_run / "checkpoint-000060"
     prompt = "Title: Lemon and Garlic"
     out = run_cli("generate", "--checkpoint", ckpt, "--prompt", prompt, "--temperature", 0, "--max-new-tokens", 40,
-                  "--no-stream").output
+                  "--no-stream").stdout
     ours = out.split("====================")[0].rstrip("\n")
 
     model = AutoModelForCausalLM.from_pretrained(ckpt)
@@ -41,24 +41,24 @@ def test_greedy_equals_transformers_generate(trained_run: Path):
 def test_batched_left_padded_greedy_matches_one_by_one(trained_run: Path):
     base = ["generate", "--runs-dir", trained_run.parent, "--temperature", 0, "--max-new-tokens", 12, "--no-stream"]
     prompts = ["Title:", "Method:\n1. Heat the oven to"]
-    together = run_cli(*base, "--prompt", prompts[0], "--prompt", prompts[1], "--batch-size", 2).output
-    alone = "".join(run_cli(*base, "--prompt", p).output for p in prompts)
+    together = run_cli(*base, "--prompt", prompts[0], "--prompt", prompts[1], "--batch-size", 2).stdout
+    alone = "".join(run_cli(*base, "--prompt", p).stdout for p in prompts)
     assert together == alone
 
 
 def test_stop_strings_cut_the_text(trained_run: Path):
     out = run_cli("generate", "--runs-dir", trained_run.parent, "--prompt", "Title:", "--temperature", 0,
-                  "--max-new-tokens", 60, "--stop", "\n", "--no-stream").output
+                  "--max-new-tokens", 60, "--stop", "\n", "--no-stream").stdout
     sample = out.split("====================")[0]
     assert sample.startswith("Title:") and sample.count("\n") == 1  # only the line break before the delimiter
 
 
 def test_streaming_prints_one_sample_and_respects_stop(trained_run: Path):
     full = run_cli("generate", "--runs-dir", trained_run.parent, "--prompt", "Title:", "--temperature", 0,
-                   "--max-new-tokens", 40).output
+                   "--max-new-tokens", 40).stdout
     assert "====================" not in full  # one sample streams without the delimiter
     stopped = run_cli("generate", "--runs-dir", trained_run.parent, "--prompt", "Title:", "--temperature", 0,
-                      "--max-new-tokens", 40, "--stop", "Serves").output
+                      "--max-new-tokens", 40, "--stop", "Serves").stdout
     assert "Serves" not in stopped and full.startswith(stopped.rstrip("\n"))
 
 
@@ -76,7 +76,7 @@ def test_no_include_prompt_output_file_and_prompt_file(trained_run: Path, workdi
 
 
 def test_unconditional_sampling_from_latest_run(trained_run: Path):
-    out = run_cli("generate", "--runs-dir", trained_run.parent, "--n", 2, "--max-new-tokens", 20, "--seed", 0).output
+    out = run_cli("generate", "--runs-dir", trained_run.parent, "--n", 2, "--max-new-tokens", 20, "--seed", 0).stdout
     assert out.count("====================") == 2
 
 

@@ -1,0 +1,434 @@
+"""Export a checkpoint for serving: a clean Hugging Face safetensors directory, or ONNX with a KV cache.
+
+ONNX path: `torch.onnx.export(dynamo=True)` on a wrapper that takes the past key/values as flat
+tensors and rebuilds a `DynamicCache` inside (transformers 5 has no legacy tuple caches). One graph
+serves both the prompt (past length 0) and each decode step. Every export is verified against
+PyTorch and the numbers are written next to the model (verification.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from finetune import checkpoint as ckpt
+from finetune.errors import FinetuneError
+from finetune.onnx_generation import MANIFEST
+
+ONNX_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "gpt_neox")
+ONNX_FILE = "model.onnx"
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with headroom for the graph itself
+OPSET = 18
+VERIFY_PROMPTS = ("Title: Lemon and garlic chicken\nServes: 4", "Once upon a time")
+GREEDY_STEPS = 32
+# Verification thresholds per weight format. fp32 must match PyTorch to float rounding; fp16 and
+# int8 change the numbers by design, so they are held to top-1 agreement instead (and greedy
+# agreement is reported).
+LOGIT_TOLERANCE = {"fp32": 1e-3, "fp16": 0.25, "int8": None}
+MIN_TOP1_AGREEMENT = {"fp32": 1.0, "fp16": 0.9, "int8": 0.8}
+
+
+@dataclass
+class ExportResult:
+    output: Path
+    verification: Optional[dict]
+
+
+def _require_onnx() -> None:
+    missing = []
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise FinetuneError(f"ONNX export needs {', '.join(missing)}; install them with: pip install 'finetune[onnx]'")
+
+
+def _prepare_output(output: Path, overwrite: bool) -> Path:
+    """A fresh temporary directory beside `output`; it is renamed into place when complete."""
+    occupied = output.is_file() or (output.is_dir() and any(output.iterdir()))
+    if occupied:
+        if not overwrite:
+            raise FinetuneError(f"output directory {output} already exists and is not empty; choose another --output or pass --overwrite")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".tmp-{output.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _finish_output(tmp: Path, output: Path) -> None:
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(tmp, output)
+
+
+def _load_model(source: Path, dtype_name: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.modeling import quiet_transformers
+
+    quiet_transformers()
+    ckpt.verify_checkpoint(source, for_resume=False)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors
+# ---------------------------------------------------------------------------------------------
+
+
+def model_card(run_dir: Optional[Path], source: Path, fmt: str, dtype: str) -> str:
+    """README.md for the export: what it was trained from and on, how well, and how to load it."""
+    state_path = source / ckpt.STATE_DIR / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    config = state.get("config") or {}
+    if not config and run_dir is not None and (run_dir / "config.yaml").is_file():
+        from finetune.config import load_yaml
+
+        config = load_yaml(run_dir / "config.yaml")
+    base = config.get("model", {}).get("name", "unknown")
+    data = config.get("data", {})
+    val_loss = state.get("val_loss")
+    lines = [
+        f"# {run_dir.name if run_dir else source.name}",
+        "",
+        f"A causal language model fine-tuned with [finetune](https://pypi.org/project/finetune/), exported as {fmt} ({dtype}).",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| base model | `{base}` |",
+        f"| training data | {', '.join(f'`{Path(p).name}`' for p in data.get('paths', [])) or 'unknown'} |",
+        f"| block size | {data.get('block_size', 'unknown')} tokens |",
+        f"| steps | {state.get('step', 'unknown')} |",
+        f"| tokens seen | {state.get('tokens_seen', 'unknown'):,} |" if isinstance(state.get("tokens_seen"), int) else "| tokens seen | unknown |",
+    ]
+    if val_loss is not None:
+        import math
+
+        lines.append(f"| final validation loss | {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f}) |")
+    if state.get("command"):
+        lines.append(f"| command | `{state['command']}` |")
+    lines += ["", "## Load it", ""]
+    if fmt == "safetensors":
+        lines += [
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/directory\")",
+            "tokenizer = AutoTokenizer.from_pretrained(\"path/to/this/directory\")",
+            "```",
+            "",
+            "or sample from it: `finetune generate --model path/to/this/directory --prompt \"...\"`.",
+        ]
+    else:
+        lines += [
+            f"`{ONNX_FILE}` is a decoder with a KV cache; `{MANIFEST}` names its inputs, outputs, shapes and",
+            "special token ids. Sample from it without torch (onnxruntime, numpy and tokenizers only):",
+            "",
+            "    finetune generate --onnx path/to/this/directory --prompt \"...\"",
+            "",
+            "`verification.json` holds the parity check against PyTorch made at export time.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def export_safetensors(source: Path, output: Path, run_dir: Optional[Path], dtype: str = "fp32",
+                       overwrite: bool = False, verify: bool = True, log: Callable[[str], None] = print) -> ExportResult:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = _load_model(source, dtype)
+    tmp = _prepare_output(output, overwrite)
+    try:
+        model.save_pretrained(tmp, max_shard_size="2GB")
+        tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(run_dir, source, "safetensors", dtype), encoding="utf-8")
+        report = None
+        if verify:
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=model.dtype).eval()
+            ids = torch.tensor([tokenizer(VERIFY_PROMPTS[0])["input_ids"]])
+            with torch.no_grad():
+                diff = (model(ids).logits - reloaded(ids).logits).abs().max().item()
+            report = {"format": "safetensors", "dtype": dtype, "max_abs_logit_diff": diff, "passed": diff == 0.0}
+            (tmp / "verification.json").write_text(json.dumps(report, indent=1))
+            if diff != 0.0:
+                raise FinetuneError(f"the exported weights do not reproduce the checkpoint (max logit diff {diff:.2e}); please report this")
+        _finish_output(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"exported {source} as safetensors ({dtype}) to {output}")
+    return ExportResult(output, report)
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX
+# ---------------------------------------------------------------------------------------------
+
+
+def _cache_layout(model):
+    """Per-layer key/value shapes (heads, head_dim) read from one real forward pass."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros((1, 2), dtype=torch.long), use_cache=True)
+    return [(layer.keys.shape[1], layer.keys.shape[3], layer.values.shape[3]) for layer in out.past_key_values.layers]
+
+
+def _onnx_wrapper(model, num_layers: int):
+    import torch
+    from transformers import DynamicCache
+
+    class DecoderWithCache(torch.nn.Module):
+        """forward(input_ids, attention_mask, position_ids, *flat_past) -> (logits, *flat_present)."""
+
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(num_layers)], config=self.model.config)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
+            present = []
+            for layer in out.past_key_values.layers:
+                present += [layer.keys, layer.values]
+            return (out.logits, *present)
+
+    return DecoderWithCache()
+
+
+def _io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    # optimum's naming, so existing ONNX Runtime generation loaders recognise the graph.
+    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def _untie_output_layer(model) -> None:
+    """Give the output layer its own copy of the embedding matrix.
+
+    With tied weights the exported graph feeds Transpose(embedding) to the output MatMul, which
+    dynamic int8 quantization leaves in fp32; untied, the largest MatMul is quantized too.
+    """
+    import torch
+
+    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is not None and output.weight is embedding.weight:
+        output.weight = torch.nn.Parameter(embedding.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config(decoder=True).tie_word_embeddings = False
+
+
+def _export_graph(model, path: Path, layout, external: bool) -> None:
+    import torch
+
+    num_layers = len(layout)
+    batch, seq, past_len = 2, 3, 4  # not 0 or 1, so no dimension is specialised to a constant
+    dtype = next(model.parameters()).dtype
+    past = []
+    for heads, key_dim, value_dim in layout:
+        past += [torch.zeros(batch, heads, past_len, key_dim, dtype=dtype), torch.zeros(batch, heads, past_len, value_dim, dtype=dtype)]
+    args = (
+        torch.ones(batch, seq, dtype=torch.long),
+        torch.ones(batch, past_len + seq, dtype=torch.long),
+        torch.arange(past_len, past_len + seq).expand(batch, seq).contiguous(),
+        *past,
+    )
+    b, s, p, t = (torch.export.Dim(n) for n in ("batch", "sequence", "past_sequence", "total_sequence"))
+    dynamic = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in past))
+    inputs, outputs = _io_names(num_layers)
+    torch.onnx.export(
+        _onnx_wrapper(model, num_layers), args, str(path), input_names=inputs, output_names=outputs,
+        dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, external_data=external, optimize=True, verbose=False,
+    )
+
+
+def _manifest(model, tokenizer, layout, dtype: str, quantize: Optional[str]) -> dict:
+    num_layers = len(layout)
+    inputs, outputs = _io_names(num_layers)
+    float_type = "float16" if dtype == "fp16" else "float32"
+    spec_in = [
+        {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+        {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "past_sequence + sequence"],
+         "note": "1 for real tokens, 0 for left padding; covers past and new tokens"},
+        {"name": "position_ids", "dtype": "int64", "shape": ["batch", "sequence"],
+         "note": "cumsum(attention_mask) - 1, with padded positions set to 1 (as transformers does)"},
+    ]
+    spec_out = [{"name": "logits", "dtype": float_type, "shape": ["batch", "sequence", model.config.vocab_size]}]
+    for i, (heads, key_dim, value_dim) in enumerate(layout):
+        for kv, dim in (("key", key_dim), ("value", value_dim)):
+            spec_in.append({"name": f"past_key_values.{i}.{kv}", "dtype": float_type, "shape": ["batch", heads, "past_sequence", dim]})
+            spec_out.append({"name": f"present.{i}.{kv}", "dtype": float_type, "shape": ["batch", heads, "past_sequence + sequence", dim]})
+    assert [s["name"] for s in spec_in] == inputs and [s["name"] for s in spec_out] == outputs
+    return {
+        "format": "finetune-onnx-decoder",
+        "version": 1,
+        "file": ONNX_FILE,
+        "model_type": model.config.model_type,
+        "opset": OPSET,
+        "dtype": dtype,
+        "quantize": quantize,
+        "num_layers": num_layers,
+        "vocab_size": model.config.vocab_size,
+        "max_positions": _context(model.config),
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "inputs": spec_in,
+        "outputs": spec_out,
+        "usage": "prompt: feed empty past (past_sequence = 0); each step: feed the new token, the grown "
+                 "attention_mask, its position, and the previous step's present.* as past_key_values.*",
+    }
+
+
+def _context(config) -> Optional[int]:
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _verify_onnx(model, tokenizer, directory: Path, dtype: str, quantize: Optional[str]) -> dict:
+    """Logits on a padded prompt batch and on one decode step with past, then greedy decoding."""
+    import numpy as np
+    import torch
+
+    from finetune.onnx_generation import OnnxCausalLM, position_ids_for
+
+    kind = quantize or dtype
+    lm = OnnxCausalLM(directory)
+    reference = model.float() if dtype == "fp32" else model  # compare fp16 graphs with the fp16 model
+    encoded = [tokenizer(p)["input_ids"] for p in VERIFY_PROMPTS]
+    width = max(len(e) for e in encoded)
+    pad = lm.pad_token_id
+    ids = np.array([[pad] * (width - len(e)) + e for e in encoded], dtype=np.int64)
+    mask = np.array([[0] * (width - len(e)) + [1] * len(e) for e in encoded], dtype=np.int64)
+    positions = position_ids_for(mask, width)
+    logits, past = lm.forward(ids, mask, positions, lm.empty_past(len(encoded)))
+    with torch.no_grad():
+        out = reference(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                        position_ids=torch.from_numpy(positions), use_cache=True)
+    ref_logits = out.logits.float().numpy()
+    real = mask.astype(bool)
+    prompt_diff = float(np.abs(logits.astype(np.float32) - ref_logits)[real].max())
+    top1 = float((logits.argmax(-1) == ref_logits.argmax(-1))[real].mean())
+
+    # One decode step with the past from the prompt.
+    next_ids = ref_logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+    step_mask = np.concatenate([mask, np.ones((len(encoded), 1), np.int64)], axis=1)
+    step_pos = position_ids_for(step_mask, 1)
+    step_logits, _ = lm.forward(next_ids, step_mask, step_pos, past)
+    with torch.no_grad():
+        step_ref = reference(input_ids=torch.from_numpy(next_ids), attention_mask=torch.from_numpy(step_mask),
+                             position_ids=torch.from_numpy(step_pos), past_key_values=out.past_key_values).logits.float().numpy()
+    decode_diff = float(np.abs(step_logits.astype(np.float32) - step_ref).max())
+
+    # Greedy decoding, batch 2 with left padding, against transformers' generate.
+    with torch.no_grad():
+        hf = reference.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
+                                max_new_tokens=GREEDY_STEPS, min_new_tokens=GREEDY_STEPS, pad_token_id=pad,
+                                eos_token_id=None)[:, width:].numpy()
+    ours = lm.greedy(ids, mask, GREEDY_STEPS)
+    greedy_agreement = float((ours == hf).mean())
+    tolerance = LOGIT_TOLERANCE[kind]
+    passed = top1 >= MIN_TOP1_AGREEMENT[kind] and (tolerance is None or max(prompt_diff, decode_diff) <= tolerance)
+    if kind == "fp32":
+        passed = passed and greedy_agreement == 1.0
+    return {
+        "weights": kind,
+        "prompt_max_abs_logit_diff": prompt_diff,
+        "decode_step_max_abs_logit_diff": decode_diff,
+        "prompt_top1_agreement": top1,
+        "greedy_steps": GREEDY_STEPS,
+        "greedy_batch": len(encoded),
+        "greedy_left_padding": True,
+        "greedy_token_agreement": greedy_agreement,
+        "greedy_identical": bool((ours == hf).all()),
+        "logit_tolerance": tolerance,
+        "min_top1_agreement": MIN_TOP1_AGREEMENT[kind],
+        "passed": bool(passed),
+    }
+
+
+def export_onnx(source: Path, output: Path, run_dir: Optional[Path], dtype: str = "fp32", quantize: Optional[str] = None,
+                overwrite: bool = False, verify: bool = True, log: Callable[[str], None] = print) -> ExportResult:
+    import time
+
+    _require_onnx()
+    if dtype == "bf16":
+        raise FinetuneError("ONNX export supports --dtype fp32 or fp16 (ONNX Runtime has no bf16 kernels on CPU); use fp16 for GPU serving")
+    if quantize and dtype != "fp32":
+        raise FinetuneError("--quantize int8 starts from fp32 weights; drop --dtype fp16")
+    model, tokenizer = _load_model(source, dtype)
+    model_type = model.config.model_type
+    if model_type not in ONNX_ARCHITECTURES:
+        raise FinetuneError(
+            f"the ONNX exporter does not handle '{model_type}' models yet (supported: {', '.join(ONNX_ARCHITECTURES)}); "
+            f"export --format safetensors instead"
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if quantize:
+        _untie_output_layer(model)
+    layout = _cache_layout(model)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    external = size > EXTERNAL_DATA_BYTES
+    tmp = _prepare_output(output, overwrite)
+    try:
+        started = time.perf_counter()
+        log(f"exporting {source} ({model_type}, {size / 1e6:.0f} MB of weights) to ONNX ...")
+        if quantize:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            import logging
+
+            staging = tmp / "fp32"
+            staging.mkdir()
+            _export_graph(model, staging / ONNX_FILE, layout, external)
+            logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer logs advice to the root logger
+            quantize_dynamic(staging / ONNX_FILE, tmp / ONNX_FILE, weight_type=QuantType.QInt8, use_external_data_format=external)
+            shutil.rmtree(staging)
+        else:
+            _export_graph(model, tmp / ONNX_FILE, layout, external)
+        seconds = time.perf_counter() - started
+        tokenizer.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        model.config.save_pretrained(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(_manifest(model, tokenizer, layout, dtype, quantize), indent=1))
+        (tmp / "README.md").write_text(model_card(run_dir, source, "ONNX" + (" int8" if quantize else ""), dtype), encoding="utf-8")
+        report = None
+        if verify:
+            report = _verify_onnx(model, tokenizer, tmp, dtype, quantize)
+            report["export_seconds"] = round(seconds, 2)
+            (tmp / "verification.json").write_text(json.dumps(report, indent=1))
+            log(
+                f"verification: logits max |diff| {report['prompt_max_abs_logit_diff']:.2e} (prompt), "
+                f"{report['decode_step_max_abs_logit_diff']:.2e} (decode step); top-1 agreement "
+                f"{report['prompt_top1_agreement']:.1%}; greedy {GREEDY_STEPS} tokens x 2 (left-padded) agreement "
+                f"{report['greedy_token_agreement']:.1%}"
+            )
+            if not report["passed"]:
+                raise FinetuneError(
+                    f"the ONNX export does not match PyTorch closely enough (see the numbers above; "
+                    f"thresholds: {LOGIT_TOLERANCE[quantize or dtype]} logits, {MIN_TOP1_AGREEMENT[quantize or dtype]:.0%} top-1); "
+                    f"pass --no-verify to keep it anyway"
+                )
+        _finish_output(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    total = sum(f.stat().st_size for f in output.iterdir() if f.name.startswith(ONNX_FILE))
+    log(f"exported to {output} ({total / 1e6:.1f} MB, {seconds:.1f} s)")
+    return ExportResult(output, report)

@@ -1,0 +1,175 @@
+"""Generation from an exported ONNX decoder with ONNX Runtime: numpy, onnxruntime and tokenizers only.
+
+A serving machine needs no torch and no transformers. The sampling steps follow transformers'
+logits processors (repetition penalty, temperature, top-k, top-p, in that order) so greedy output
+is token-for-token the same as the torch path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from finetune.config import GenerateConfig
+from finetune.errors import FinetuneError
+from finetune.generation import StopAwareStreamer, cut_at_stop
+
+MANIFEST = "finetune_onnx.json"
+
+
+def position_ids_for(mask: np.ndarray, new_tokens: int) -> np.ndarray:
+    """Positions of the last `new_tokens` columns: count of real tokens so far, pads set to 1 (as transformers)."""
+    positions = np.cumsum(mask, axis=-1) - 1
+    positions[mask == 0] = 1
+    return positions[:, -new_tokens:].astype(np.int64)
+
+
+class OnnxCausalLM:
+    """An exported decoder with its tokenizer and manifest, ready to run."""
+
+    def __init__(self, directory: str | Path):
+        directory = Path(directory)
+        manifest_path = directory / MANIFEST
+        if not manifest_path.is_file():
+            raise FinetuneError(f"{directory} is not a finetune ONNX export (no {MANIFEST}); create one with `finetune export --format onnx`")
+        try:
+            import onnxruntime as ort
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise FinetuneError("ONNX generation needs onnxruntime and tokenizers; install them with: pip install 'finetune[onnx]'") from None
+        self.manifest = json.loads(manifest_path.read_text())
+        model_file = directory / self.manifest["file"]
+        if not model_file.is_file():
+            raise FinetuneError(f"ONNX model file {model_file} is missing; export again")
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        try:
+            self.session = ort.InferenceSession(str(model_file), providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for a bad file
+            raise FinetuneError(f"ONNX Runtime cannot load {model_file} ({str(exc).splitlines()[0][:150]}); export again") from None
+        self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        self.float_type = np.float16 if self.manifest["dtype"] == "fp16" else np.float32
+        self.past_specs = self.manifest["inputs"][3:]
+        self.input_names = [spec["name"] for spec in self.manifest["inputs"]]
+        self.eos_token_id = self.manifest["eos_token_id"]
+        self.pad_token_id = self.manifest["pad_token_id"]
+        self.bos_token_id = self.manifest.get("bos_token_id")
+        self.max_positions = self.manifest.get("max_positions")
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, spec["shape"][1], 0, spec["shape"][3]), dtype=self.float_type) for spec in self.past_specs]
+
+    def forward(self, input_ids, attention_mask, position_ids, past) -> tuple[np.ndarray, list[np.ndarray]]:
+        feed = dict(zip(self.input_names, (input_ids, attention_mask, position_ids, *past)))
+        logits, *present = self.session.run(None, feed)
+        return logits, present
+
+    def greedy(self, input_ids: np.ndarray, attention_mask: np.ndarray, steps: int) -> np.ndarray:
+        """`steps` argmax tokens per row, ignoring EOS (used to verify exports)."""
+        logits, past = self.forward(input_ids, attention_mask, position_ids_for(attention_mask, input_ids.shape[1]),
+                                    self.empty_past(len(input_ids)))
+        mask, tokens = attention_mask, []
+        for _ in range(steps):
+            next_ids = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
+            tokens.append(next_ids)
+            mask = np.concatenate([mask, np.ones_like(next_ids)], axis=1)
+            logits, past = self.forward(next_ids, mask, position_ids_for(mask, 1), past)
+        return np.concatenate(tokens, axis=1)
+
+    def encode(self, prompt: str) -> list[int]:
+        ids = self.tokenizer.encode(prompt).ids if prompt else []
+        start = self.bos_token_id if self.bos_token_id is not None else self.eos_token_id
+        return ids or [start]
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def next_tokens(scores: np.ndarray, history: np.ndarray, cfg: GenerateConfig, rng: np.random.Generator) -> np.ndarray:
+    """One token per row from last-position logits, with transformers' processor semantics."""
+    scores = scores.astype(np.float64)
+    if cfg.repetition_penalty != 1.0:
+        rows = np.arange(len(scores))[:, None]
+        seen = scores[rows, history]
+        scores[rows, history] = np.where(seen < 0, seen * cfg.repetition_penalty, seen / cfg.repetition_penalty)
+    if cfg.temperature == 0:
+        return scores.argmax(-1)
+    scores = scores / cfg.temperature
+    if cfg.top_k > 0:
+        k = min(cfg.top_k, scores.shape[-1])
+        kth = np.partition(scores, -k, axis=-1)[:, -k][:, None]
+        scores = np.where(scores < kth, -np.inf, scores)
+    if cfg.top_p < 1.0:
+        order = np.argsort(scores, axis=-1)  # ascending, as transformers' TopPLogitsWarper
+        sorted_scores = np.take_along_axis(scores, order, axis=-1)
+        cumulative = np.cumsum(_softmax(sorted_scores), axis=-1)
+        remove_sorted = cumulative <= 1 - cfg.top_p
+        remove_sorted[:, -1] = False  # always keep the most likely token
+        remove = np.zeros_like(remove_sorted)
+        np.put_along_axis(remove, order, remove_sorted, axis=-1)
+        scores = np.where(remove, -np.inf, scores)
+    probs = _softmax(scores)
+    return np.array([rng.choice(len(p), p=p) for p in probs])
+
+
+def generate_texts_onnx(lm: OnnxCausalLM, cfg: GenerateConfig, write: Optional[Callable[[str], None]] = None) -> list[str]:
+    """Same contract as generation.generate_texts, on ONNX Runtime."""
+    import sys
+
+    jobs = [prompt for prompt in cfg.prompts for _ in range(cfg.n)]
+    stream = cfg.stream if cfg.stream is not None else len(jobs) == 1
+    write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    rng = np.random.default_rng(cfg.seed)
+    texts: list[str] = []
+    for start in range(0, len(jobs), cfg.batch_size):
+        prompts = jobs[start : start + cfg.batch_size]
+        encoded = [lm.encode(p) for p in prompts]
+        width = max(len(e) for e in encoded)
+        if lm.max_positions and width + cfg.max_new_tokens > lm.max_positions:
+            raise FinetuneError(
+                f"prompt ({width} tokens) + --max-new-tokens ({cfg.max_new_tokens}) exceeds the model's context of "
+                f"{lm.max_positions} tokens; shorten the prompt or lower --max-new-tokens"
+            )
+        ids = np.array([[lm.pad_token_id] * (width - len(e)) + e for e in encoded], dtype=np.int64)
+        mask = np.array([[0] * (width - len(e)) + [1] * len(e) for e in encoded], dtype=np.int64)
+        streamer = None
+        if stream:
+            if cfg.include_prompt:
+                write(prompts[0])
+            streamer = StopAwareStreamer(lm.tokenizer, cfg.stop, write)
+            streamer.put(ids[0])
+        logits, past = lm.forward(ids, mask, position_ids_for(mask, width), lm.empty_past(len(ids)))
+        history, new = ids, [[] for _ in prompts]
+        finished = np.zeros(len(prompts), dtype=bool)
+        for _ in range(cfg.max_new_tokens):
+            chosen = next_tokens(logits[:, -1], history, cfg, rng)
+            chosen = np.where(finished, lm.pad_token_id, chosen).astype(np.int64)
+            for row, token in enumerate(chosen):
+                if not finished[row]:
+                    if token == lm.eos_token_id:
+                        finished[row] = True
+                        continue
+                    new[row].append(int(token))
+                    if streamer is not None and row == 0:
+                        streamer.put(np.array([token]))
+                    if cfg.stop and any(s in lm.decode(new[row]) for s in cfg.stop):
+                        finished[row] = True
+            if finished.all():
+                break
+            history = np.concatenate([history, chosen[:, None]], axis=1)
+            mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], axis=1)
+            logits, past = lm.forward(chosen[:, None], mask, position_ids_for(mask, 1), past)
+        if streamer is not None:
+            streamer.end()
+            write("\n")
+        for prompt, tokens in zip(prompts, new):
+            text = cut_at_stop(lm.decode(tokens), cfg.stop)
+            texts.append(prompt + text if cfg.include_prompt else text)
+    return texts
