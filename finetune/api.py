@@ -39,7 +39,7 @@ def overrides_from_keywords(values: dict[str, Any]) -> dict[str, dict[str, Any]]
 
 
 def train(data: Union[str, list[str], None] = None, *, config: Optional[str] = None, log=print,
-          command: Optional[str] = None, **options):
+          command: Optional[str] = None, dry_run: bool = False, **options):
     """Fine-tune a model on text files; returns a TrainResult (run_dir, checkpoint, step, val_loss).
 
     >>> finetune.train("sample_data/recipes.txt", model="tiny", steps=300)
@@ -50,6 +50,10 @@ def train(data: Union[str, list[str], None] = None, *, config: Optional[str] = N
         options["data"] = [data] if isinstance(data, (str, Path)) else [str(d) for d in data]
         options["data"] = [str(d) for d in options["data"]]
     cfg = resolve_run_config(config, overrides_from_keywords(options))
+    if dry_run:
+        from finetune.planner import dry_run as plan_run
+
+        return plan_run(cfg, log=log)
     return run_training(cfg, log=log, command=command)
 
 

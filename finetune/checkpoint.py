@@ -174,6 +174,8 @@ def verify_checkpoint(checkpoint: Path, for_resume: bool) -> None:
     )
     config = checkpoint / "config.json"
     if not config.is_file():
+        config = checkpoint / "adapter_config.json"  # a LoRA checkpoint: the adapter, not the base model
+    if not config.is_file():
         raise FinetuneError(f"checkpoint {checkpoint} has no config.json{hint}")
     try:
         json.loads(config.read_text(encoding="utf-8"))
@@ -267,6 +269,10 @@ def restore_rng_state(state: dict) -> None:
 # different model, so it is refused. Everything else (steps, cadence, lr...) may change on resume.
 EXPERIMENT_KEYS = {
     ("model", "name"): "model",
+    ("model", "lora"): "--lora",
+    ("model", "lora_r"): "--lora-r",
+    ("model", "lora_targets"): "--lora-targets",
+    ("model", "load_in_4bit"): "--load-in-4bit",
     ("data", "line_by_line"): "--line-by-line",
     ("data", "eos_string"): "EOS string",
     ("train", "batch_size"): "--batch-size",

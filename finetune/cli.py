@@ -97,7 +97,20 @@ def main():
 @click.option("--resume", help="For an existing run: latest (continue it), fresh (start over; needs --overwrite if it has checkpoints) or a checkpoint directory.  [default: latest]")
 @click.option("--overwrite", is_flag=True, default=None, help="Delete an existing run of the same name and start over.")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow model code from the hub repo to run.")
-def train(data, config_file, **flags):
+@click.option("--lora", is_flag=True, default=None, help="Train LoRA adapters (peft) instead of all weights.")
+@click.option("--lora-r", type=int, help="LoRA rank.  [default: 8]")
+@click.option("--lora-alpha", type=int, help="LoRA alpha (scale = alpha / r).  [default: 16]")
+@click.option("--lora-dropout", type=float, help="Dropout on the LoRA path.  [default: 0.05]")
+@click.option("--lora-targets", help="Comma-separated layer names to adapt.  [default: per architecture]")
+@click.option("--load-in-4bit", is_flag=True, default=None, help="QLoRA: 4-bit base weights (CUDA + bitsandbytes).")
+@click.option("--optimizer", type=click.Choice(["adamw", "adamw8bit", "adafactor", "sgd"]), help="[default: adamw]")
+@click.option("--gradient-checkpointing", is_flag=True, default=None, help="Recompute activations: less memory, ~30% slower.")
+@click.option("--freeze-layers", type=int, help="Freeze the embeddings and the first N transformer blocks.")
+@click.option("--train-only-blocks", is_flag=True, default=None, help="Train only the transformer blocks (gpt-2-simple's only_train_transformer_layers).")
+@click.option("--dry-run", is_flag=True, help="Print parameters, effective batch and estimated memory per device; train nothing.")
+@click.option("--num-processes", type=int, help="Launch this many training processes through accelerate (one per GPU).")
+@click.option("--accelerate-config", help="Launch through accelerate with this config file (see configs/accelerate/).")
+def train(data, config_file, dry_run, num_processes, accelerate_config, **flags):
     """Fine-tune a model on text files, directories or globs.
 
     \b
@@ -107,14 +120,28 @@ def train(data, config_file, **flags):
       finetune train 'books/*.txt' --config configs/gpu.yaml --run-name books
     \b
     Running the same command again continues the run from its latest checkpoint.
+    \b
+    Several GPUs (or processes):
+      finetune train data.txt --num-processes 4
+      finetune train data.txt --accelerate-config configs/accelerate/fsdp.yaml
+      accelerate launch -m finetune train data.txt
     """
     _quiet_libraries()
-    from finetune.api import train as api_train
-
+    if flags.get("lora_targets") is not None:
+        flags["lora_targets"] = [t.strip() for t in flags["lora_targets"].split(",") if t.strip()]
     options = {key: value for key, value in flags.items() if value is not None}
     command = _command_line("train", list(data), {"config": config_file, **options})
+    if num_processes is not None or accelerate_config:
+        from finetune.launch import launch_training
+
+        sys.exit(launch_training(shlex.split(command)[1:], num_processes, accelerate_config))
+    from finetune.api import train as api_train
+
     if data:
         options["data"] = list(data)
+    if dry_run:
+        api_train(config=config_file, log=_echo_err, dry_run=True, **options)
+        return
     result = api_train(config=config_file, log=_echo_err, command=command, **options)
     if result.exit_code:  # stopped by SIGINT/SIGTERM after saving: 130 / 143, as shells expect
         sys.exit(result.exit_code)
@@ -127,7 +154,9 @@ def _command_line(name: str, arguments: list[str], options: dict) -> str:
         if value is None or value is False:
             continue
         words.append(f"--{key.replace('_', '-')}")
-        if value is not True:
+        if isinstance(value, list):
+            words.append(",".join(value))
+        elif value is not True:
             words.append(str(value))
     return shlex.join(words)
 

@@ -55,6 +55,12 @@ class ModelConfig:
 
     name: str = "gpt2"  # hub id, local directory, or a from-scratch preset: tiny, tiny-llama
     trust_remote_code: bool = False  # run model code shipped with a hub repo (off: it is arbitrary code)
+    lora: bool = False  # train LoRA adapters (peft) instead of all weights
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: int = 16  # LoRA scaling numerator (scale = alpha / r)
+    lora_dropout: float = 0.05  # dropout on the LoRA path
+    lora_targets: list[str] = field(default_factory=list)  # module names; empty: per-architecture defaults
+    load_in_4bit: bool = False  # QLoRA: 4-bit base weights (bitsandbytes, CUDA only)
 
 
 @dataclass
@@ -86,6 +92,10 @@ class TrainConfig:
     warmup: float = 0.02  # warmup length: a fraction of steps if < 1, else a step count
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
     max_grad_norm: float = 1.0  # gradient clipping (0 disables)
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "sgd"] = "adamw"  # adamw8bit needs CUDA + bitsandbytes
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    freeze_layers: int = 0  # freeze the embeddings and the first N transformer blocks
+    train_only_blocks: bool = False  # train transformer blocks only (gpt-2-simple's only_train_transformer_layers)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16/fp16 on GPU, fp32 on CPU
     eval_every: int = 100  # steps between validation passes (0 disables)
     eval_batches: int = 50  # at most this many batches per validation pass
@@ -301,6 +311,14 @@ def validate_run_config(cfg: RunConfig) -> None:
     _require(t.eval_batches >= 1, "train.eval_batches must be at least 1")
     _require(t.keep >= 1, "train.keep (--keep) must be at least 1")
     _require(t.log_every >= 1, "train.log_every must be at least 1")
+    _require(t.freeze_layers >= 0, "train.freeze_layers (--freeze-layers) must be >= 0")
+    m = cfg.model
+    _require(m.lora_r >= 1, "model.lora_r (--lora-r) must be at least 1")
+    _require(m.lora_alpha >= 1, "model.lora_alpha (--lora-alpha) must be at least 1")
+    _require(0 <= m.lora_dropout < 1, "model.lora_dropout (--lora-dropout) must be in [0, 1)")
+    _require(not m.load_in_4bit or m.lora, "--load-in-4bit (QLoRA) trains adapters only: add --lora")
+    _require(not (m.lora and (t.freeze_layers or t.train_only_blocks)),
+             "--lora already freezes the base model; drop --freeze-layers / --train-only-blocks")
     if t.run_name is not None:
         _require(
             t.run_name not in ("", ".", "..") and "/" not in t.run_name and "\\" not in t.run_name,

@@ -76,8 +76,13 @@ def _load_model(source: Path, dtype_name: str):
 
     quiet_transformers()
     ckpt.verify_checkpoint(source, for_resume=False)
+    from finetune import lora
+
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
+    if lora.is_adapter_checkpoint(source):
+        model = lora.load_merged(source, dtype).eval()  # LoRA: the adapter folded into the base weights
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
     return model, tokenizer
 

@@ -42,7 +42,12 @@ def load_for_generation(source: str, trust_remote_code: bool = False):
         checkpoint.verify_checkpoint(Path(source), for_resume=False)
     device, dtype = pick_device_and_dtype()
     tokenizer = modeling.load_tokenizer(source, trust_remote_code)
-    model = modeling.load_pretrained_model(source, trust_remote_code, dtype=dtype)
+    from finetune import lora
+
+    if lora.is_adapter_checkpoint(Path(source)):
+        model = lora.load_merged(Path(source), dtype)  # base + adapter, merged: plain fast inference
+    else:
+        model = modeling.load_pretrained_model(source, trust_remote_code, dtype=dtype)
     model.to(device).eval()
     return model, tokenizer
 

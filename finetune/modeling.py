@@ -153,14 +153,69 @@ def build_scratch_model(preset: str, tokenizer, seed: int):
     return AutoModelForCausalLM.from_config(config)
 
 
-def load_pretrained_model(name: str, trust_remote_code: bool = False, dtype=None):
+def load_pretrained_model(name: str, trust_remote_code: bool = False, dtype=None, load_in_4bit: bool = False):
     from transformers import AutoModelForCausalLM
 
+    kwargs = _hub_kwargs(name, trust_remote_code)
+    if load_in_4bit:
+        kwargs["quantization_config"] = _four_bit_config()
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **_hub_kwargs(name, trust_remote_code))
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise _load_error(name, exc) from None
     return model
+
+
+def _four_bit_config():
+    """QLoRA's NF4 base weights with bf16 compute; needs a CUDA GPU and bitsandbytes."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise FinetuneError("--load-in-4bit (QLoRA) needs a CUDA GPU; on this machine train with --lora alone")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise FinetuneError("--load-in-4bit needs bitsandbytes; install it with: pip install 'finetune[qlora]'") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def transformer_blocks(model):
+    """The ModuleList of transformer blocks (model.transformer.h, model.model.layers, ...)."""
+    import torch
+
+    count = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return module
+    raise FinetuneError(f"cannot find the transformer blocks of this '{model.config.model_type}' model to freeze; drop --freeze-layers / --train-only-blocks")
+
+
+def freeze_parameters(model, freeze_layers: int, train_only_blocks: bool) -> None:
+    """--freeze-layers N: embeddings and the first N blocks stop training.
+    --train-only-blocks: only the transformer blocks train (embeddings, final norm and head are frozen),
+    like gpt-2-simple's only_train_transformer_layers. A tied output layer shares the embeddings' fate."""
+    import torch
+
+    blocks = transformer_blocks(model) if (freeze_layers or train_only_blocks) else None
+    if train_only_blocks:
+        model.requires_grad_(False)
+        blocks.requires_grad_(True)
+    if freeze_layers:
+        if freeze_layers > len(blocks):
+            raise FinetuneError(f"--freeze-layers {freeze_layers} exceeds the model's {len(blocks)} blocks")
+        block_params = {id(p) for p in blocks.parameters()}
+        for module in model.modules():
+            if isinstance(module, torch.nn.Embedding) and not any(id(p) in block_params for p in module.parameters()):
+                module.requires_grad_(False)
+        for block in blocks[:freeze_layers]:
+            block.requires_grad_(False)
+
+
+def count_trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def count_parameters(model) -> int:

@@ -67,8 +67,8 @@ def resolve_precision(requested: str) -> str:
     return {"fp32": "no"}.get(requested, requested)
 
 
-def build_optimizer(model, lr: float, weight_decay: float, fused: bool):
-    """AdamW; biases, norms and other 1-D parameters get no weight decay (standard GPT practice)."""
+def build_optimizer(model, name: str, lr: float, weight_decay: float, cuda: bool):
+    """Trainable parameters only; biases, norms and other 1-D parameters get no weight decay."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -76,7 +76,21 @@ def build_optimizer(model, lr: float, weight_decay: float, fused: bool):
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=cuda)  # fused: one kernel per step
+    if name == "adamw8bit":
+        if not cuda:
+            raise FinetuneError("--optimizer adamw8bit needs a CUDA GPU; use --optimizer adamw (or adafactor to save memory)")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise FinetuneError("--optimizer adamw8bit needs bitsandbytes; install it with: pip install 'finetune[qlora]'") from None
+        return bnb.optim.AdamW8bit(groups, lr=lr, betas=(0.9, 0.95))
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=lr, relative_step=False, scale_parameter=False, warmup_init=False)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9)
 
 
 class StopSignals:
@@ -100,6 +114,27 @@ class StopSignals:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _current_rss() -> int:
+    import resource
+
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_memory_bytes(baseline_rss: int) -> int:
+    """Peak memory used by training: CUDA allocations, or on CPU the peak RSS above the pre-model baseline."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline_rss)
 
 
 def _log_to(path: Path, record: dict) -> None:
@@ -182,7 +217,8 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
         ckpt.verify_checkpoint(resume_from, for_resume=True)
         saved_state = ckpt.read_training_state(resume_from)
 
-    accelerator = Accelerator(mixed_precision=resolve_precision(t.precision))
+    # cpu=True on a machine without CUDA is what lets `accelerate launch` start gloo (MULTI_CPU) processes.
+    accelerator = Accelerator(mixed_precision=resolve_precision(t.precision), cpu=not torch.cuda.is_available())
     is_main = accelerator.is_main_process
     say = log if is_main else (lambda _msg: None)
     set_seed(t.seed)
@@ -199,7 +235,10 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
             tokenizer = modeling.train_scratch_tokenizer(cfg.model.name, docs, data_lib.files_digest(files), cache_dir)
         else:
             tokenizer = modeling.load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
-    model_source = str(resume_from) if resume_from is not None else cfg.model.name
+    adapter = cfg.model.lora
+    model_source = str(resume_from) if resume_from is not None and not adapter else cfg.model.name
+    if adapter and scratch:
+        raise FinetuneError("--lora adapts a pretrained model; with a from-scratch preset train all weights (drop --lora)")
     model_config = modeling.load_model_config(model_source, cfg.model.trust_remote_code)
     context = modeling.context_length(model_config)
     block_size = cfg.data.block_size or min(1024, context)
@@ -221,21 +260,39 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
             say(f"warning: the run was saved with {saved_state['num_processes']} processes and resumes with "
                 f"{accelerator.num_processes}; the data order after this point differs from an uninterrupted run")
 
-    if resume_from is not None:
-        model = modeling.load_pretrained_model(str(resume_from), cfg.model.trust_remote_code, dtype=torch.float32)
-    elif scratch:
+    baseline_rss = _current_rss()
+    if scratch and resume_from is None:
         model = modeling.build_scratch_model(cfg.model.name, tokenizer, t.seed)
     else:
-        model = modeling.load_pretrained_model(cfg.model.name, cfg.model.trust_remote_code, dtype=torch.float32)
+        # The checkpoint when resuming, except for LoRA runs, whose checkpoints hold only the
+        # adapter: their base model comes from model.name.
+        model = modeling.load_pretrained_model(model_source, cfg.model.trust_remote_code, dtype=torch.float32,
+                                               load_in_4bit=cfg.model.load_in_4bit)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # the cache is useless in training and incompatible with recomputation
+    if adapter:
+        from finetune import lora
+
+        if cfg.model.load_in_4bit:
+            import peft
+
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
+        if resume_from is not None:
+            model = lora.load_adapter_for_training(model, resume_from)
+        else:
+            model = lora.wrap_with_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout,
+                                        cfg.model.lora_targets, t.gradient_checkpointing)
+    modeling.freeze_parameters(model, t.freeze_layers, t.train_only_blocks)
 
     train_loader = data_lib.make_dataloader(prepared.train, t.batch_size, t.seed, shuffle=True)
     train_sampler = train_loader.sampler
     val_loader = (
         data_lib.make_dataloader(prepared.val, t.batch_size, t.seed, shuffle=False) if prepared.val is not None else None
     )
-    optimizer = build_optimizer(model, t.lr, t.weight_decay, fused=accelerator.device.type == "cuda")
+    optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay, cuda=accelerator.device.type == "cuda")
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
@@ -275,10 +332,12 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
     accelerator.wait_for_everyone()
 
     n_params = modeling.count_parameters(model)
+    n_trainable = modeling.count_trainable(model)
     world = accelerator.num_processes
     effective_batch = t.batch_size * t.grad_accum * world
+    trainable = f" ({n_trainable / 1e6:.2f}M trainable)" if n_trainable != n_params else ""
     say(
-        f"run '{run_name}': {cfg.model.name}, {n_params / 1e6:.1f}M parameters, {accelerator.device}, "
+        f"run '{run_name}': {cfg.model.name}, {n_params / 1e6:.1f}M parameters{trainable}, {accelerator.device}, "
         f"precision {accelerator.mixed_precision}; {total_steps} steps of {effective_batch} blocks "
         f"({t.batch_size} per device x {t.grad_accum} accumulation x {world} processes) = "
         f"{effective_batch * prepared.block_size:,} tokens per step; ~{total_steps / steps_per_epoch:.1f} epochs"
@@ -307,7 +366,10 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
         rng = ckpt.capture_rng_state()
 
         def write_contents(tmp: Path) -> None:
-            unwrapped.save_pretrained(tmp, state_dict=state_dict)
+            if adapter:  # peft writes adapter_config.json + adapter_model.safetensors
+                unwrapped.save_pretrained(tmp)
+            else:
+                unwrapped.save_pretrained(tmp, state_dict=state_dict)
             ckpt.pause_point("model-written", step)
             tokenizer.save_pretrained(tmp)
             ckpt.pause_point("tokenizer-written", step)
@@ -385,6 +447,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
                 _log_to(metrics_path, {
                     "step": step, "epoch": epoch, "loss": round(train_loss, 6), "lr": lr,
                     "tokens_seen": tokens_seen, "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1),
+                    "peak_memory_mb": round(peak_memory_bytes(baseline_rss) / 1e6, 1),
                 })
                 window_start, window_tokens = time.perf_counter(), 0
 

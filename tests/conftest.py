@@ -66,7 +66,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def make_model_dir(path: Path, architecture: str = "gpt2") -> Path:
+def make_model_dir(path: Path, architecture: str = "gpt2", dropout: bool = True) -> Path:
     """A small random-weight model with a byte-level BPE tokenizer, saved like a hub download."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -76,7 +76,8 @@ def make_model_dir(path: Path, architecture: str = "gpt2") -> Path:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     common = dict(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=0, pad_token_id=0)
     if architecture == "gpt2":
-        config = AutoConfig.for_model("gpt2", n_positions=256, n_embd=64, n_layer=2, n_head=2, **common)
+        rates = {} if dropout else dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        config = AutoConfig.for_model("gpt2", n_positions=256, n_embd=64, n_layer=2, n_head=2, **rates, **common)
     elif architecture in ("llama", "qwen2"):
         config = AutoConfig.for_model(
             architecture, max_position_embeddings=256, hidden_size=64, intermediate_size=128,

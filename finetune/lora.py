@@ -1,0 +1,68 @@
+"""LoRA adapters through peft: wrap a model for training, load an adapter checkpoint, merge for export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune.errors import FinetuneError
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+# Linear layers worth adapting per architecture: attention and MLP projections.
+DEFAULT_TARGETS = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+for _name in ("qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3"):
+    DEFAULT_TARGETS[_name] = DEFAULT_TARGETS["llama"]
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise FinetuneError("LoRA needs peft; install it with: pip install 'finetune[lora]'") from None
+    return peft
+
+
+def is_adapter_checkpoint(path: Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def targets_for(model, requested: list[str]) -> list[str]:
+    if requested:
+        return requested
+    model_type = model.config.model_type
+    if model_type not in DEFAULT_TARGETS:
+        raise FinetuneError(f"no default LoRA targets for '{model_type}' models; name the layers with --lora-targets q_proj,v_proj,...")
+    return DEFAULT_TARGETS[model_type]
+
+
+def wrap_with_lora(model, r: int, alpha: int, dropout: float, targets: list[str], gradient_checkpointing: bool = False):
+    """Freeze the base model and add trainable LoRA adapters to the target layers."""
+    peft = _peft()
+    if gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
+    config = peft.LoraConfig(
+        task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
+        target_modules=targets_for(model, targets),
+        fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2 stores its projections as Conv1D (in x out)
+    )
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as exc:
+        raise FinetuneError(f"LoRA could not be attached ({str(exc).splitlines()[0]}); check --lora-targets") from None
+
+
+def load_adapter_for_training(base_model, checkpoint: Path):
+    """Base model + the checkpoint's adapter, trainable (for resuming)."""
+    peft = _peft()
+    return peft.PeftModel.from_pretrained(base_model, str(checkpoint), is_trainable=True)
+
+
+def load_merged(checkpoint: Path, dtype):
+    """The base model with the adapter folded into its weights: a plain transformers model."""
+    peft = _peft()
+    model = peft.AutoPeftModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype)
+    return model.merge_and_unload()
