@@ -1,10 +1,10 @@
-"""Text files -> documents -> token blocks, cached on disk and memory-mapped.
+"""Documents -> token blocks, cached on disk and memory-mapped.
 
-A document is a file (or, with `line_by_line`, a non-empty line); the EOS string written in the
-text (`<|endoftext|>`) also ends a document. Documents are tokenized with the tokenizer's fast
-batched path and joined with the tokenizer's real EOS id, then cut into fixed blocks. The token
-stream is written once to a cache directory named by a fingerprint of everything that decides it
-(file contents, tokenizer, block size, mode), so a second run on the same data tokenizes nothing.
+Documents (see reading.py) are tokenized in batches by several worker processes and joined with
+the tokenizer's real EOS id, then cut into fixed blocks. The token stream is written once to a
+cache directory named by a fingerprint of everything that decides it (file contents, tokenizer,
+block size, mode), so a second run on the same data tokenizes nothing; memory stays flat because
+text is streamed in and ids are streamed out.
 """
 
 from __future__ import annotations
@@ -22,10 +22,13 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from finetune.errors import FinetuneError
+from finetune.reading import Piece, iter_pieces
 
-CACHE_VERSION = 1  # bump when the cache layout or the tokenization rules change
+CACHE_VERSION = 2  # bump when the cache layout or the tokenization rules change
 TEXT_SUFFIXES = (".txt", ".text", ".md")
-TOKENIZE_BATCH_DOCS = 512  # documents per batched tokenizer call (the fast tokenizer threads them)
+BATCH_PIECES = 256  # pieces per tokenizer call
+BATCH_CHARS = 4 << 20  # ... or this many characters, whichever comes first
+PARALLEL_MIN_BYTES = 8 << 20  # below this, worker start-up costs more than it saves
 
 
 def cache_root(configured: Optional[str]) -> Path:
@@ -65,55 +68,6 @@ def resolve_files(paths: Iterable[str]) -> list[Path]:
         if path.stat().st_size == 0:
             raise FinetuneError(f"data file '{path}' is empty; add text to it or leave it out")
     return unique
-
-
-def _guess_encoding(raw: bytes) -> str:
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return "utf-16"
-    try:
-        raw.decode("cp1252")
-        return "cp1252"
-    except UnicodeDecodeError:
-        return "latin-1"
-
-
-def read_text(path: Path, encoding: str = "utf-8") -> str:
-    """Read a text file, refusing binary files and text in an unexpected encoding.
-
-    Undecodable bytes are an error rather than silently replaced: a model trained on mojibake
-    learns mojibake. The message names the likely encoding so the fix is one flag.
-    """
-    raw = path.read_bytes()
-    is_utf16 = raw.startswith((b"\xff\xfe", b"\xfe\xff")) or encoding.lower().startswith("utf-16")
-    if b"\x00" in raw[:8192] and not is_utf16:
-        raise FinetuneError(f"data file '{path}' looks binary (it contains NUL bytes); pass text files only")
-    try:
-        text = raw.decode(encoding)
-    except UnicodeDecodeError as exc:
-        guess = _guess_encoding(raw)
-        raise FinetuneError(
-            f"data file '{path}' is not valid {encoding} (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-            f"it looks like {guess}: pass --encoding {guess} or convert it to UTF-8"
-        ) from None
-    except LookupError:
-        raise FinetuneError(f"unknown encoding '{encoding}'; use a Python codec name such as utf-8 or cp1252") from None
-    text = text.lstrip("\ufeff")
-    if not text.strip():
-        raise FinetuneError(f"data file '{path}' holds only whitespace; add text to it or leave it out")
-    return text
-
-
-def split_documents(text: str, eos_string: str, line_by_line: bool) -> list[str]:
-    """Cut one file's text into documents at the EOS string (and at newlines in line mode)."""
-    parts = text.split(eos_string) if eos_string else [text]
-    if line_by_line:
-        parts = [line for part in parts for line in part.splitlines()]
-    return [p.strip() for p in parts if p.strip()]
-
-
-def iter_documents(files: list[Path], eos_string: str, line_by_line: bool, encoding: str) -> Iterator[str]:
-    for path in files:
-        yield from split_documents(read_text(path, encoding), eos_string, line_by_line)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,33 +127,96 @@ class PreparedData:
     key: dict  # what the cache fingerprint was computed from (file digests, tokenizer, block size...)
 
 
-def _tokenize_to_file(docs: Iterable[str], tokenizer, out_path: Path, dtype) -> tuple[int, int]:
-    """Tokenize documents in batches and append the ids, EOS-joined, to a raw binary file."""
+def _is_byte_level(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and '"ByteLevel"' in json.dumps(json.loads(backend.to_str()).get("pre_tokenizer"))
+
+
+def _batches(pieces: Iterable[Piece]) -> Iterator[list[Piece]]:
+    batch: list[Piece] = []
+    chars = 0
+    for piece in pieces:
+        batch.append(piece)
+        chars += len(piece.text)
+        if len(batch) >= BATCH_PIECES or chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+_worker_tokenizer = None
+
+
+def _worker_init(spec: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process; the pool is the parallelism
+    from tokenizers import Tokenizer
+
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer.from_str(spec)
+
+
+def _worker_encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    encoded = _worker_tokenizer.encode_batch(texts, add_special_tokens=False)
+    lengths = np.fromiter((len(e.ids) for e in encoded), dtype=np.int64, count=len(encoded))
+    flat = np.fromiter((t for e in encoded for t in e.ids), dtype=np.uint32, count=int(lengths.sum()))
+    return flat, lengths
+
+
+def _encoded_batches(batches: Iterator[list[Piece]], tokenizer, workers: int) -> Iterator[tuple[list[Piece], list]]:
+    """(batch, ids per piece), in order. With workers > 1, a bounded window of batches is in flight
+    in a process pool (the whole corpus is never queued in memory)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if workers <= 1 or backend is None:
+        for batch in batches:
+            yield batch, tokenizer([p.text for p in batch], add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        return
+    import multiprocessing
+    from collections import deque
+
+    # spawn, not fork: the parent may hold torch/OpenMP threads, which do not survive a fork.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_worker_init, initargs=(backend.to_str(),)) as pool:
+        window: deque = deque()
+        for batch in batches:
+            window.append((batch, pool.apply_async(_worker_encode, ([p.text for p in batch],))))
+            if len(window) >= 2 * workers:
+                done, result = window.popleft()
+                yield done, _split(*result.get())
+        while window:
+            done, result = window.popleft()
+            yield done, _split(*result.get())
+
+
+def _split(flat: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+    return np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
+
+
+def tokenize_to_file(files: list[Path], tokenizer, out_path: Path, dtype, *, eos_string: str, line_by_line: bool,
+                     encoding: str, workers: Optional[int] = None) -> tuple[int, int]:
+    """Stream documents through the tokenizer into a raw binary file of ids; returns (documents, tokens)."""
     eos = tokenizer.eos_token_id
     bos = tokenizer.bos_token_id
     # Llama-style tokenizers expect a BOS at the start of each document; GPT-2's BOS is its EOS.
     prefix = [bos] if bos is not None and bos != eos else []
+    if workers is None:
+        total = sum(p.stat().st_size for p in files)
+        workers = min(os.cpu_count() or 1, 8) if total >= PARALLEL_MIN_BYTES else 1
+    pieces = iter_pieces(files, eos_string, line_by_line, encoding, split_long=_is_byte_level(tokenizer))
     n_docs = n_tokens = 0
     with open(out_path, "wb") as fh:
-        batch: list[str] = []
-
-        def flush() -> int:
-            ids = tokenizer(batch, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-            flat = np.fromiter(
-                (t for doc in ids for t in (*prefix, *doc, eos)), dtype=dtype,
-                count=sum(len(d) + len(prefix) + 1 for d in ids),
-            )
+        for batch, ids in _encoded_batches(_batches(pieces), tokenizer, workers):
+            parts = []
+            for piece, piece_ids in zip(batch, ids):
+                if piece.starts_document:
+                    parts.append(np.asarray(prefix, dtype=dtype))
+                    n_docs += 1
+                parts.append(np.asarray(piece_ids, dtype=dtype))
+                if piece.ends_document:
+                    parts.append(np.asarray([eos], dtype=dtype))
+            flat = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
             fh.write(flat.tobytes())
-            return len(flat)
-
-        for doc in docs:
-            batch.append(doc)
-            n_docs += 1
-            if len(batch) == TOKENIZE_BATCH_DOCS:
-                n_tokens += flush()
-                batch = []
-        if batch:
-            n_tokens += flush()
+            n_tokens += len(flat)
     return n_docs, n_tokens
 
 
@@ -263,9 +280,8 @@ def prepare_data(
 
 
 def _build_cache(files, val_files, tokenizer, block_size, line_by_line, val_fraction, eos_string, encoding, dtype, out: Path) -> dict:
-    n_docs, n_tokens = _tokenize_to_file(
-        iter_documents(files, eos_string, line_by_line, encoding), tokenizer, out / "tokens.bin", dtype
-    )
+    options = dict(eos_string=eos_string, line_by_line=line_by_line, encoding=encoding)
+    n_docs, n_tokens = tokenize_to_file(files, tokenizer, out / "tokens.bin", dtype, **options)
     if n_tokens < 2:
         raise FinetuneError("the training data holds fewer than 2 tokens; add more text")
     effective_block = block_size
@@ -281,9 +297,7 @@ def _build_cache(files, val_files, tokenizer, block_size, line_by_line, val_frac
         "num_blocks": n_blocks,
     }
     if val_files:
-        _, n_val_tokens = _tokenize_to_file(
-            iter_documents(val_files, eos_string, line_by_line, encoding), tokenizer, out / "val_tokens.bin", dtype
-        )
+        _, n_val_tokens = tokenize_to_file(val_files, tokenizer, out / "val_tokens.bin", dtype, **options)
         val_idx = np.zeros(0, dtype=np.int64)
         meta["val_num_tokens"] = n_val_tokens
         train_idx = np.arange(n_blocks, dtype=np.int64)

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 from finetune import checkpoint as ckpt
 from finetune import data as data_lib
-from finetune import modeling
+from finetune import modeling, reading
 from finetune.config import GenerateConfig, RunConfig, dump_yaml
 from finetune.errors import FinetuneError
 
@@ -231,7 +231,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
         if resume_from is not None:
             tokenizer = modeling.load_tokenizer(str(resume_from))
         elif scratch:
-            docs = data_lib.iter_documents(files, cfg.data.eos_string, cfg.data.line_by_line, cfg.data.encoding)
+            docs = reading.iter_documents(files, cfg.data.eos_string, cfg.data.line_by_line, cfg.data.encoding)
             tokenizer = modeling.train_scratch_tokenizer(cfg.model.name, docs, data_lib.files_digest(files), cache_dir)
         else:
             tokenizer = modeling.load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)

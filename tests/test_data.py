@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from finetune.data import _val_block_indices, prepare_data, resolve_files, split_documents
+from finetune.data import _val_block_indices, prepare_data, resolve_files
+from finetune.reading import split_documents
 from finetune.modeling import finish_tokenizer
 
 
@@ -72,3 +73,46 @@ def test_cache_key_depends_on_content_not_name(tmp_path, tokenizer):
     (tmp_path / "two.txt").write_text("other words here " * 50)
     third = prepare_data(resolve_files([str(tmp_path / "two.txt")]), tokenizer, 8, **kw)
     assert not third.from_cache
+
+
+def _ids_via_pipeline(tmp_path, tokenizer, files, workers, name):
+    from finetune.data import tokenize_to_file
+
+    out = tmp_path / f"{name}.bin"
+    docs, _ = tokenize_to_file(files, tokenizer, out, np.uint32, eos_string="<|endoftext|>", line_by_line=False,
+                               encoding="utf-8", workers=workers)
+    return docs, np.fromfile(out, dtype=np.uint32).tolist()
+
+
+def test_streamed_pieces_and_workers_give_the_exact_tokens_of_whole_documents(tmp_path, tokenizer, monkeypatch):
+    """Tiny read chunks and pieces force every boundary case: an EOS string, a multi-byte character
+    and a long document all split across reads; 2 worker processes change nothing either."""
+    import finetune.reading as reading
+
+    text = ("Crème brûlée, naïve café — 12 × 3.\nSecond line here.\n  indented line\n" * 40 + "<|endoftext|>"
+            + "short doc" + "<|endoftext|>" + "Ünïcödé tail " * 30)
+    path = tmp_path / "long.txt"
+    path.write_text(text, encoding="utf-8")
+    eos = tokenizer.eos_token_id
+    expected = []
+    for doc in split_documents(text, "<|endoftext|>", False):
+        expected += tokenizer(doc, add_special_tokens=False).input_ids + [eos]
+    monkeypatch.setattr(reading, "CHUNK_BYTES", 37)
+    monkeypatch.setattr(reading, "PIECE_CHARS", 150)
+    pieces = list(reading.iter_pieces([path], "<|endoftext|>", False, "utf-8", split_long=True))
+    assert len(pieces) > 10 and sum(p.ends_document for p in pieces) == 3
+    docs, ids = _ids_via_pipeline(tmp_path, tokenizer, [path], 1, "one")
+    assert docs == 3 and ids == expected
+    monkeypatch.setattr(reading, "CHUNK_BYTES", 4 << 20)
+    assert _ids_via_pipeline(tmp_path, tokenizer, [path, path], 2, "two")[1] == expected * 2
+
+
+def test_non_utf8_error_names_the_offset_across_chunks(tmp_path, monkeypatch):
+    import finetune.reading as reading
+    from finetune.errors import FinetuneError
+
+    path = tmp_path / "x.txt"
+    path.write_bytes(b"a" * 100 + "é".encode("cp1252") + b"b" * 10)
+    monkeypatch.setattr(reading, "CHUNK_BYTES", 16)
+    with pytest.raises(FinetuneError, match="byte 0xe9 at offset 100.*--encoding cp1252"):
+        list(reading.iter_pieces([path], "<|endoftext|>", False, "utf-8"))

@@ -97,7 +97,7 @@ def test_cache_hit_does_not_tokenize(workdir, gpt2_dir, monkeypatch):
     def fail(*_a, **_k):
         raise AssertionError("tokenized on a cache hit")
 
-    monkeypatch.setattr(finetune.data, "_tokenize_to_file", fail)
+    monkeypatch.setattr(finetune.data, "tokenize_to_file", fail)
     run_cli(*args, "--run-name", "hit")
 
 

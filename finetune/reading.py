@@ -1,0 +1,137 @@
+"""Text files -> documents, streamed: memory stays flat however large the corpus.
+
+Files are read and decoded a few MB at a time. A document is a file, or the text between EOS
+strings (`<|endoftext|>`), or with `line_by_line` a non-empty line. A document longer than
+PIECE_CHARS may be handed on in pieces, cut only after a newline that is followed by a non-space
+character: for byte-level BPE tokenizers (GPT-2, Llama 3, Qwen) no token ever spans such a cut, so
+tokenizing the pieces gives exactly the tokens of the whole document.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from finetune.errors import FinetuneError
+
+CHUNK_BYTES = 4 << 20  # read this much at a time
+PIECE_CHARS = 1 << 20  # longer documents are tokenized in pieces (when the tokenizer allows it)
+SAFE_CUT = re.compile(r"\n(?=\S)")
+
+
+@dataclass
+class Piece:
+    text: str
+    starts_document: bool
+    ends_document: bool
+
+
+def _guess_encoding(raw: bytes) -> str:
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"
+    try:
+        raw.decode("cp1252")
+        return "cp1252"
+    except UnicodeDecodeError:
+        return "latin-1"
+
+
+def decoded_chunks(path: Path, encoding: str = "utf-8") -> Iterator[str]:
+    """The file's text a chunk at a time; binary files and undecodable bytes are errors.
+
+    Undecodable bytes are not silently replaced: a model trained on mojibake learns mojibake. The
+    message names the likely encoding so the fix is one flag.
+    """
+    try:
+        decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+    except LookupError:
+        raise FinetuneError(f"unknown encoding '{encoding}'; use a Python codec name such as utf-8 or cp1252") from None
+    offset = 0
+    with open(path, "rb") as fh:
+        while True:
+            raw = fh.read(CHUNK_BYTES)
+            if offset == 0:
+                is_utf16 = raw.startswith((b"\xff\xfe", b"\xfe\xff")) or encoding.lower().startswith("utf-16")
+                if b"\x00" in raw[:8192] and not is_utf16:
+                    raise FinetuneError(f"data file '{path}' looks binary (it contains NUL bytes); pass text files only")
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as exc:
+                position = max(0, offset + exc.start)
+                guess = _guess_encoding(raw)
+                raise FinetuneError(
+                    f"data file '{path}' is not valid {encoding} (byte 0x{exc.object[exc.start]:02x} at offset {position}); "
+                    f"it looks like {guess}: pass --encoding {guess} or convert it to UTF-8"
+                ) from None
+            if offset == 0:
+                text = text.lstrip("\ufeff")
+            offset += len(raw)
+            if text:
+                yield text
+            if not raw:
+                return
+
+
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """A whole (small) file, with the same checks as the streaming reader."""
+    text = "".join(decoded_chunks(path, encoding))
+    if not text.strip():
+        raise FinetuneError(f"data file '{path}' holds only whitespace; add text to it or leave it out")
+    return text
+
+
+def _file_pieces(path: Path, eos_string: str, line_by_line: bool, encoding: str, split_long: bool) -> Iterator[Piece]:
+    delimiters = [re.escape(eos_string)] if eos_string else []
+    if line_by_line:
+        delimiters.append(r"\r?\n")
+    splitter = re.compile("|".join(delimiters)) if delimiters else None
+    pending, in_document, seen_text = "", False, False
+    for chunk in decoded_chunks(path, encoding):
+        pending += chunk
+        parts = splitter.split(pending) if splitter else [pending]
+        pending = parts.pop()  # text after the last delimiter: maybe incomplete
+        for i, part in enumerate(parts):
+            if i == 0 and in_document:  # the end of a document already begun
+                yield Piece(part.rstrip(), False, True)
+                in_document = False
+            elif part.strip():
+                seen_text = True
+                yield Piece(part.strip(), True, True)
+        if split_long and len(pending) > PIECE_CHARS:
+            cuts = [m.end() for m in SAFE_CUT.finditer(pending, 0, len(pending) - len(eos_string))]
+            if cuts:
+                head, pending = pending[: cuts[-1]], pending[cuts[-1] :]
+                if in_document or head.strip():
+                    seen_text = seen_text or bool(head.strip())
+                    yield Piece(head if in_document else head.lstrip(), not in_document, False)
+                    in_document = True
+    if in_document:
+        yield Piece(pending.rstrip(), False, True)
+    elif pending.strip():
+        seen_text = True
+        yield Piece(pending.strip(), True, True)
+    if not seen_text:
+        raise FinetuneError(f"data file '{path}' holds only whitespace; add text to it or leave it out")
+
+
+def iter_pieces(files: list[Path], eos_string: str, line_by_line: bool, encoding: str, split_long: bool = False) -> Iterator[Piece]:
+    for path in files:
+        yield from _file_pieces(path, eos_string, line_by_line, encoding, split_long)
+
+
+def iter_documents(files: list[Path], eos_string: str, line_by_line: bool, encoding: str) -> Iterator[str]:
+    """Document texts (very long ones in pieces), e.g. to learn a tokenizer from."""
+    for piece in iter_pieces(files, eos_string, line_by_line, encoding, split_long=True):
+        if piece.text:
+            yield piece.text
+
+
+def split_documents(text: str, eos_string: str, line_by_line: bool) -> list[str]:
+    """Cut one text into documents at the EOS string (and at newlines in line mode)."""
+    parts = text.split(eos_string) if eos_string else [text]
+    if line_by_line:
+        parts = [line for part in parts for line in part.splitlines()]
+    return [p.strip() for p in parts if p.strip()]
