@@ -26,8 +26,8 @@ from finetune.reading import Piece, iter_pieces
 
 CACHE_VERSION = 2  # bump when the cache layout or the tokenization rules change
 TEXT_SUFFIXES = (".txt", ".text", ".md")
-BATCH_PIECES = 256  # pieces per tokenizer call
-BATCH_CHARS = 4 << 20  # ... or this many characters, whichever comes first
+BATCH_PIECES = 2048  # pieces per tokenizer call
+BATCH_CHARS = 2 << 20  # ... or this many characters, whichever comes first
 PARALLEL_MIN_BYTES = 8 << 20  # below this, worker start-up costs more than it saves
 
 
@@ -157,10 +157,9 @@ def _worker_init(spec: str) -> None:
 
 
 def _worker_encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    encoded = _worker_tokenizer.encode_batch(texts, add_special_tokens=False)
-    lengths = np.fromiter((len(e.ids) for e in encoded), dtype=np.int64, count=len(encoded))
-    flat = np.fromiter((t for e in encoded for t in e.ids), dtype=np.uint32, count=int(lengths.sum()))
-    return flat, lengths
+    encoded = [np.asarray(e.ids, dtype=np.uint32) for e in _worker_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    lengths = np.array([len(ids) for ids in encoded], dtype=np.int64)
+    return (np.concatenate(encoded) if encoded else np.zeros(0, np.uint32)), lengths
 
 
 def _encoded_batches(batches: Iterator[list[Piece]], tokenizer, workers: int) -> Iterator[tuple[list[Piece], list]]:

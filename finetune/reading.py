@@ -100,14 +100,13 @@ def _file_pieces(path: Path, eos_string: str, line_by_line: bool, encoding: str,
             elif part.strip():
                 seen_text = True
                 yield Piece(part.strip(), True, True)
-        if split_long and len(pending) > PIECE_CHARS:
-            cuts = [m.end() for m in SAFE_CUT.finditer(pending, 0, len(pending) - len(eos_string))]
-            if cuts:
-                head, pending = pending[: cuts[-1]], pending[cuts[-1] :]
-                if in_document or head.strip():
-                    seen_text = seen_text or bool(head.strip())
-                    yield Piece(head if in_document else head.lstrip(), not in_document, False)
-                    in_document = True
+        cut = _last_safe_cut(pending, len(pending) - len(eos_string)) if split_long and len(pending) > PIECE_CHARS else -1
+        if cut > 0:
+            head, pending = pending[:cut], pending[cut:]
+            if in_document or head.strip():
+                seen_text = seen_text or bool(head.strip())
+                yield Piece(head if in_document else head.lstrip(), not in_document, False)
+                in_document = True
     if in_document:
         yield Piece(pending.rstrip(), False, True)
     elif pending.strip():
@@ -115,6 +114,14 @@ def _file_pieces(path: Path, eos_string: str, line_by_line: bool, encoding: str,
         yield Piece(pending.strip(), True, True)
     if not seen_text:
         raise FinetuneError(f"data file '{path}' holds only whitespace; add text to it or leave it out")
+
+
+def _last_safe_cut(text: str, end: int) -> int:
+    """Index just after the last newline before `end` that is followed by a non-space, or -1."""
+    newline = text.rfind("\n", 0, end)
+    while newline != -1 and not SAFE_CUT.match(text, newline):
+        newline = text.rfind("\n", 0, newline)
+    return newline + 1 if newline != -1 else -1
 
 
 def iter_pieces(files: list[Path], eos_string: str, line_by_line: bool, encoding: str, split_long: bool = False) -> Iterator[Piece]:
