@@ -94,6 +94,11 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping (0 disables)
     optimizer: Literal["adamw", "adamw8bit", "adafactor", "sgd"] = "adamw"  # adamw8bit needs CUDA + bitsandbytes
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    compile: Optional[bool] = None  # torch.compile the model; None: on with CUDA, off on CPU
+    tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
+    fused_loss: Optional[bool] = None  # chunked cross-entropy (no full fp32 logits); None: on with CUDA
+    pad_vocab: Optional[bool] = None  # pad embeddings to a multiple of 64 (for tensor cores); None: on with CUDA
+    loss_sync_every: Optional[int] = None  # read the loss back to the host every N steps; None: 1 on CPU, 10 on CUDA
     freeze_layers: int = 0  # freeze the embeddings and the first N transformer blocks
     train_only_blocks: bool = False  # train transformer blocks only (gpt-2-simple's only_train_transformer_layers)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16/fp16 on GPU, fp32 on CPU
@@ -311,6 +316,7 @@ def validate_run_config(cfg: RunConfig) -> None:
     _require(t.eval_batches >= 1, "train.eval_batches must be at least 1")
     _require(t.keep >= 1, "train.keep (--keep) must be at least 1")
     _require(t.log_every >= 1, "train.log_every must be at least 1")
+    _require(t.loss_sync_every is None or t.loss_sync_every >= 1, "train.loss_sync_every must be at least 1")
     _require(t.freeze_layers >= 0, "train.freeze_layers (--freeze-layers) must be >= 0")
     m = cfg.model
     _require(m.lora_r >= 1, "model.lora_r (--lora-r) must be at least 1")

@@ -119,7 +119,8 @@ def _generation_kwargs(cfg: GenerateConfig, tokenizer) -> dict:
     return kwargs
 
 
-def generate_texts(model, tokenizer, cfg: GenerateConfig, write: Optional[Callable[[str], None]] = None) -> list[str]:
+def generate_texts(model, tokenizer, cfg: GenerateConfig, write: Optional[Callable[[str], None]] = None,
+                   suppress_ids: Optional[list[int]] = None) -> list[str]:
     """Samples for every prompt x n, in prompt order. Streams to `write` when one sample is asked for."""
     import torch
     from transformers import GenerationConfig
@@ -132,6 +133,8 @@ def generate_texts(model, tokenizer, cfg: GenerateConfig, write: Optional[Callab
         if torch.cuda.is_available():
             torch.cuda.manual_seed_all(cfg.seed)
     gen_config = GenerationConfig(**{k: v for k, v in _generation_kwargs(cfg, tokenizer).items() if k != "tokenizer"})
+    if suppress_ids:  # e.g. vocabulary padding rows: never sampled
+        gen_config.suppress_tokens = suppress_ids
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 from finetune import checkpoint as ckpt
 from finetune import data as data_lib
-from finetune import modeling, reading
+from finetune import modeling, reading, speed
 from finetune.config import GenerateConfig, RunConfig, dump_yaml
 from finetune.errors import FinetuneError
 
@@ -285,14 +285,29 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
         else:
             model = lora.wrap_with_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout,
                                         cfg.model.lora_targets, t.gradient_checkpointing)
-    modeling.freeze_parameters(model, t.freeze_layers, t.train_only_blocks)
+    # Fast paths (speed.py): each on by default with CUDA, off on CPU, each with a flag.
+    cuda = accelerator.device.type == "cuda"
+    if cuda and t.tf32:
+        speed.enable_tf32()
+    use_chunked_loss = speed.resolve(t.fused_loss, cuda) and speed.supports_chunked_loss(model) and not adapter
+    if t.fused_loss and not use_chunked_loss:
+        say("warning: --fused-loss is not available for this model (LoRA or an unlisted architecture); using the model's own loss")
+    lm = model  # the transformers model; `model` below is what trains (maybe wrapped, compiled, distributed)
+    # Padding needs the chunked loss, which keeps the padded ids out of the softmax.
+    vocab_size = speed.pad_vocabulary(lm) if use_chunked_loss and speed.resolve(t.pad_vocab, cuda) else lm.get_input_embeddings().weight.shape[0]
+    modeling.freeze_parameters(lm, t.freeze_layers, t.train_only_blocks)  # after padding, which makes new embeddings
+    if use_chunked_loss:
+        model = speed.with_chunked_loss(lm, vocab_size)
+    if speed.resolve(t.compile, cuda):
+        model = torch.compile(model)
+    sync_every = t.loss_sync_every or (10 if cuda else 1)
 
     train_loader = data_lib.make_dataloader(prepared.train, t.batch_size, t.seed, shuffle=True)
     train_sampler = train_loader.sampler
     val_loader = (
         data_lib.make_dataloader(prepared.val, t.batch_size, t.seed, shuffle=False) if prepared.val is not None else None
     )
-    optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay, cuda=accelerator.device.type == "cuda")
+    optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay, cuda=cuda)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
@@ -351,8 +366,11 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
         ckpt.restore_rng_state(ckpt.load_torch_file(resume_from / ckpt.STATE_DIR / "rng.pt"))
 
     def save() -> Path:
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = speed.inner_model(accelerator.unwrap_model(model))
         state_dict = accelerator.get_state_dict(model)
+        if unwrapped is not accelerator.unwrap_model(model):  # drop the loss wrapper's "model." prefix
+            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+        state_dict = speed.unpad_state_dict(state_dict, unwrapped, vocab_size)
         if not all(torch.isfinite(p).all() for p in state_dict.values() if p.is_floating_point()):
             raise FinetuneError(
                 f"the weights hold NaN/inf at step {step}; not saving them over the last good checkpoint. "
@@ -369,7 +387,11 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
             if adapter:  # peft writes adapter_config.json + adapter_model.safetensors
                 unwrapped.save_pretrained(tmp)
             else:
-                unwrapped.save_pretrained(tmp, state_dict=state_dict)
+                padded_size, unwrapped.config.vocab_size = unwrapped.config.vocab_size, vocab_size
+                try:  # checkpoints never carry the padding rows
+                    unwrapped.save_pretrained(tmp, state_dict=state_dict)
+                finally:
+                    unwrapped.config.vocab_size = padded_size
             ckpt.pause_point("model-written", step)
             tokenizer.save_pretrained(tmp)
             ckpt.pause_point("tokenizer-written", step)
@@ -397,11 +419,17 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
         gen_cfg = GenerateConfig(prompts=[""], n=2, max_new_tokens=t.sample_tokens, temperature=0.8, stream=False)
         # Sampling draws random numbers; fork the RNG so it does not change the training run.
         with torch.random.fork_rng(devices=[]):
-            texts = generate_texts(accelerator.unwrap_model(model), tokenizer, gen_cfg)
+            sampler_model = speed.inner_model(accelerator.unwrap_model(model))
+            padded = list(range(vocab_size, sampler_model.get_input_embeddings().weight.shape[0]))
+            texts = generate_texts(sampler_model, tokenizer, gen_cfg, suppress_ids=padded)
         model.train()
         body = f"\n{'=' * 20}\n".join(texts)
         (run_dir / "samples" / f"samples-{step:06d}.txt").write_text(body + "\n", encoding="utf-8")
 
+    pending_losses: list = []
+    train_loss = float("nan")
+    flops_per_token = speed.flops_per_token(lm, prepared.block_size)
+    device_peak = speed.peak_flops(torch.cuda.get_device_name(0)) if cuda else None
     bar = tqdm(total=total_steps, initial=min(step, total_steps), disable=not is_main, dynamic_ncols=True, desc="training")
     model.train()
     window_start, window_tokens = time.perf_counter(), 0
@@ -419,8 +447,11 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
                 window_tokens += batch.numel() * world
             if t.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-            train_loss = accelerator.reduce(loss_sum, reduction="mean").item()
-            if not math.isfinite(train_loss):
+            step_loss = accelerator.reduce(loss_sum, reduction="mean").detach()
+            if sync_every > 1:
+                # No host sync inside the step: losses are read back every sync_every steps.
+                pending_losses.append(step_loss)
+            elif not math.isfinite(train_loss := step_loss.item()):
                 # The fp16 scaler's overflow steps keep a finite loss, so they never count here.
                 nonfinite_streak += 1
                 optimizer.zero_grad(set_to_none=True)
@@ -438,16 +469,30 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += batch.numel() * world * t.grad_accum
+            if pending_losses and (step % sync_every == 0 or step % t.log_every == 0 or step == total_steps or signals.received):
+                values = torch.stack(pending_losses).float().tolist()
+                pending_losses.clear()
+                if not all(math.isfinite(v) for v in values):
+                    bar.close()
+                    raise FinetuneError(
+                        f"the loss was not finite between steps {step - len(values) + 1} and {step}; lower --lr or use "
+                        f"--precision fp32/bf16 (the last good checkpoint is kept; --loss-sync-every 1 skips bad steps instead)"
+                    )
+                train_loss = values[-1]
 
             elapsed = time.perf_counter() - window_start
             lr = scheduler.get_last_lr()[0]
             bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{window_tokens / max(elapsed, 1e-9):,.0f}")
+            tokens_per_s = window_tokens / max(elapsed, 1e-9)
+            mfu = tokens_per_s * flops_per_token / device_peak if device_peak else None
+            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_s:,.0f}",
+                            **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
             if is_main and (step % t.log_every == 0 or step == total_steps):
                 _log_to(metrics_path, {
                     "step": step, "epoch": epoch, "loss": round(train_loss, 6), "lr": lr,
                     "tokens_seen": tokens_seen, "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1),
                     "peak_memory_mb": round(peak_memory_bytes(baseline_rss) / 1e6, 1),
+                    **({"mfu": round(mfu, 4)} if mfu is not None else {}),
                 })
                 window_start, window_tokens = time.perf_counter(), 0
 

@@ -1,0 +1,76 @@
+"""Every training fast path gives the plain path's numbers on CPU (they default on only with CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import SAMPLE, make_model_dir, read_metrics, run_cli
+
+
+@pytest.fixture(scope="module")
+def plain_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("speed")
+    return {arch: make_model_dir(root / arch, arch, dropout=False) for arch in ("gpt2", "llama")}
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_chunked_loss_equals_the_model_loss_and_gradients(plain_models, architecture):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune.speed import chunked_causal_lm_loss
+
+    model = AutoModelForCausalLM.from_pretrained(plain_models[architecture], dtype=torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (3, 40))
+    reference = model(input_ids=ids, labels=ids).loss
+    reference.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    chunked = chunked_causal_lm_loss(model, ids, model.config.vocab_size, chunk_tokens=16)  # several chunks
+    chunked.backward()
+    assert abs(chunked.item() - reference.item()) < 1e-5
+    for name, param in model.named_parameters():
+        assert torch.allclose(param.grad, ref_grads[name], atol=1e-5), name
+
+
+def test_padded_vocabulary_keeps_the_loss_and_clean_checkpoints(workdir, plain_models):
+    import json
+
+    base = ["train", SAMPLE, "--model", plain_models["gpt2"], "--steps", 3, "--batch-size", 4, "--block-size", 32,
+            "--log-every", 1, "--eval-every", 0, "--sample-every", 3]
+    run_cli(*base, "--run-name", "plain")
+    run_cli(*base, "--run-name", "fast", "--fused-loss", "--pad-vocab", "--loss-sync-every", 2)
+    plain = [m["loss"] for m in read_metrics(workdir / "runs/plain") if "loss" in m]
+    fast = [m["loss"] for m in read_metrics(workdir / "runs/fast") if "loss" in m]
+    assert len(fast) == 3 and all(abs(a - b) < 1e-4 for a, b in zip(plain, fast)), (plain, fast)
+    config = json.loads((workdir / "runs/fast/checkpoint-000003/config.json").read_text())
+    original = json.loads((plain_models["gpt2"] / "config.json").read_text())
+    assert config["vocab_size"] == original["vocab_size"] and original["vocab_size"] % 64 != 0
+    from safetensors.torch import load_file
+
+    weights = load_file(workdir / "runs/fast/checkpoint-000003/model.safetensors")
+    assert weights["transformer.wte.weight"].shape[0] == original["vocab_size"]
+    # the checkpoint generates like any other
+    assert run_cli("generate", "--run", "fast", "--prompt", "Title:", "--max-new-tokens", 5).stdout.startswith("Title:")
+
+
+def test_flops_and_mfu_helpers(plain_models):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.speed import flops_per_token, peak_flops
+
+    model = AutoModelForCausalLM.from_pretrained(plain_models["gpt2"])
+    n = sum(p.numel() for p in model.parameters())
+    assert flops_per_token(model, 128) == 6 * n + 12 * 2 * 2 * 32 * 128
+    assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("cpu") is None
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(workdir, plain_models):
+    base = ["train", SAMPLE, "--model", plain_models["gpt2"], "--steps", 2, "--batch-size", 4, "--block-size", 32,
+            "--log-every", 1, "--eval-every", 0, "--sample-every", 0]
+    run_cli(*base, "--run-name", "eager")
+    run_cli(*base, "--run-name", "compiled", "--compile")
+    eager = [m["loss"] for m in read_metrics(workdir / "runs/eager") if "loss" in m]
+    compiled = [m["loss"] for m in read_metrics(workdir / "runs/compiled") if "loss" in m]
+    assert all(abs(a - b) < 1e-4 for a, b in zip(eager, compiled))
