@@ -93,6 +93,11 @@ def main():
 @click.option("--keep", type=int, help="Checkpoints kept (the newest).  [default: 3]")
 @click.option("--seed", type=int, help="Random seed (data order, init, samples).  [default: 42]")
 @click.option("--encoding", help="Text encoding of the data files.  [default: utf-8]")
+@click.option("--format", "format", type=click.Choice(["text", "csv", "tsv", "jsonl", "json", "parquet", "arrow"]), help="Data format.  [default: from the file extension]")
+@click.option("--text-field", "--text-column", "text_field", help="Field/column with the text of plain records.  [default: text]")
+@click.option("--dataset", "datasets", multiple=True, help="A Hugging Face Hub dataset id (needs network); repeatable.")
+@click.option("--split", help="Split of --dataset and of saved DatasetDicts.  [default: train]")
+@click.option("--skip-bad-rows", is_flag=True, default=None, help="Skip (and count) malformed CSV rows / JSON lines.")
 @click.option("--cache-dir", help="Tokenized-data cache.  [default: $FINETUNE_CACHE or ~/.cache/finetune]")
 @click.option("--resume", help="For an existing run: latest (continue it), fresh (start over; needs --overwrite if it has checkpoints) or a checkpoint directory.  [default: latest]")
 @click.option("--overwrite", is_flag=True, default=None, help="Delete an existing run of the same name and start over.")
@@ -132,6 +137,7 @@ def train(data, config_file, dry_run, num_processes, accelerate_config, **flags)
       accelerate launch -m finetune train data.txt
     """
     _quiet_libraries()
+    flags["datasets"] = list(flags["datasets"]) or None
     if flags.get("lora_targets") is not None:
         flags["lora_targets"] = [t.strip() for t in flags["lora_targets"].split(",") if t.strip()]
     options = {key: value for key, value in flags.items() if value is not None}

@@ -67,7 +67,12 @@ class ModelConfig:
 class DataConfig:
     """Where the text comes from and how it becomes token blocks."""
 
-    paths: list[str] = field(default_factory=list)  # .txt files, directories or globs
+    paths: list[str] = field(default_factory=list)  # files (.txt .csv .tsv .jsonl .json .parquet), directories or globs
+    datasets: list[str] = field(default_factory=list)  # hub dataset ids (need network)
+    split: str = "train"  # split of hub datasets and of saved DatasetDicts
+    format: Optional[str] = None  # text|csv|tsv|jsonl|json|parquet|arrow; None: from the file extension
+    text_field: str = "text"  # field / column holding the text of plain records
+    skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping
     block_size: Optional[int] = None  # tokens per training block; None: min(1024, model context)
     line_by_line: bool = False  # each non-empty line is a document (instead of each file)
     val_fraction: float = 0.05  # share of blocks held out for validation (0 disables)
@@ -300,7 +305,9 @@ def _require(ok: bool, message: str) -> None:
 def validate_run_config(cfg: RunConfig) -> None:
     """Range checks that types alone cannot express; each names the key and the fix."""
     d, t = cfg.data, cfg.train
-    _require(bool(d.paths), "no training data given; pass one or more .txt files, directories or globs")
+    _require(bool(d.paths) or bool(d.datasets), "no training data given; pass one or more files, directories or globs (or --dataset NAME)")
+    _require(d.format in (None, "text", "csv", "tsv", "jsonl", "json", "parquet", "arrow"),
+             "data.format (--format) must be one of text, csv, tsv, jsonl, json, parquet, arrow")
     _require(d.block_size is None or d.block_size >= 2, "data.block_size (--block-size) must be at least 2")
     _require(0 <= d.val_fraction < 1, "data.val_fraction (--val-fraction) must be in [0, 1), e.g. 0.05")
     _require(t.steps is None or t.steps >= 1, "train.steps (--steps) must be at least 1")

@@ -22,10 +22,17 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from finetune.errors import FinetuneError
+from finetune import examples as sft
 from finetune.reading import Piece, iter_pieces
+from finetune.records import SUFFIX_FORMATS, BadRows, Source, detect_format, is_saved_dataset, iter_rows, record_kind, validate_messages
+
+PREPARED_MANIFEST = "finetune_prepared.json"
+
+
+def is_prepared_dir(path: Path) -> bool:
+    return path.is_dir() and (path / PREPARED_MANIFEST).is_file()
 
 CACHE_VERSION = 2  # bump when the cache layout or the tokenization rules change
-TEXT_SUFFIXES = (".txt", ".text", ".md")
 BATCH_PIECES = 2048  # pieces per tokenizer call
 BATCH_CHARS = 2 << 20  # ... or this many characters, whichever comes first
 PARALLEL_MIN_BYTES = 8 << 20  # below this, worker start-up costs more than it saves
@@ -54,10 +61,12 @@ def resolve_files(paths: Iterable[str]) -> list[Path]:
             if not matches:
                 raise FinetuneError(f"no files match '{raw}'; check the pattern (quote it so the shell does not expand it)")
             files.extend(matches)
+        elif is_saved_dataset(path) or is_prepared_dir(path):
+            files.append(path)  # a datasets.save_to_disk / `finetune prepare` directory is one input
         elif path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIX_FORMATS)
             if not found:
-                raise FinetuneError(f"directory '{raw}' holds no text files ({', '.join(TEXT_SUFFIXES)}); point at your .txt files")
+                raise FinetuneError(f"directory '{raw}' holds no data files ({', '.join(sorted(SUFFIX_FORMATS))}); point at your files")
             files.extend(found)
         elif path.is_file():
             files.append(path)
@@ -65,7 +74,7 @@ def resolve_files(paths: Iterable[str]) -> list[Path]:
             raise FinetuneError(f"data file '{raw}' does not exist; check the path")
     unique = list(dict.fromkeys(p.resolve() for p in files))
     for path in unique:
-        if path.stat().st_size == 0:
+        if path.is_file() and path.stat().st_size == 0:
             raise FinetuneError(f"data file '{path}' is empty; add text to it or leave it out")
     return unique
 
@@ -78,7 +87,8 @@ def resolve_files(paths: Iterable[str]) -> list[Path]:
 def files_digest(files: list[Path]) -> str:
     """sha256 over file contents (not names or dates), so copies of the same data share a cache."""
     digest = hashlib.sha256()
-    for path in files:
+    expanded = [f for p in files for f in (sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])]
+    for path in expanded:
         with open(path, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
@@ -125,6 +135,8 @@ class PreparedData:
     cache_dir: Path
     from_cache: bool
     key: dict  # what the cache fingerprint was computed from (file digests, tokenizer, block size...)
+    mode: str = "packed"  # "packed" blocks, or "supervised" examples with loss masks
+    chat: bool = False  # chat data: the tokenizer carries a chat template
 
 
 def _is_byte_level(tokenizer) -> bool:
@@ -191,17 +203,17 @@ def _split(flat: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
     return np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
 
-def tokenize_to_file(files: list[Path], tokenizer, out_path: Path, dtype, *, eos_string: str, line_by_line: bool,
-                     encoding: str, workers: Optional[int] = None) -> tuple[int, int]:
-    """Stream documents through the tokenizer into a raw binary file of ids; returns (documents, tokens)."""
+def default_workers(files: list[Path]) -> int:
+    total = sum(p.stat().st_size for p in files if p.is_file())
+    return min(os.cpu_count() or 1, 8) if total >= PARALLEL_MIN_BYTES else 1
+
+
+def tokenize_to_file(pieces: Iterable[Piece], tokenizer, out_path: Path, dtype, workers: int = 1) -> tuple[int, int]:
+    """Stream document pieces through the tokenizer into a raw binary file of ids; returns (documents, tokens)."""
     eos = tokenizer.eos_token_id
     bos = tokenizer.bos_token_id
     # Llama-style tokenizers expect a BOS at the start of each document; GPT-2's BOS is its EOS.
     prefix = [bos] if bos is not None and bos != eos else []
-    if workers is None:
-        total = sum(p.stat().st_size for p in files)
-        workers = min(os.cpu_count() or 1, 8) if total >= PARALLEL_MIN_BYTES else 1
-    pieces = iter_pieces(files, eos_string, line_by_line, encoding, split_long=_is_byte_level(tokenizer))
     n_docs = n_tokens = 0
     with open(out_path, "wb") as fh:
         for batch, ids in _encoded_batches(_batches(pieces), tokenizer, workers):
@@ -239,6 +251,10 @@ def prepare_data(
     eos_string: str = "<|endoftext|>",
     encoding: str = "utf-8",
     cache_dir: Optional[str] = None,
+    text_field: str = "text",
+    data_format: Optional[str] = None,
+    skip_bad_rows: bool = False,
+    hub: tuple = (),
     log=print,
 ) -> PreparedData:
     """Tokenize (or load from the cache) and split into train/validation blocks."""
@@ -254,6 +270,10 @@ def prepare_data(
         "line_by_line": line_by_line,
         "val_fraction": None if val_files else val_fraction,
         "eos_string": eos_string,
+        "text_field": text_field,
+        "format": data_format,
+        "skip_bad_rows": skip_bad_rows,
+        "hub": [list(h) for h in hub],
     }
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     root = cache_root(cache_dir) / "data"
@@ -265,7 +285,8 @@ def prepare_data(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            meta = _build_cache(files, val_files, tokenizer, block_size, line_by_line, val_fraction, eos_string, encoding, dtype, tmp)
+            meta = _build_cache(files, val_files, tokenizer, block_size, line_by_line, val_fraction, eos_string, encoding,
+                                dtype, tmp, text_field, data_format, skip_bad_rows, hub)
             meta["key"] = key
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             try:
@@ -275,12 +296,123 @@ def prepare_data(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return _load_cache(target, from_cache, log)
+    prepared = _load_cache(target, from_cache, log)
+    if prepared.chat:
+        sft.ensure_chat_template(tokenizer)  # also on a cache hit: checkpoints must carry the template
+    return prepared
 
 
-def _build_cache(files, val_files, tokenizer, block_size, line_by_line, val_fraction, eos_string, encoding, dtype, out: Path) -> dict:
-    options = dict(eos_string=eos_string, line_by_line=line_by_line, encoding=encoding)
-    n_docs, n_tokens = tokenize_to_file(files, tokenizer, out / "tokens.bin", dtype, **options)
+def _sources(files: list[Path], hub: list[tuple[str, str]], data_format: Optional[str]) -> list[Source]:
+    return [Source(str(p), detect_format(p, data_format)) for p in files] + [Source(name, "hub", split) for name, split in hub]
+
+
+def data_mode(sources: list[Source], text_field: str, encoding: str) -> tuple[str, bool]:
+    """("packed" | "supervised", has_chat) from the first record of each structured source."""
+    kinds = set()
+    for source in sources:
+        if source.format == "text":
+            kinds.add("text")
+            continue
+        for where, record in iter_rows(source, encoding, BadRows(skip=True)):
+            kinds.add(record_kind(record, text_field, where))
+            break
+    return ("supervised" if kinds - {"text"} else "packed"), "chat" in kinds
+
+
+def _pieces(sources: list[Source], opts: dict, split_long: bool, bad: BadRows) -> Iterator[Piece]:
+    """Documents for packing: text files, and the text field of structured records."""
+    for source in sources:
+        if source.format == "text":
+            yield from iter_pieces([Path(source.path)], opts["eos_string"], opts["line_by_line"], opts["encoding"], split_long)
+            continue
+        for where, record in iter_rows(source, opts["encoding"], bad):
+            record_kind(record, opts["text_field"], where)
+            text = record[opts["text_field"]]
+            if not isinstance(text, str):
+                bad(f"{where}: field '{opts['text_field']}' is {type(text).__name__}, not text")
+            elif text.strip():
+                yield Piece(text.strip(), True, True)
+
+
+def _examples(sources: list[Source], opts: dict, tokenizer, bad: BadRows) -> Iterator[tuple[list[int], list[int]]]:
+    """Supervised examples: prompt/completion and chat records, and plain documents (all tokens learned)."""
+    for source in sources:
+        if source.format == "text":
+            for piece in iter_pieces([Path(source.path)], opts["eos_string"], opts["line_by_line"], opts["encoding"]):
+                yield sft.text_example(tokenizer, piece.text)
+            continue
+        for where, record in iter_rows(source, opts["encoding"], bad):
+            kind = record_kind(record, opts["text_field"], where)
+            if kind == "chat":
+                yield sft.chat_example(tokenizer, validate_messages(record["messages"], where))
+            elif kind == "prompt_completion":
+                prompt, completion = record["prompt"], record["completion"]
+                if not isinstance(prompt, str) or not isinstance(completion, str) or not completion.strip():
+                    bad(f"{where}: 'prompt' and 'completion' must be text and the completion non-empty")
+                    continue
+                yield sft.prompt_completion_example(tokenizer, prompt, completion)
+            elif isinstance(record[opts["text_field"]], str) and record[opts["text_field"]].strip():
+                yield sft.text_example(tokenizer, record[opts["text_field"]].strip())
+
+
+def training_texts(files: list[Path], hub: list[tuple[str, str]], data_format: Optional[str], text_field: str,
+                   eos_string: str, line_by_line: bool, encoding: str) -> Iterator[str]:
+    """The words in the data (text, prompts, completions, messages), e.g. to learn a tokenizer from."""
+    for source in _sources(files, hub, data_format):
+        if source.format == "text":
+            for piece in iter_pieces([Path(source.path)], eos_string, line_by_line, encoding, split_long=True):
+                yield piece.text
+            continue
+        for _, record in iter_rows(source, encoding, BadRows(skip=True)):
+            for key in (text_field, "prompt", "completion"):
+                if isinstance(record.get(key), str):
+                    yield record[key]
+            for message in record.get("messages") or []:
+                if isinstance(message, dict) and isinstance(message.get("content"), str):
+                    yield message["content"]
+
+
+def _build_supervised(sources, opts, tokenizer, block_size, val_fraction, dtype, out: Path, bad: BadRows) -> dict:
+    offsets, truncated, n_tokens, n_learned = [0], 0, 0, 0
+    with open(out / "tokens.bin", "wb") as tokens, open(out / "mask.bin", "wb") as masks:
+        for ids, mask in _examples(sources, opts, tokenizer, bad):
+            if len(ids) > block_size:  # never dropped silently: counted and reported
+                ids, mask = ids[:block_size], mask[:block_size]
+                truncated += 1
+            if not any(mask):
+                continue  # nothing to learn (the completion was truncated away)
+            tokens.write(np.asarray(ids, dtype=dtype).tobytes())
+            masks.write(np.asarray(mask, dtype=np.uint8).tobytes())
+            n_tokens += len(ids)
+            n_learned += int(sum(mask))
+            offsets.append(n_tokens)
+    n_examples = len(offsets) - 1
+    if n_examples == 0:
+        raise FinetuneError("the data holds no usable examples; check the prompt/completion or messages fields")
+    np.save(out / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+    val_idx = _val_block_indices(n_examples, val_fraction)
+    np.save(out / "val_index.npy", val_idx)
+    np.save(out / "train_index.npy", np.setdiff1d(np.arange(n_examples, dtype=np.int64), val_idx))
+    return {"mode": "supervised", "num_documents": n_examples, "num_tokens": n_tokens, "learned_tokens": n_learned,
+            "truncated": truncated, "block_size": block_size, "requested_block_size": block_size, "num_blocks": n_examples}
+
+
+def _build_cache(files, val_files, tokenizer, block_size, line_by_line, val_fraction, eos_string, encoding, dtype, out: Path,
+                 text_field: str = "text", data_format: Optional[str] = None, skip_bad_rows: bool = False,
+                 hub: tuple = ()) -> dict:
+    opts = dict(eos_string=eos_string, line_by_line=line_by_line, encoding=encoding, text_field=text_field)
+    sources = _sources(files, list(hub), data_format)
+    mode, has_chat = data_mode(sources, text_field, encoding)
+    bad = BadRows(skip_bad_rows)
+    if has_chat:
+        sft.ensure_chat_template(tokenizer)
+    if mode == "supervised":
+        meta = _build_supervised(sources, opts, tokenizer, block_size, val_fraction, dtype, out, bad)
+        meta.update(dtype=np.dtype(dtype).name, chat=has_chat, bad_rows=bad.count)
+        return meta
+    split_long = _is_byte_level(tokenizer)
+    n_docs, n_tokens = tokenize_to_file(_pieces(sources, opts, split_long, bad), tokenizer, out / "tokens.bin", dtype,
+                                        workers=default_workers(files))
     if n_tokens < 2:
         raise FinetuneError("the training data holds fewer than 2 tokens; add more text")
     effective_block = block_size
@@ -288,6 +420,9 @@ def _build_cache(files, val_files, tokenizer, block_size, line_by_line, val_frac
         effective_block = n_tokens
     n_blocks = n_tokens // effective_block
     meta = {
+        "mode": "packed",
+        "chat": False,
+        "bad_rows": bad.count,
         "dtype": np.dtype(dtype).name,
         "num_documents": n_docs,
         "num_tokens": n_tokens,
@@ -296,7 +431,8 @@ def _build_cache(files, val_files, tokenizer, block_size, line_by_line, val_frac
         "num_blocks": n_blocks,
     }
     if val_files:
-        _, n_val_tokens = tokenize_to_file(val_files, tokenizer, out / "val_tokens.bin", dtype, **options)
+        val_sources = _sources(val_files, [], data_format)
+        _, n_val_tokens = tokenize_to_file(_pieces(val_sources, opts, split_long, bad), tokenizer, out / "val_tokens.bin", dtype)
         val_idx = np.zeros(0, dtype=np.int64)
         meta["val_num_tokens"] = n_val_tokens
         train_idx = np.arange(n_blocks, dtype=np.int64)
@@ -308,8 +444,28 @@ def _build_cache(files, val_files, tokenizer, block_size, line_by_line, val_frac
     return meta
 
 
+def _load_supervised(target: Path, meta: dict, from_cache: bool, log) -> PreparedData:
+    dtype = np.dtype(meta["dtype"])
+    tokens = np.memmap(target / "tokens.bin", dtype=dtype, mode="r")
+    masks = np.memmap(target / "mask.bin", dtype=np.uint8, mode="r")
+    offsets = np.load(target / "offsets.npy")
+    train = sft.Examples(tokens, masks, offsets, np.load(target / "train_index.npy"))
+    val_idx = np.load(target / "val_index.npy")
+    val = sft.Examples(tokens, masks, offsets, val_idx) if len(val_idx) else None
+    source = "cache" if from_cache else "tokenized"
+    log(
+        f"data ({source}): {meta['num_documents']} examples ({'chat' if meta['chat'] else 'prompt/completion'}), "
+        f"{meta['num_tokens']:,} tokens of which {meta['learned_tokens']:,} are learned; {len(train)} train"
+        + (f", {len(val)} validation" if val else "") + f"; {meta['truncated']} truncated to {meta['block_size']} tokens"
+        + (f"; {meta['bad_rows']} bad rows skipped" if meta.get("bad_rows") else "")
+    )
+    return PreparedData(train, val, meta["block_size"], meta["num_documents"], target, from_cache, meta["key"], "supervised", meta["chat"])
+
+
 def _load_cache(target: Path, from_cache: bool, log) -> PreparedData:
     meta = json.loads((target / "meta.json").read_text())
+    if meta.get("mode") == "supervised":
+        return _load_supervised(target, meta, from_cache, log)
     dtype = np.dtype(meta["dtype"])
     block = meta["block_size"]
     tokens = np.memmap(target / "tokens.bin", dtype=dtype, mode="r")
@@ -337,6 +493,7 @@ def _load_cache(target: Path, from_cache: bool, log) -> PreparedData:
     log(
         f"data ({source}): {meta['num_documents']} documents, {meta['num_tokens']:,} tokens, "
         f"{len(train)} train blocks" + (f", {len(val)} validation blocks" if val else "") + f" of {block} tokens"
+        + (f"; {meta['bad_rows']} bad rows skipped" if meta.get("bad_rows") else "")
     )
     return PreparedData(train, val, block, meta["num_documents"], target, from_cache, meta["key"])
 
@@ -353,11 +510,16 @@ class EpochShuffleSampler:
     to its position without storing sampler state.
     """
 
-    def __init__(self, num_items: int, seed: int, shuffle: bool = True):
+    def __init__(self, num_items: int, seed: int, shuffle: bool = True, lengths: Optional[np.ndarray] = None,
+                 group_size: int = 0):
         self.num_items = num_items
         self.seed = seed
         self.shuffle = shuffle
         self.epoch = 0
+        # Variable-length examples: within each group of `group_size` shuffled items, longest first,
+        # so a batch holds similar lengths and little of it is padding (HF's group_by_length idea).
+        self.lengths = lengths
+        self.group_size = group_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -369,7 +531,11 @@ class EpochShuffleSampler:
         if not self.shuffle:
             return iter(range(self.num_items))
         rng = np.random.default_rng([self.seed, self.epoch])
-        return iter(rng.permutation(self.num_items).tolist())
+        order = rng.permutation(self.num_items)
+        if self.lengths is not None and self.group_size:
+            groups = [order[i : i + self.group_size] for i in range(0, len(order), self.group_size)]
+            order = np.concatenate([g[np.argsort(-self.lengths[g], kind="stable")] for g in groups])
+        return iter(order.tolist())
 
 
 def collate_blocks(blocks: list[np.ndarray]):
@@ -378,16 +544,22 @@ def collate_blocks(blocks: list[np.ndarray]):
     return torch.from_numpy(np.stack(blocks))
 
 
-def make_dataloader(blocks: TokenBlocks, batch_size: int, seed: int, shuffle: bool):
+def make_dataloader(blocks, batch_size: int, seed: int, shuffle: bool, pad_id: int = 0):
+    """Batches of fixed blocks (a tensor), or of padded examples (a dict with labels and attention mask)."""
     import torch
     from torch.utils.data import DataLoader
 
-    sampler = EpochShuffleSampler(len(blocks), seed, shuffle)
+    if isinstance(blocks, sft.Examples):
+        sampler = EpochShuffleSampler(len(blocks), seed, shuffle, lengths=blocks.lengths(), group_size=batch_size * 50)
+        collate = sft.collate_examples(pad_id)
+    else:
+        sampler = EpochShuffleSampler(len(blocks), seed, shuffle)
+        collate = collate_blocks
     return DataLoader(
         blocks,
         batch_size=batch_size,
         sampler=sampler,
-        collate_fn=collate_blocks,
+        collate_fn=collate,
         # Its own generator: otherwise each new iterator draws a seed from the global torch RNG,
         # and a resumed run (which starts an iterator mid-epoch) would see different dropout.
         generator=torch.Generator().manual_seed(seed),

@@ -167,14 +167,16 @@ def plan(cfg: RunConfig, num_processes: int = 1, vocab_size: int | None = None, 
 
 def dry_run(cfg: RunConfig, num_processes: int = 1, log=print) -> MemoryPlan:
     """Print the plan; nothing is trained or written (a from-scratch tokenizer is learned and cached)."""
-    from finetune import data, modeling, reading
+    from finetune import data, modeling
 
     files = data.resolve_files(cfg.data.paths)
     vocab_size = None
     if modeling.is_scratch_preset(cfg.model.name):
-        docs = reading.iter_documents(files, cfg.data.eos_string, cfg.data.line_by_line, cfg.data.encoding)
+        hub = [(name, cfg.data.split) for name in cfg.data.datasets]
+        texts = data.training_texts(files, hub, cfg.data.format, cfg.data.text_field, cfg.data.eos_string,
+                                    cfg.data.line_by_line, cfg.data.encoding)
         cache = data.cache_root(cfg.data.cache_dir)
-        vocab_size = len(modeling.train_scratch_tokenizer(cfg.model.name, docs, data.files_digest(files), cache))
+        vocab_size = len(modeling.train_scratch_tokenizer(cfg.model.name, texts, data.files_digest(files) + repr(hub), cache))
     result = plan(cfg, num_processes, vocab_size=vocab_size)
     for line in result.lines():
         log(line)

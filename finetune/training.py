@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 from finetune import checkpoint as ckpt
 from finetune import data as data_lib
-from finetune import modeling, reading, speed
+from finetune import modeling, speed
 from finetune.config import GenerateConfig, RunConfig, dump_yaml
 from finetune.errors import FinetuneError
 
@@ -157,8 +157,14 @@ def _batches(loader, sampler, epoch: int, skip: int, accelerator):
 
 
 def forward_loss(model, batch):
-    """Mean next-token cross-entropy over the block (the model shifts labels itself)."""
+    """Mean next-token cross-entropy (the model shifts labels itself); -100 labels are not learned."""
+    if isinstance(batch, dict):  # supervised examples: padded, with masked labels
+        return model(**batch).loss
     return model(input_ids=batch, labels=batch).loss
+
+
+def _num_tokens(batch) -> int:
+    return batch["input_ids"].numel() if isinstance(batch, dict) else batch.numel()
 
 
 def evaluate(model, loader, max_batches: int, accelerator) -> float:
@@ -209,7 +215,8 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
     t = cfg.train
     files = data_lib.resolve_files(cfg.data.paths)
     val_files = data_lib.resolve_files([cfg.data.val_file]) if cfg.data.val_file else None
-    run_name = t.run_name or default_run_name(cfg.data.paths)
+    hub = tuple((name, cfg.data.split) for name in cfg.data.datasets)
+    run_name = t.run_name or default_run_name(cfg.data.paths or [name.split("/")[-1] for name in cfg.data.datasets])
     run_dir = Path(t.runs_dir) / run_name
     resume_from = _resume_point(run_dir, t.resume, t.overwrite)
     saved_state: Optional[dict] = None
@@ -231,8 +238,10 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
         if resume_from is not None:
             tokenizer = modeling.load_tokenizer(str(resume_from))
         elif scratch:
-            docs = reading.iter_documents(files, cfg.data.eos_string, cfg.data.line_by_line, cfg.data.encoding)
-            tokenizer = modeling.train_scratch_tokenizer(cfg.model.name, docs, data_lib.files_digest(files), cache_dir)
+            texts = data_lib.training_texts(files, hub, cfg.data.format, cfg.data.text_field, cfg.data.eos_string,
+                                            cfg.data.line_by_line, cfg.data.encoding)
+            digest = data_lib.files_digest(files) + repr(hub)
+            tokenizer = modeling.train_scratch_tokenizer(cfg.model.name, texts, digest, cache_dir)
         else:
             tokenizer = modeling.load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     adapter = cfg.model.lora
@@ -249,7 +258,9 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
         prepared = data_lib.prepare_data(
             files, tokenizer, block_size,
             line_by_line=cfg.data.line_by_line, val_fraction=cfg.data.val_fraction, val_files=val_files,
-            eos_string=cfg.data.eos_string, encoding=cfg.data.encoding, cache_dir=cfg.data.cache_dir, log=say,
+            eos_string=cfg.data.eos_string, encoding=cfg.data.encoding, cache_dir=cfg.data.cache_dir,
+            text_field=cfg.data.text_field, data_format=cfg.data.format, skip_bad_rows=cfg.data.skip_bad_rows,
+            hub=hub, log=say,
         )
     resolved = replace(cfg, train=replace(t, run_name=run_name), data=replace(cfg.data, block_size=prepared.block_size))
     if saved_state is not None:
@@ -302,10 +313,11 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
         model = torch.compile(model)
     sync_every = t.loss_sync_every or (10 if cuda else 1)
 
-    train_loader = data_lib.make_dataloader(prepared.train, t.batch_size, t.seed, shuffle=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_loader = data_lib.make_dataloader(prepared.train, t.batch_size, t.seed, shuffle=True, pad_id=pad)
     train_sampler = train_loader.sampler
     val_loader = (
-        data_lib.make_dataloader(prepared.val, t.batch_size, t.seed, shuffle=False) if prepared.val is not None else None
+        data_lib.make_dataloader(prepared.val, t.batch_size, t.seed, shuffle=False, pad_id=pad) if prepared.val is not None else None
     )
     optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay, cuda=cuda)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
@@ -380,6 +392,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
             "step": step, "tokens_seen": tokens_seen, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
             "val_loss": val_loss, "num_processes": world, "config": resolved.to_dict(), "data_key": prepared.key,
             "command": command or "finetune.train(...) (Python API)",
+            "data_mode": prepared.mode, "chat": prepared.chat,
         }
         rng = ckpt.capture_rng_state()
 
@@ -444,7 +457,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
                     loss = forward_loss(model, batch) / t.grad_accum
                     accelerator.backward(loss)
                 loss_sum += loss.detach()
-                window_tokens += batch.numel() * world
+                window_tokens += _num_tokens(batch) * world
             if t.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
             step_loss = accelerator.reduce(loss_sum, reduction="mean").detach()
@@ -468,7 +481,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens_seen += batch.numel() * world * t.grad_accum
+            tokens_seen += _num_tokens(batch) * world * t.grad_accum
             if pending_losses and (step % sync_every == 0 or step % t.log_every == 0 or step == total_steps or signals.received):
                 values = torch.stack(pending_losses).float().tolist()
                 pending_losses.clear()

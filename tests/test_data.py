@@ -77,10 +77,11 @@ def test_cache_key_depends_on_content_not_name(tmp_path, tokenizer):
 
 def _ids_via_pipeline(tmp_path, tokenizer, files, workers, name):
     from finetune.data import tokenize_to_file
+    from finetune.reading import iter_pieces
 
     out = tmp_path / f"{name}.bin"
-    docs, _ = tokenize_to_file(files, tokenizer, out, np.uint32, eos_string="<|endoftext|>", line_by_line=False,
-                               encoding="utf-8", workers=workers)
+    pieces = iter_pieces(files, "<|endoftext|>", False, "utf-8", split_long=True)
+    docs, _ = tokenize_to_file(pieces, tokenizer, out, np.uint32, workers=workers)
     return docs, np.fromfile(out, dtype=np.uint32).tolist()
 
 

@@ -1,0 +1,146 @@
+"""Training throughput: finetune's loop vs HF Trainer, same model, batch, sequence, precision and data.
+
+    python bench/train_speed.py --preset tiny                      # CPU: the tiny preset (target >= 1.3x)
+    python bench/train_speed.py --preset gpt2 --device cuda        # GPU: GPT-2 124M, bf16, seq 1024, batch 16
+
+Each side runs in its own process (clean memory statistics) on the same token blocks. Tokens/s is
+measured after warm-up steps (compilation, allocator growth) for both. GPU rows add MFU (nanoGPT's
+6N + 12LHQT FLOPs per token against the device's dense bf16 peak) and peak allocated memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "sample_data" / "recipes.txt"
+PRESETS = {  # model, batch, sequence, steps, warm-up steps
+    "tiny": ("tiny", 16, 128, 60, 10),
+    "gpt2": ("gpt2-124m", 16, 1024, 60, 15),
+}
+
+
+def build_model_dir(name: str, root: Path) -> Path:
+    """A random-weight model directory: the tiny preset (tokenizer learned from the sample) or GPT-2 124M."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from finetune import modeling, reading
+
+    tokenizer = modeling.train_scratch_tokenizer("tiny", reading.iter_documents([SAMPLE], "<|endoftext|>", False, "utf-8"),
+                                                 "bench", root / "cache")
+    if name == "tiny":
+        config = modeling.scratch_config("tiny", vocab_size=len(tokenizer), eos_id=tokenizer.eos_token_id)
+    else:
+        config = AutoConfig.for_model("gpt2", vocab_size=50257)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    target = root / name
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def run_ours(model_dir: Path, batch: int, seq: int, steps: int, warmup: int, precision: str, root: Path) -> dict:
+    from finetune.api import train
+
+    run_dir = root / "runs"
+    train(str(SAMPLE), model=str(model_dir), steps=steps, batch_size=batch, block_size=seq, lr=1e-4, warmup=0,
+          precision=precision, eval_every=0, sample_every=0, save_every=0, log_every=1, runs_dir=str(run_dir),
+          run_name="ours", cache_dir=str(root / "cache"), log=lambda _m: None)
+    metrics = [json.loads(l) for l in (run_dir / "ours" / "metrics.jsonl").read_text().splitlines()]
+    steady = [m for m in metrics if "tokens_per_s" in m and m["step"] > warmup]
+    return {
+        "tokens_per_s": sum(m["tokens_per_s"] for m in steady) / len(steady),
+        "mfu": (sum(m["mfu"] for m in steady) / len(steady)) if "mfu" in steady[0] else None,
+        # On CPU, finetune reports RSS growth and Trainer has no counterpart: compare memory on GPU only.
+        "peak_memory_gb": steady[-1]["peak_memory_mb"] / 1e3 if "mfu" in steady[0] else None,
+    }
+
+
+def run_trainer(model_dir: Path, batch: int, seq: int, steps: int, warmup: int, precision: str, root: Path) -> dict:
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
+    from finetune import data, speed
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prepared = data.prepare_data([SAMPLE], tokenizer, seq, val_fraction=0, cache_dir=str(root / "cache"), log=lambda _m: None)
+    blocks = [{"input_ids": torch.from_numpy(prepared.train[i]), "labels": torch.from_numpy(prepared.train[i])}
+              for i in range(len(prepared.train))]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cuda = torch.cuda.is_available()
+
+    class Timer(TrainerCallback):
+        start = end = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            if state.global_step == warmup:
+                Timer.start = time.perf_counter()
+            if state.global_step == steps:
+                Timer.end = time.perf_counter()
+
+    args = TrainingArguments(
+        output_dir=str(root / "trainer"), per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-4,
+        logging_steps=10**6, save_strategy="no", report_to=[], dataloader_num_workers=0, seed=42,
+        bf16=precision == "bf16", optim="adamw_torch_fused" if cuda else "adamw_torch", use_cpu=not cuda,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=blocks, callbacks=[Timer()])
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    tokens_per_s = (steps - warmup) * batch * seq / (Timer.end - Timer.start)
+    result = {"tokens_per_s": tokens_per_s, "mfu": None, "peak_memory_gb": None}
+    if cuda:
+        peak = speed.peak_flops(torch.cuda.get_device_name(0))
+        result["mfu"] = tokens_per_s * speed.flops_per_token(model, seq) / peak if peak else None
+        result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--side", choices=["ours", "trainer"], help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    name, batch, seq, steps, warmup = PRESETS[args.preset]
+    precision = "bf16" if args.device == "cuda" else "fp32"
+    if args.side:  # child process: one side of the comparison
+        root = Path(args.root)
+        runner = run_ours if args.side == "ours" else run_trainer
+        print("RESULT " + json.dumps(runner(root / name, batch, seq, steps, warmup, precision, root)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        build_model_dir(name, root)
+        results = {}
+        for side in ("trainer", "ours"):
+            out = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--device", args.device, "--side", side,
+                                  "--root", str(root)], capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(out.stderr[-3000:])
+            results[side] = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))[7:])
+    base = results["trainer"]["tokens_per_s"]
+    print(f"{name}: batch {batch} x seq {seq}, {precision}, {steps} steps ({warmup} warm-up), device {args.device}")
+    print("| loop | tokens/s | MFU | peak memory GB | vs Trainer |")
+    print("| --- | --- | --- | --- | --- |")
+    for side, label in (("trainer", "HF Trainer"), ("ours", "finetune")):
+        r = results[side]
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
+        mem = f"{r['peak_memory_gb']:.2f}" if r["peak_memory_gb"] is not None else "-"
+        print(f"| {label} | {r['tokens_per_s']:,.0f} | {mfu} | {mem} | {r['tokens_per_s'] / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
