@@ -109,9 +109,11 @@ def generate(
     else:
         from finetune.generation import generate_texts, load_for_generation
 
+        from finetune.generation import is_chat_checkpoint
+
         source = resolve_generation_source(run, checkpoint, model, runs_dir)
         lm, tokenizer = load_for_generation(source, trust_remote_code)
-        texts = generate_texts(lm, tokenizer, cfg, write=write)
+        texts = generate_texts(lm, tokenizer, cfg, write=write, chat=is_chat_checkpoint(source))
     if cfg.output:
         append_samples(Path(cfg.output), texts)
     return texts
@@ -158,3 +160,36 @@ def export(
     if format == "onnx":
         return exporter.export_onnx(source, target, run_dir, dtype, quantize, overwrite, verify, log)
     return exporter.export_safetensors(source, target, run_dir, dtype, overwrite, verify, log)
+
+
+def prepare(data: Union[str, list[str], None] = None, *, output: str, config: Optional[str] = None, log=print, **options):
+    """Tokenize once into a portable directory that `finetune train DIR` accepts (prepare here, train elsewhere).
+
+    >>> finetune.prepare("chats.jsonl", model="gpt2", output="prepared/chats")
+    """
+    from finetune import data as data_lib
+    from finetune import modeling
+
+    if data is not None:
+        options["data"] = [str(data)] if isinstance(data, (str, Path)) else [str(d) for d in data]
+    cfg = resolve_run_config(config, overrides_from_keywords(options))
+    files = data_lib.resolve_files(cfg.data.paths)
+    hub = [(name, cfg.data.split) for name in cfg.data.datasets]
+    if modeling.is_scratch_preset(cfg.model.name):
+        texts = data_lib.training_texts(files, hub, cfg.data.format, cfg.data.text_field, cfg.data.eos_string,
+                                        cfg.data.line_by_line, cfg.data.encoding)
+        tokenizer = modeling.train_scratch_tokenizer(cfg.model.name, texts, data_lib.files_digest(files) + repr(hub),
+                                                     data_lib.cache_root(cfg.data.cache_dir))
+    else:
+        tokenizer = modeling.load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    context = modeling.context_length(modeling.load_model_config(cfg.model.name, cfg.model.trust_remote_code))
+    block_size = cfg.data.block_size or min(1024, context)
+    prepared = data_lib.prepare_data(
+        files, tokenizer, block_size, line_by_line=cfg.data.line_by_line, val_fraction=cfg.data.val_fraction,
+        eos_string=cfg.data.eos_string, encoding=cfg.data.encoding, cache_dir=cfg.data.cache_dir,
+        text_field=cfg.data.text_field, data_format=cfg.data.format, skip_bad_rows=cfg.data.skip_bad_rows,
+        hub=tuple(hub), log=log,
+    )
+    data_lib.export_prepared(prepared, tokenizer, Path(output), cfg.model.name)
+    log(f"wrote {output}: train on it with `finetune train {output} --model {cfg.model.name}`")
+    return prepared

@@ -66,8 +66,30 @@ def main():
     """
 
 
+# Options shared by `train` and `prepare`: how files become tokens.
+DATA_OPTIONS = [
+    click.option("--block-size", type=int, help="Tokens per training block.  [default: min(1024, model context)]"),
+    click.option("--line-by-line/--no-line-by-line", default=None, help="Each non-empty line is a document."),
+    click.option("--val-fraction", type=float, help="Share of blocks held out for validation.  [default: 0.05]"),
+    click.option("--encoding", help="Text encoding of the data files.  [default: utf-8]"),
+    click.option("--format", "format", type=click.Choice(["text", "csv", "tsv", "jsonl", "json", "parquet", "arrow"]), help="Data format.  [default: from the file extension]"),
+    click.option("--text-field", "--text-column", "text_field", help="Field/column with the text of plain records.  [default: text]"),
+    click.option("--dataset", "datasets", multiple=True, help="A Hugging Face Hub dataset id (needs network); repeatable."),
+    click.option("--split", help="Split of --dataset and of saved DatasetDicts.  [default: train]"),
+    click.option("--skip-bad-rows", is_flag=True, default=None, help="Skip (and count) malformed CSV rows / JSON lines."),
+    click.option("--cache-dir", help="Tokenized-data cache.  [default: $FINETUNE_CACHE or ~/.cache/finetune]"),
+]
+
+
+def data_options(command):
+    for option in reversed(DATA_OPTIONS):
+        command = option(command)
+    return command
+
+
 @main.command(context_settings={"show_default": True})
 @click.argument("data", nargs=-1)
+@data_options
 @click.option("--model", "-m", help="Hub id, local model directory, or a from-scratch preset: tiny, tiny-llama.  [default: gpt2]")
 @click.option("--config", "config_file", help="YAML config file, or a preset name from configs/ (tiny, gpt2, gpu).")
 @click.option("--run-name", help="Name of the run under --runs-dir.  [default: the first data file's name]")
@@ -81,10 +103,7 @@ def main():
 @click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), help="LR decay after warmup.  [default: cosine]")
 @click.option("--weight-decay", type=float, help="AdamW weight decay (never on biases/norms).  [default: 0.01]")
 @click.option("--max-grad-norm", type=float, help="Gradient clipping norm; 0 disables.  [default: 1.0]")
-@click.option("--block-size", type=int, help="Tokens per training block.  [default: min(1024, model context)]")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), help="auto: bf16 (or fp16) on GPU, fp32 on CPU.  [default: auto]")
-@click.option("--line-by-line/--no-line-by-line", default=None, help="Each non-empty line is a document.")
-@click.option("--val-fraction", type=float, help="Share of blocks held out for validation.  [default: 0.05]")
 @click.option("--val-file", help="A separate validation text file (instead of --val-fraction).")
 @click.option("--eval-every", type=int, help="Steps between validation passes; 0 disables.  [default: 100]")
 @click.option("--sample-every", type=int, help="Steps between samples written to the run's samples/; 0 disables.  [default: 200]")
@@ -92,13 +111,6 @@ def main():
 @click.option("--log-every", type=int, help="Steps between metrics.jsonl entries.  [default: 10]")
 @click.option("--keep", type=int, help="Checkpoints kept (the newest).  [default: 3]")
 @click.option("--seed", type=int, help="Random seed (data order, init, samples).  [default: 42]")
-@click.option("--encoding", help="Text encoding of the data files.  [default: utf-8]")
-@click.option("--format", "format", type=click.Choice(["text", "csv", "tsv", "jsonl", "json", "parquet", "arrow"]), help="Data format.  [default: from the file extension]")
-@click.option("--text-field", "--text-column", "text_field", help="Field/column with the text of plain records.  [default: text]")
-@click.option("--dataset", "datasets", multiple=True, help="A Hugging Face Hub dataset id (needs network); repeatable.")
-@click.option("--split", help="Split of --dataset and of saved DatasetDicts.  [default: train]")
-@click.option("--skip-bad-rows", is_flag=True, default=None, help="Skip (and count) malformed CSV rows / JSON lines.")
-@click.option("--cache-dir", help="Tokenized-data cache.  [default: $FINETUNE_CACHE or ~/.cache/finetune]")
 @click.option("--resume", help="For an existing run: latest (continue it), fresh (start over; needs --overwrite if it has checkpoints) or a checkpoint directory.  [default: latest]")
 @click.option("--overwrite", is_flag=True, default=None, help="Delete an existing run of the same name and start over.")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow model code from the hub repo to run.")
@@ -156,6 +168,30 @@ def train(data, config_file, dry_run, num_processes, accelerate_config, **flags)
     result = api_train(config=config_file, log=_echo_err, command=command, **options)
     if result.exit_code:  # stopped by SIGINT/SIGTERM after saving: 130 / 143, as shells expect
         sys.exit(result.exit_code)
+
+
+@main.command(context_settings={"show_default": True})
+@click.argument("data", nargs=-1)
+@data_options
+@click.option("--model", "-m", help="The model whose tokenizer to use (hub id, directory, or tiny).  [default: gpt2]")
+@click.option("--output", "-o", required=True, help="Directory to write; `finetune train DIR` reads it.")
+@click.option("--config", "config_file", help="YAML config file, or a preset name from configs/.")
+def prepare(data, output, config_file, **flags):
+    """Tokenize data once into a portable directory (prepare on a laptop, train on a GPU box).
+
+    \b
+    Examples:
+      finetune prepare chats.jsonl --model gpt2 --output prepared/chats
+      finetune train prepared/chats --model gpt2
+    """
+    _quiet_libraries()
+    from finetune.api import prepare as api_prepare
+
+    flags["datasets"] = list(flags["datasets"]) or None
+    options = {key: value for key, value in flags.items() if value is not None}
+    if data:
+        options["data"] = list(data)
+    api_prepare(output=output, config=config_file, log=_echo_err, **options)
 
 
 def _command_line(name: str, arguments: list[str], options: dict) -> str:

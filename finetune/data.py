@@ -373,20 +373,23 @@ def training_texts(files: list[Path], hub: list[tuple[str, str]], data_format: O
 
 
 def _build_supervised(sources, opts, tokenizer, block_size, val_fraction, dtype, out: Path, bad: BadRows) -> dict:
-    offsets, truncated, n_tokens, n_learned = [0], 0, 0, 0
+    offsets, truncated, emptied, n_tokens, n_learned = [0], 0, 0, 0, 0
     with open(out / "tokens.bin", "wb") as tokens, open(out / "mask.bin", "wb") as masks:
         for ids, mask in _examples(sources, opts, tokenizer, bad):
             if len(ids) > block_size:  # never dropped silently: counted and reported
                 ids, mask = ids[:block_size], mask[:block_size]
                 truncated += 1
             if not any(mask):
-                continue  # nothing to learn (the completion was truncated away)
+                emptied += 1  # truncation cut away everything to learn: reported, not silently lost
+                continue
             tokens.write(np.asarray(ids, dtype=dtype).tobytes())
             masks.write(np.asarray(mask, dtype=np.uint8).tobytes())
             n_tokens += len(ids)
             n_learned += int(sum(mask))
             offsets.append(n_tokens)
     n_examples = len(offsets) - 1
+    if n_examples == 0 and emptied:
+        raise FinetuneError(f"truncation at --block-size {block_size} removed every learned token of all {emptied} examples; raise --block-size")
     if n_examples == 0:
         raise FinetuneError("the data holds no usable examples; check the prompt/completion or messages fields")
     np.save(out / "offsets.npy", np.asarray(offsets, dtype=np.int64))
@@ -394,7 +397,7 @@ def _build_supervised(sources, opts, tokenizer, block_size, val_fraction, dtype,
     np.save(out / "val_index.npy", val_idx)
     np.save(out / "train_index.npy", np.setdiff1d(np.arange(n_examples, dtype=np.int64), val_idx))
     return {"mode": "supervised", "num_documents": n_examples, "num_tokens": n_tokens, "learned_tokens": n_learned,
-            "truncated": truncated, "block_size": block_size, "requested_block_size": block_size, "num_blocks": n_examples}
+            "truncated": truncated, "emptied": emptied, "block_size": block_size, "requested_block_size": block_size, "num_blocks": n_examples}
 
 
 def _build_cache(files, val_files, tokenizer, block_size, line_by_line, val_fraction, eos_string, encoding, dtype, out: Path,
@@ -457,9 +460,41 @@ def _load_supervised(target: Path, meta: dict, from_cache: bool, log) -> Prepare
         f"data ({source}): {meta['num_documents']} examples ({'chat' if meta['chat'] else 'prompt/completion'}), "
         f"{meta['num_tokens']:,} tokens of which {meta['learned_tokens']:,} are learned; {len(train)} train"
         + (f", {len(val)} validation" if val else "") + f"; {meta['truncated']} truncated to {meta['block_size']} tokens"
+        + (f", {meta['emptied']} left out because truncation removed every learned token (raise --block-size)"
+           if meta.get("emptied") else "")
         + (f"; {meta['bad_rows']} bad rows skipped" if meta.get("bad_rows") else "")
     )
     return PreparedData(train, val, meta["block_size"], meta["num_documents"], target, from_cache, meta["key"], "supervised", meta["chat"])
+
+
+def export_prepared(prepared: PreparedData, tokenizer, output: Path, model_name: str) -> None:
+    """Copy a prepared cache and its tokenizer into a portable directory that `finetune train DIR` reads."""
+    if output.exists() and any(output.iterdir()):
+        raise FinetuneError(f"output directory {output} already exists and is not empty; choose another --output")
+    tmp = output.with_name(f".tmp-{output.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(prepared.cache_dir, tmp)
+    tokenizer.save_pretrained(tmp / "tokenizer")
+    manifest = {"model": model_name, "tokenizer": tokenizer_digest(tokenizer), "block_size": prepared.block_size}
+    (tmp / PREPARED_MANIFEST).write_text(json.dumps(manifest, indent=1))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, output)
+
+
+def load_prepared(directory: Path, tokenizer, block_size: Optional[int], log=print) -> PreparedData:
+    """A `finetune prepare` directory, checked against the tokenizer and block size of this run."""
+    manifest = json.loads((directory / PREPARED_MANIFEST).read_text())
+    if tokenizer_digest(tokenizer) != manifest["tokenizer"]:
+        raise FinetuneError(
+            f"{directory} was prepared with the tokenizer of '{manifest['model']}', not this model's; "
+            f"train with --model {manifest['model']} or prepare the data again with --model"
+        )
+    if block_size is not None and block_size != manifest["block_size"]:
+        raise FinetuneError(f"{directory} was prepared with --block-size {manifest['block_size']}; use that, or prepare again")
+    prepared = _load_cache(directory, True, log)
+    if prepared.chat:
+        sft.ensure_chat_template(tokenizer)
+    return prepared
 
 
 def _load_cache(target: Path, from_cache: bool, log) -> PreparedData:

@@ -94,10 +94,23 @@ class StopAwareStreamer:
         self._emit(final=True)
 
 
-def _encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+def is_chat_checkpoint(source: str) -> bool:
+    """A checkpoint trained on chat data (its prompts get the chat template)."""
+    import json
+
+    state = Path(source) / "training_state" / "state.json"
+    return state.is_file() and bool(json.loads(state.read_text()).get("chat"))
+
+
+def _encode_prompts(tokenizer, prompts: list[str], chat: bool = False) -> list[list[int]]:
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     encoded = []
     for prompt in prompts:
+        if chat:  # the rendered template carries its own special tokens
+            from finetune.examples import chat_prompt
+
+            encoded.append(tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"])
+            continue
         ids = tokenizer(prompt)["input_ids"] if prompt else []
         encoded.append(ids if ids else [start])
     return encoded
@@ -120,7 +133,7 @@ def _generation_kwargs(cfg: GenerateConfig, tokenizer) -> dict:
 
 
 def generate_texts(model, tokenizer, cfg: GenerateConfig, write: Optional[Callable[[str], None]] = None,
-                   suppress_ids: Optional[list[int]] = None) -> list[str]:
+                   suppress_ids: Optional[list[int]] = None, chat: bool = False) -> list[str]:
     """Samples for every prompt x n, in prompt order. Streams to `write` when one sample is asked for."""
     import torch
     from transformers import GenerationConfig
@@ -141,7 +154,7 @@ def generate_texts(model, tokenizer, cfg: GenerateConfig, write: Optional[Callab
     texts: list[str] = []
     for start in range(0, len(jobs), cfg.batch_size):
         prompts = jobs[start : start + cfg.batch_size]
-        encoded = _encode_prompts(tokenizer, prompts)
+        encoded = _encode_prompts(tokenizer, prompts, chat)
         width = max(len(ids) for ids in encoded)
         if context and width + cfg.max_new_tokens > context:
             raise FinetuneError(
@@ -154,7 +167,7 @@ def generate_texts(model, tokenizer, cfg: GenerateConfig, write: Optional[Callab
         streamer = None
         if stream:
             if cfg.include_prompt:
-                write(prompts[0])
+                write(prompts[0] + ("\n" if chat else ""))
             streamer = StopAwareStreamer(tokenizer, cfg.stop, write)
         with torch.inference_mode():
             output = model.generate(
@@ -168,7 +181,7 @@ def generate_texts(model, tokenizer, cfg: GenerateConfig, write: Optional[Callab
             write("\n")
         for prompt, row in zip(prompts, output[:, width:]):
             text = cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), cfg.stop)
-            texts.append(prompt + text if cfg.include_prompt else text)
+            texts.append(prompt + ("\n" if chat else "") + text if cfg.include_prompt else text)
     return texts
 
 

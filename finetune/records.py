@@ -64,7 +64,7 @@ def _csv_rows(path: Path, delimiter: str, encoding: str, bad: BadRows) -> Iterat
     csv.field_size_limit(sys.maxsize)
     try:
         with open(path, newline="", encoding=encoding) as fh:  # newline="": quoted fields may hold newlines
-            reader = csv.reader(fh, delimiter=delimiter)
+            reader = csv.reader(fh, delimiter=delimiter, strict=True)  # strict: a broken quote is an error, not data
             try:
                 header = next(reader)
             except StopIteration:

@@ -235,8 +235,11 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
     cache_dir = data_lib.cache_root(cfg.data.cache_dir)
     scratch = modeling.is_scratch_preset(cfg.model.name)
     with accelerator.main_process_first():
+        prepared_dir = files[0] if len(files) == 1 and data_lib.is_prepared_dir(files[0]) else None
         if resume_from is not None:
             tokenizer = modeling.load_tokenizer(str(resume_from))
+        elif prepared_dir is not None and scratch:
+            tokenizer = modeling.load_tokenizer(str(prepared_dir / "tokenizer"))
         elif scratch:
             texts = data_lib.training_texts(files, hub, cfg.data.format, cfg.data.text_field, cfg.data.eos_string,
                                             cfg.data.line_by_line, cfg.data.encoding)
@@ -250,12 +253,15 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
         raise FinetuneError("--lora adapts a pretrained model; with a from-scratch preset train all weights (drop --lora)")
     model_config = modeling.load_model_config(model_source, cfg.model.trust_remote_code)
     context = modeling.context_length(model_config)
-    block_size = cfg.data.block_size or min(1024, context)
+    if prepared_dir is not None:
+        block_size = cfg.data.block_size or json.loads((prepared_dir / data_lib.PREPARED_MANIFEST).read_text())["block_size"]
+    else:
+        block_size = cfg.data.block_size or min(1024, context)
     if block_size > context:
         raise FinetuneError(f"--block-size {block_size} exceeds the model's context of {context} tokens; use --block-size {context} or less")
 
     with accelerator.main_process_first():
-        prepared = data_lib.prepare_data(
+        prepared = data_lib.load_prepared(prepared_dir, tokenizer, cfg.data.block_size, log=say) if prepared_dir else data_lib.prepare_data(
             files, tokenizer, block_size,
             line_by_line=cfg.data.line_by_line, val_fraction=cfg.data.val_fraction, val_files=val_files,
             eos_string=cfg.data.eos_string, encoding=cfg.data.encoding, cache_dir=cfg.data.cache_dir,

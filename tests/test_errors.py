@@ -56,7 +56,7 @@ def test_wrong_encoding_is_fixed_by_the_flag(files, gpt2_dir):
 def test_directory_without_text_files(workdir):
     (workdir / "pics").mkdir()
     (workdir / "pics" / "a.png").write_bytes(b"\x89PNG")
-    train_error("pics", "--model", "tiny", message="holds no text files")
+    train_error("pics", "--model", "tiny", message="holds no data files")
 
 
 @pytest.mark.parametrize(
