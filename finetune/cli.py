@@ -245,6 +245,7 @@ def _read_prompt_file(path: str) -> list[str]:
 @click.option("--include-prompt/--no-include-prompt", default=True, help="Start each sample with its prompt.")
 @click.option("--output", "-o", help="Append samples to this file (separated by ==================== lines).")
 @click.option("--stream/--no-stream", default=None, help="Print tokens as they arrive.  [default: when one sample is asked for]")
+@click.option("--static-cache/--no-static-cache", default=None, help="Static KV cache with compiled decoding.  [default: on with CUDA]")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub repo to run.")
 def generate(run, checkpoint, model, onnx_dir, runs_dir, prompts, prompt_file, trust_remote_code, **options):
     """Generate text from a trained run, a checkpoint or a model.

@@ -148,6 +148,7 @@ class GenerateConfig:
     include_prompt: bool = True  # start each sample with its prompt
     output: Optional[str] = None  # append samples to this file
     stream: Optional[bool] = None  # print tokens as they come; None: when one sample is asked for
+    static_cache: Optional[bool] = None  # static KV cache + compiled decoding; None: on with CUDA
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}

@@ -148,6 +148,10 @@ def generate_texts(model, tokenizer, cfg: GenerateConfig, write: Optional[Callab
     gen_config = GenerationConfig(**{k: v for k, v in _generation_kwargs(cfg, tokenizer).items() if k != "tokenizer"})
     if suppress_ids:  # e.g. vocabulary padding rows: never sampled
         gen_config.suppress_tokens = suppress_ids
+    if cfg.static_cache if cfg.static_cache is not None else next(model.parameters()).is_cuda:
+        # A preallocated KV cache of fixed shape lets transformers compile the decoding step (CUDA
+        # graphs): batch-1 decoding is launch-bound, and this removes most of the launches.
+        gen_config.cache_implementation = "static"
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)

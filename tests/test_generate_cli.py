@@ -96,3 +96,10 @@ def test_generate_errors(trained_run: Path, workdir, args, message):
     result = run_cli("generate", "--runs-dir", trained_run.parent, *args, expect=2)
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_static_cache_path_gives_the_same_greedy_tokens(trained_run: Path):
+    """The CUDA default (static KV cache, compiled decoding) checked for correctness on CPU."""
+    base = ["generate", "--runs-dir", trained_run.parent, "--prompt", "Title:", "--prompt", "Method:\n1.",
+            "--temperature", 0, "--max-new-tokens", 20, "--batch-size", 2]
+    assert run_cli(*base, "--static-cache").stdout == run_cli(*base, "--no-static-cache").stdout
