@@ -31,10 +31,10 @@ def build_model_dir(name: str, root: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from finetune import modeling, reading
+    from finetune import data, modeling
 
-    tokenizer = modeling.train_scratch_tokenizer("tiny", reading.iter_documents([SAMPLE], "<|endoftext|>", False, "utf-8"),
-                                                 "bench", root / "cache")
+    texts = data.training_texts([SAMPLE], [], None, "text", "<|endoftext|>", False, "utf-8")
+    tokenizer = modeling.train_scratch_tokenizer("tiny", texts, "bench", root / "cache")
     if name == "tiny":
         config = modeling.scratch_config("tiny", vocab_size=len(tokenizer), eos_id=tokenizer.eos_token_id)
     else:

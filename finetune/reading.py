@@ -75,14 +75,6 @@ def decoded_chunks(path: Path, encoding: str = "utf-8") -> Iterator[str]:
                 return
 
 
-def read_text(path: Path, encoding: str = "utf-8") -> str:
-    """A whole (small) file, with the same checks as the streaming reader."""
-    text = "".join(decoded_chunks(path, encoding))
-    if not text.strip():
-        raise FinetuneError(f"data file '{path}' holds only whitespace; add text to it or leave it out")
-    return text
-
-
 def _file_pieces(path: Path, eos_string: str, line_by_line: bool, encoding: str, split_long: bool) -> Iterator[Piece]:
     delimiters = [re.escape(eos_string)] if eos_string else []
     if line_by_line:
@@ -127,18 +119,3 @@ def _last_safe_cut(text: str, end: int) -> int:
 def iter_pieces(files: list[Path], eos_string: str, line_by_line: bool, encoding: str, split_long: bool = False) -> Iterator[Piece]:
     for path in files:
         yield from _file_pieces(path, eos_string, line_by_line, encoding, split_long)
-
-
-def iter_documents(files: list[Path], eos_string: str, line_by_line: bool, encoding: str) -> Iterator[str]:
-    """Document texts (very long ones in pieces), e.g. to learn a tokenizer from."""
-    for piece in iter_pieces(files, eos_string, line_by_line, encoding, split_long=True):
-        if piece.text:
-            yield piece.text
-
-
-def split_documents(text: str, eos_string: str, line_by_line: bool) -> list[str]:
-    """Cut one text into documents at the EOS string (and at newlines in line mode)."""
-    parts = text.split(eos_string) if eos_string else [text]
-    if line_by_line:
-        parts = [line for part in parts for line in part.splitlines()]
-    return [p.strip() for p in parts if p.strip()]

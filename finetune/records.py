@@ -23,7 +23,6 @@ SUFFIX_FORMATS = {
     ".txt": "text", ".text": "text", ".md": "text", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl",
     ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
 }
-KINDS = ("text", "prompt_completion", "chat")
 
 
 @dataclass
