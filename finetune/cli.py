@@ -200,6 +200,9 @@ def _command_line(name: str, arguments: list[str], options: dict) -> str:
     for key, value in options.items():
         if value is None or value is False:
             continue
+        if key == "datasets":  # a repeatable flag
+            words += [word for name in value for word in ("--dataset", name)]
+            continue
         words.append(f"--{key.replace('_', '-')}")
         if isinstance(value, list):
             words.append(",".join(value))

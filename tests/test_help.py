@@ -26,3 +26,20 @@ def test_help_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out, out
+
+
+def test_recorded_command_line_round_trips_through_the_parser():
+    """The command stored in checkpoints (and re-run under accelerate) must parse back to the same options."""
+    import shlex
+
+    from finetune.cli import _command_line
+
+    line = _command_line("train", ["a.txt"], {"config": None, "datasets": ["x/y", "z"], "lora_targets": ["q_proj", "v_proj"],
+                                              "lr": 0.001, "overwrite": True, "line_by_line": False})
+    assert shlex.split(line) == ["finetune", "train", "a.txt", "--dataset", "x/y", "--dataset", "z",
+                                 "--lora-targets", "q_proj,v_proj", "--lr", "0.001", "--overwrite"]
+    from finetune.cli import train
+
+    params = train.make_context("train", shlex.split(line)[2:]).params
+    assert params["datasets"] == ("x/y", "z") and params["lora_targets"] == "q_proj,v_proj"
+    assert params["lr"] == 0.001 and params["overwrite"] is True and params["data"] == ("a.txt",)
