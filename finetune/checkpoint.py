@@ -189,7 +189,11 @@ def verify_checkpoint(checkpoint: Path, for_resume: bool) -> None:
         if problem:
             raise FinetuneError(f"checkpoint file {path} is corrupt: {problem}{hint}")
     if for_resume:
-        for name in ("state.json", "optimizer.pt", "scheduler.pt", "rng.pt"):
+        required = ["state.json", "scheduler.pt", "rng.pt"]
+        state_path = checkpoint / STATE_DIR / "state.json"
+        if not state_path.is_file() or json.loads(state_path.read_text()).get("optimizer_saved", True):
+            required.append("optimizer.pt")
+        for name in required:
             if not (checkpoint / STATE_DIR / name).is_file():
                 raise FinetuneError(f"checkpoint {checkpoint} lacks {STATE_DIR}/{name}, so it cannot be resumed{hint}")
 

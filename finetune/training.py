@@ -341,7 +341,10 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
     val_loss: Optional[float] = None
     if saved_state is not None:
         state_dir = resume_from / ckpt.STATE_DIR
-        optimizer.load_state_dict(ckpt.load_torch_file(state_dir / "optimizer.pt"))
+        if saved_state.get("optimizer_saved", True):
+            optimizer.load_state_dict(ckpt.load_torch_file(state_dir / "optimizer.pt"))
+        else:
+            say("warning: this checkpoint has no optimizer state (saved under FSDP); the optimizer starts afresh")
         scheduler.load_state_dict(ckpt.load_torch_file(state_dir / "scheduler.pt"))
         if accelerator.scaler is not None and (state_dir / "scaler.pt").is_file():
             accelerator.scaler.load_state_dict(ckpt.load_torch_file(state_dir / "scaler.pt"))
@@ -383,6 +386,8 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
         # Last, so nothing above (model loading, iterator set-up) draws from the restored streams.
         ckpt.restore_rng_state(ckpt.load_torch_file(resume_from / ckpt.STATE_DIR / "rng.pt"))
 
+    sharded_optimizer = accelerator.distributed_type.name == "FSDP"
+
     def save() -> Path:
         unwrapped = speed.inner_model(accelerator.unwrap_model(model))
         state_dict = accelerator.get_state_dict(model)
@@ -399,6 +404,9 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
             "val_loss": val_loss, "num_processes": world, "config": resolved.to_dict(), "data_key": prepared.key,
             "command": command or "finetune.train(...) (Python API)",
             "data_mode": prepared.mode, "chat": prepared.chat,
+            # Under FSDP each rank holds only its shard of the optimizer state, so rank 0's copy is
+            # not the whole state: it is left out and a resumed FSDP run restarts its Adam moments.
+            "optimizer_saved": not sharded_optimizer,
         }
         rng = ckpt.capture_rng_state()
 
@@ -416,7 +424,8 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
             ckpt.pause_point("tokenizer-written", step)
             state_dir = tmp / ckpt.STATE_DIR
             state_dir.mkdir()
-            ckpt.save_torch_file(optimizer.state_dict(), state_dir / "optimizer.pt")
+            if state["optimizer_saved"]:
+                ckpt.save_torch_file(optimizer.state_dict(), state_dir / "optimizer.pt")
             ckpt.pause_point("optimizer-written", step)
             ckpt.save_torch_file(scheduler.state_dict(), state_dir / "scheduler.pt")
             if accelerator.scaler is not None:
