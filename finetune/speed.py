@@ -81,8 +81,21 @@ def with_chunked_loss(model, vocab_size: int):
 
 
 def inner_model(module):
-    """The transformers model inside a ChunkedLossModel (or the module itself)."""
-    return getattr(module, "model", module) if type(module).__name__ == "ChunkedLossModel" else module
+    """The transformers model inside torch.compile and ChunkedLossModel wrappers (or the module itself)."""
+    module = getattr(module, "_orig_mod", module)
+    return module.model if type(module).__name__ == "ChunkedLossModel" else module
+
+
+def inner_state_dict(state_dict: dict, inner) -> dict:
+    """Keys as the inner transformers model names them (without "_orig_mod." / "model." wrapper prefixes)."""
+    expected = set(inner.state_dict())
+    renamed = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix("_orig_mod.")
+        if name not in expected:
+            name = name.removeprefix("model.")
+        renamed[name] = value
+    return renamed
 
 
 def pad_vocabulary(model, multiple: int = PAD_MULTIPLE) -> int:

@@ -390,9 +390,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
 
     def save() -> Path:
         unwrapped = speed.inner_model(accelerator.unwrap_model(model))
-        state_dict = accelerator.get_state_dict(model)
-        if unwrapped is not accelerator.unwrap_model(model):  # drop the loss wrapper's "model." prefix
-            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+        state_dict = speed.inner_state_dict(accelerator.get_state_dict(model), unwrapped)
         state_dict = speed.unpad_state_dict(state_dict, unwrapped, vocab_size)
         if not all(torch.isfinite(p).all() for p in state_dict.values() if p.is_floating_point()):
             raise FinetuneError(

@@ -74,3 +74,16 @@ def test_compiled_training_matches_eager(workdir, plain_models):
     eager = [m["loss"] for m in read_metrics(workdir / "runs/eager") if "loss" in m]
     compiled = [m["loss"] for m in read_metrics(workdir / "runs/compiled") if "loss" in m]
     assert all(abs(a - b) < 1e-4 for a, b in zip(eager, compiled))
+
+
+@pytest.mark.slow
+def test_the_cuda_default_combination_runs_on_cpu(workdir, plain_models):
+    """compile + chunked loss + padded vocabulary + deferred loss reads, as CUDA runs by default."""
+    base = ["train", SAMPLE, "--model", plain_models["gpt2"], "--steps", 3, "--batch-size", 4, "--block-size", 32,
+            "--log-every", 1, "--eval-every", 3, "--sample-every", 3, "--save-every", 3]
+    run_cli(*base, "--run-name", "eager")
+    run_cli(*base, "--run-name", "cudalike", "--compile", "--fused-loss", "--pad-vocab", "--loss-sync-every", 2)
+    eager = [m["loss"] for m in read_metrics(workdir / "runs/eager") if "loss" in m]
+    fast = [m["loss"] for m in read_metrics(workdir / "runs/cudalike") if "loss" in m]
+    assert len(fast) == 3 and all(abs(a - b) < 1e-4 for a, b in zip(eager, fast)), (eager, fast)
+    run_cli("train", *base[1:], "--run-name", "cudalike", "--compile", "--fused-loss", "--pad-vocab", "--steps", 4)  # resume
