@@ -595,6 +595,7 @@ def make_dataloader(blocks, batch_size: int, seed: int, shuffle: bool, pad_id: i
         batch_size=batch_size,
         sampler=sampler,
         collate_fn=collate,
+        pin_memory=torch.cuda.is_available(),  # page-locked batches copy to the GPU asynchronously
         # Its own generator: otherwise each new iterator draws a seed from the global torch RNG,
         # and a resumed run (which starts an iterator mid-epoch) would see different dropout.
         generator=torch.Generator().manual_seed(seed),

@@ -225,7 +225,14 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
         saved_state = ckpt.read_training_state(resume_from)
 
     # cpu=True on a machine without CUDA is what lets `accelerate launch` start gloo (MULTI_CPU) processes.
-    accelerator = Accelerator(mixed_precision=resolve_precision(t.precision), cpu=not torch.cuda.is_available())
+    from accelerate import DataLoaderConfiguration
+
+    accelerator = Accelerator(
+        mixed_precision=resolve_precision(t.precision),
+        cpu=not torch.cuda.is_available(),
+        # With pinned batches (data.make_dataloader), host-to-GPU copies overlap the previous step.
+        dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
+    )
     is_main = accelerator.is_main_process
     say = log if is_main else (lambda _msg: None)
     set_seed(t.seed)
