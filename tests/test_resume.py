@@ -33,17 +33,27 @@ def start(args: list[str], cwd: Path, pause_at: str | None = None) -> subprocess
     env = dict(os.environ)
     if pause_at:
         env["FINETUNE_TEST_PAUSE_AT"] = pause_at
-    return subprocess.Popen([sys.executable, "-m", "finetune", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # stderr to a file: an undrained pipe could fill up and block the child before it pauses.
+    log = open(cwd / f"stderr-{time.monotonic_ns()}.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "finetune", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+    proc.stderr_log = log
+    return proc
 
 
-def wait_for_pause(proc: subprocess.Popen, timeout: float = 120) -> None:
+def stderr_of(proc: subprocess.Popen) -> str:
+    proc.stderr_log.flush()
+    proc.stderr_log.seek(0)
+    return proc.stderr_log.read()
+
+
+def wait_for_pause(proc: subprocess.Popen, timeout: float = 300) -> None:
     """Block until the process prints PAUSED (the test hook), then SIGKILL it there."""
     deadline = time.monotonic() + timeout
     line = proc.stdout.readline()
     while "PAUSED" not in line:
         if not line and proc.poll() is not None:
-            raise AssertionError(f"process ended before pausing:\n{proc.stderr.read()}")
+            raise AssertionError(f"process ended ({proc.returncode}) before pausing:\n{stderr_of(proc)[-3000:]}")
         if time.monotonic() > deadline:
             proc.kill()
             raise AssertionError("timed out waiting for the pause")
@@ -107,7 +117,7 @@ def test_sigkill_during_save_never_breaks_latest(workdir, gpt2_dir, reference):
         wait_for_pause(proc)
         return cwd
 
-    with ThreadPoolExecutor(max_workers=3) as pool:
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two at a time: one per core
         dirs = list(pool.map(kill_at, SAVE_STAGES))
     for stage, cwd in zip(SAVE_STAGES, dirs):
         run_dir = cwd / "runs" / "r"
@@ -127,10 +137,11 @@ def test_sigterm_saves_and_resume_completes(workdir, gpt2_dir):
     metrics = workdir / "runs" / "term" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+        assert proc.poll() is None and time.monotonic() < deadline, stderr_of(proc)[-3000:]
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    proc.communicate(timeout=120)
+    err = stderr_of(proc)
     assert proc.returncode == 143, err
     assert "stopped by SIGTERM" in err and "Resume with the same `finetune train` command" in err
     latest = ckpt.latest_checkpoint(workdir / "runs" / "term")
@@ -244,7 +255,8 @@ def test_ctrl_c_saves_and_a_second_ctrl_c_aborts(workdir, gpt2_dir):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    proc.communicate(timeout=120)
+    err = stderr_of(proc)
     assert proc.returncode == 130 and "stopped by SIGINT" in err
     saved = ckpt.latest_checkpoint(workdir / "runs" / "int")
     ckpt.verify_checkpoint(saved, for_resume=True)
@@ -256,6 +268,7 @@ def test_ctrl_c_saves_and_a_second_ctrl_c_aborts(workdir, gpt2_dir):
     proc.send_signal(signal.SIGINT)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    proc.communicate(timeout=60)
+    err = stderr_of(proc)
     assert proc.returncode == 130 and "aborted" in err and "Traceback" not in err
     assert ckpt.latest_checkpoint(workdir / "runs" / "int") == saved  # the half-written save never became latest
