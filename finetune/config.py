@@ -356,9 +356,3 @@ def dump_yaml(cfg: RunConfig, path: Path) -> None:
     import yaml
 
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-
-
-def run_config_from_dict(data: dict[str, Any], origin: str) -> RunConfig:
-    cfg = RunConfig()
-    apply_layer(cfg, data, origin)
-    return cfg

@@ -52,11 +52,13 @@ def test_coerce_rejects(value, tp):
 
 
 def test_round_trip_of_the_written_config(tmp_path):
-    from finetune.config import dump_yaml, load_yaml, run_config_from_dict
+    from finetune.config import apply_layer, dump_yaml, load_yaml
 
     cfg = resolve_run_config(None, {"model": {"name": "tiny"}, "data": {"paths": ["x"]}})
     dump_yaml(cfg, tmp_path / "config.yaml")
-    assert run_config_from_dict(load_yaml(tmp_path / "config.yaml"), "config.yaml") == cfg
+    reread = RunConfig()
+    apply_layer(reread, load_yaml(tmp_path / "config.yaml"), "config.yaml")
+    assert reread == cfg
     assert isinstance(cfg, RunConfig)
 
 
