@@ -7,6 +7,7 @@ Heavy libraries (torch, transformers) are imported only when a function runs.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -167,6 +168,7 @@ def prepare(data: Union[str, list[str], None] = None, *, output: str, config: Op
 
     >>> finetune.prepare("chats.jsonl", model="gpt2", output="prepared/chats")
     """
+    from finetune import checkpoint as ckpt
     from finetune import data as data_lib
     from finetune import modeling
 
@@ -174,22 +176,25 @@ def prepare(data: Union[str, list[str], None] = None, *, output: str, config: Op
         options["data"] = [str(data)] if isinstance(data, (str, Path)) else [str(d) for d in data]
     cfg = resolve_run_config(config, overrides_from_keywords(options))
     files = data_lib.resolve_files(cfg.data.paths)
-    hub = [(name, cfg.data.split) for name in cfg.data.datasets]
-    if modeling.is_scratch_preset(cfg.model.name):
-        texts = data_lib.training_texts(files, hub, cfg.data.format, cfg.data.text_field, cfg.data.eos_string,
-                                        cfg.data.line_by_line, cfg.data.encoding)
-        tokenizer = modeling.train_scratch_tokenizer(cfg.model.name, texts, data_lib.files_digest(files) + repr(hub),
-                                                     data_lib.cache_root(cfg.data.cache_dir))
-    else:
-        tokenizer = modeling.load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
-    context = modeling.context_length(modeling.load_model_config(cfg.model.name, cfg.model.trust_remote_code))
-    block_size = cfg.data.block_size or min(1024, context)
-    prepared = data_lib.prepare_data(
-        files, tokenizer, block_size, line_by_line=cfg.data.line_by_line, val_fraction=cfg.data.val_fraction,
-        eos_string=cfg.data.eos_string, encoding=cfg.data.encoding, cache_dir=cfg.data.cache_dir,
-        text_field=cfg.data.text_field, data_format=cfg.data.format, skip_bad_rows=cfg.data.skip_bad_rows,
-        hub=tuple(hub), log=log,
-    )
-    data_lib.export_prepared(prepared, tokenizer, Path(output), cfg.model.name)
+    # A taken --output fails before any tokenizing; the result appears only when complete.
+    tmp = ckpt.start_output_dir(Path(output), offer_overwrite=False)
+    try:
+        if modeling.is_scratch_preset(cfg.model.name):
+            tokenizer = modeling.tokenizer_from_data(cfg, files)
+        else:
+            tokenizer = modeling.load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+        context = modeling.context_length(modeling.load_model_config(cfg.model.name, cfg.model.trust_remote_code))
+        block_size = cfg.data.block_size or min(1024, context)
+        prepared = data_lib.prepare_data(
+            files, tokenizer, block_size, line_by_line=cfg.data.line_by_line, val_fraction=cfg.data.val_fraction,
+            eos_string=cfg.data.eos_string, encoding=cfg.data.encoding, cache_dir=cfg.data.cache_dir,
+            text_field=cfg.data.text_field, data_format=cfg.data.format, skip_bad_rows=cfg.data.skip_bad_rows,
+            hub=tuple((name, cfg.data.split) for name in cfg.data.datasets), log=log,
+        )
+        data_lib.write_prepared(prepared, tokenizer, tmp, cfg.model.name)
+        ckpt.finish_output_dir(tmp, Path(output))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     log(f"wrote {output}: train on it with `finetune train {output} --model {cfg.model.name}`")
     return prepared

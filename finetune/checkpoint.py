@@ -87,6 +87,31 @@ def write_text_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def start_output_dir(output: Path, overwrite: bool = False, offer_overwrite: bool = True) -> Path:
+    """A fresh temporary directory beside `output` (renamed into place by finish_output_dir).
+
+    An existing non-empty `output` is never touched unless `overwrite`; until the rename, a crash
+    leaves only the temporary directory behind.
+    """
+    occupied = output.is_file() or (output.is_dir() and any(output.iterdir()))
+    if occupied and not overwrite:
+        hint = " or pass --overwrite" if offer_overwrite else ""
+        raise FinetuneError(f"output directory {output} already exists and is not empty; choose another --output{hint}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f"{TMP_PREFIX}{output.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def finish_output_dir(tmp: Path, output: Path) -> None:
+    if output.is_dir():
+        shutil.rmtree(output)
+    elif output.exists():
+        output.unlink()
+    os.replace(tmp, output)
+
+
 def save_checkpoint(run_dir: Path, step: int, write_contents, keep: int) -> Path:
     """Write a checkpoint atomically; `write_contents(tmp_dir)` fills the directory.
 

@@ -21,21 +21,20 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from finetune.errors import FinetuneError
 from finetune import examples as sft
+from finetune.errors import FinetuneError
 from finetune.reading import Piece, iter_pieces
 from finetune.records import SUFFIX_FORMATS, BadRows, Source, detect_format, is_saved_dataset, iter_rows, record_kind, validate_messages
 
-PREPARED_MANIFEST = "finetune_prepared.json"
-
-
-def is_prepared_dir(path: Path) -> bool:
-    return path.is_dir() and (path / PREPARED_MANIFEST).is_file()
-
+PREPARED_MANIFEST = "finetune_prepared.json"  # marks a `finetune prepare` output directory
 CACHE_VERSION = 2  # bump when the cache layout or the tokenization rules change
 BATCH_PIECES = 2048  # pieces per tokenizer call
 BATCH_CHARS = 2 << 20  # ... or this many characters, whichever comes first
 PARALLEL_MIN_BYTES = 8 << 20  # below this, worker start-up costs more than it saves
+
+
+def is_prepared_dir(path: Path) -> bool:
+    return path.is_dir() and (path / PREPARED_MANIFEST).is_file()
 
 
 def cache_root(configured: Optional[str]) -> Path:
@@ -467,18 +466,12 @@ def _load_supervised(target: Path, meta: dict, from_cache: bool, log) -> Prepare
     return PreparedData(train, val, meta["block_size"], meta["num_documents"], target, from_cache, meta["key"], "supervised", meta["chat"])
 
 
-def export_prepared(prepared: PreparedData, tokenizer, output: Path, model_name: str) -> None:
-    """Copy a prepared cache and its tokenizer into a portable directory that `finetune train DIR` reads."""
-    if output.exists() and any(output.iterdir()):
-        raise FinetuneError(f"output directory {output} already exists and is not empty; choose another --output")
-    tmp = output.with_name(f".tmp-{output.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(prepared.cache_dir, tmp)
+def write_prepared(prepared: PreparedData, tokenizer, tmp: Path, model_name: str) -> None:
+    """Fill `tmp` (from checkpoint.start_output_dir) with the cache and tokenizer `finetune train DIR` reads."""
+    shutil.copytree(prepared.cache_dir, tmp, dirs_exist_ok=True)
     tokenizer.save_pretrained(tmp / "tokenizer")
     manifest = {"model": model_name, "tokenizer": tokenizer_digest(tokenizer), "block_size": prepared.block_size}
     (tmp / PREPARED_MANIFEST).write_text(json.dumps(manifest, indent=1))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, output)
 
 
 def load_prepared(directory: Path, tokenizer, block_size: Optional[int], log=print) -> PreparedData:

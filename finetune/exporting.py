@@ -9,7 +9,6 @@ PyTorch and the numbers are written next to the model (verification.json).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,25 +46,6 @@ def _require_onnx() -> None:
             missing.append(module)
     if missing:
         raise FinetuneError(f"ONNX export needs {', '.join(missing)}; install them with: pip install 'finetune[onnx]'")
-
-
-def _prepare_output(output: Path, overwrite: bool) -> Path:
-    """A fresh temporary directory beside `output`; it is renamed into place when complete."""
-    occupied = output.is_file() or (output.is_dir() and any(output.iterdir()))
-    if occupied:
-        if not overwrite:
-            raise FinetuneError(f"output directory {output} already exists and is not empty; choose another --output or pass --overwrite")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".tmp-{output.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def _finish_output(tmp: Path, output: Path) -> None:
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(tmp, output)
 
 
 def _load_model(source: Path, dtype_name: str):
@@ -152,7 +132,7 @@ def export_safetensors(source: Path, output: Path, run_dir: Optional[Path], dtyp
     from transformers import AutoModelForCausalLM
 
     model, tokenizer = _load_model(source, dtype)
-    tmp = _prepare_output(output, overwrite)
+    tmp = ckpt.start_output_dir(output, overwrite)
     try:
         model.save_pretrained(tmp, max_shard_size="2GB")
         tokenizer.save_pretrained(tmp)
@@ -167,7 +147,7 @@ def export_safetensors(source: Path, output: Path, run_dir: Optional[Path], dtyp
             (tmp / "verification.json").write_text(json.dumps(report, indent=1))
             if diff != 0.0:
                 raise FinetuneError(f"the exported weights do not reproduce the checkpoint (max logit diff {diff:.2e}); please report this")
-        _finish_output(tmp, output)
+        ckpt.finish_output_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -390,7 +370,7 @@ def export_onnx(source: Path, output: Path, run_dir: Optional[Path], dtype: str 
     layout = _cache_layout(model)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     external = size > EXTERNAL_DATA_BYTES
-    tmp = _prepare_output(output, overwrite)
+    tmp = ckpt.start_output_dir(output, overwrite)
     try:
         started = time.perf_counter()
         log(f"exporting {source} ({model_type}, {size / 1e6:.0f} MB of weights) to ONNX ...")
@@ -430,7 +410,7 @@ def export_onnx(source: Path, output: Path, run_dir: Optional[Path], dtype: str 
                     f"thresholds: {LOGIT_TOLERANCE[quantize or dtype]} logits, {MIN_TOP1_AGREEMENT[quantize or dtype]:.0%} top-1); "
                     f"pass --no-verify to keep it anyway"
                 )
-        _finish_output(tmp, output)
+        ckpt.finish_output_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

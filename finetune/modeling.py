@@ -7,7 +7,7 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable
 from urllib.parse import urlparse
 
 from finetune.errors import FinetuneError
@@ -142,6 +142,17 @@ def train_scratch_tokenizer(preset: str, texts: Iterable[str], digest: str, cach
         except OSError:  # a concurrent run wrote it first
             shutil.rmtree(tmp, ignore_errors=True)
     return finish_tokenizer(AutoTokenizer.from_pretrained(target))
+
+
+def tokenizer_from_data(cfg, files: list[Path]):
+    """The from-scratch preset's tokenizer, learned from (and cached by) this run's data."""
+    from finetune import data
+
+    hub = [(name, cfg.data.split) for name in cfg.data.datasets]
+    texts = data.training_texts(files, hub, cfg.data.format, cfg.data.text_field, cfg.data.eos_string,
+                                cfg.data.line_by_line, cfg.data.encoding)
+    digest = data.files_digest(files) + repr(hub)
+    return train_scratch_tokenizer(cfg.model.name, texts, digest, data.cache_root(cfg.data.cache_dir))
 
 
 def build_scratch_model(preset: str, tokenizer, seed: int):

@@ -172,11 +172,7 @@ def dry_run(cfg: RunConfig, num_processes: int = 1, log=print) -> MemoryPlan:
     files = data.resolve_files(cfg.data.paths)
     vocab_size = None
     if modeling.is_scratch_preset(cfg.model.name):
-        hub = [(name, cfg.data.split) for name in cfg.data.datasets]
-        texts = data.training_texts(files, hub, cfg.data.format, cfg.data.text_field, cfg.data.eos_string,
-                                    cfg.data.line_by_line, cfg.data.encoding)
-        cache = data.cache_root(cfg.data.cache_dir)
-        vocab_size = len(modeling.train_scratch_tokenizer(cfg.model.name, texts, data.files_digest(files) + repr(hub), cache))
+        vocab_size = len(modeling.tokenizer_from_data(cfg, files))
     result = plan(cfg, num_processes, vocab_size=vocab_size)
     for line in result.lines():
         log(line)

@@ -239,7 +239,6 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
 
     # Tokenizer: the checkpoint's when resuming; learned from the data for from-scratch presets;
     # else the model's own.
-    cache_dir = data_lib.cache_root(cfg.data.cache_dir)
     scratch = modeling.is_scratch_preset(cfg.model.name)
     with accelerator.main_process_first():
         prepared_dir = files[0] if len(files) == 1 and data_lib.is_prepared_dir(files[0]) else None
@@ -248,10 +247,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
         elif prepared_dir is not None and scratch:
             tokenizer = modeling.load_tokenizer(str(prepared_dir / "tokenizer"))
         elif scratch:
-            texts = data_lib.training_texts(files, hub, cfg.data.format, cfg.data.text_field, cfg.data.eos_string,
-                                            cfg.data.line_by_line, cfg.data.encoding)
-            digest = data_lib.files_digest(files) + repr(hub)
-            tokenizer = modeling.train_scratch_tokenizer(cfg.model.name, texts, digest, cache_dir)
+            tokenizer = modeling.tokenizer_from_data(cfg, files)
         else:
             tokenizer = modeling.load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     adapter = cfg.model.lora

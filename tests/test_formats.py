@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import SAMPLE, read_metrics, run_cli
@@ -231,3 +229,14 @@ def test_skip_bad_rows_counts_them(files, gpt2_dir):
 def test_hub_dataset_without_network(workdir, gpt2_dir):
     result = run_cli("train", "--dataset", "someone/some-data", "--model", gpt2_dir, "--steps", 1, expect=2)
     assert "could not load dataset 'someone/some-data'" in result.output and "Traceback" not in result.output
+
+
+def test_prepare_refuses_a_taken_output_before_tokenizing(files, gpt2_dir):
+    (files / "taken").mkdir()
+    (files / "taken" / "mine.txt").write_text("keep")
+    result = run_cli("prepare", "pairs.jsonl", "--model", gpt2_dir, "--output", "taken", expect=2)
+    assert "already exists and is not empty; choose another --output\n" in result.output
+    assert "examples" not in result.output  # nothing was tokenized
+    assert (files / "taken" / "mine.txt").read_text() == "keep"
+    result = run_cli("prepare", "bad.jsonl", "--model", gpt2_dir, "--output", "never", expect=2)
+    assert not (files / "never").exists() and not (files / ".tmp-never").exists()
