@@ -92,8 +92,8 @@ def main() -> None:
         rows[-1] += (first_diff,)
 
     print(f"GPT-2 124M, batch 1, greedy, {n} new tokens, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"| backend | new tokens/s | vs HF | greedy agreement with HF | export s | size MB |")
-    print(f"| --- | --- | --- | --- | --- | --- |")
+    print("| backend | new tokens/s | vs HF | greedy agreement with HF | export s | size MB |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print(f"| {row[0]} | {row[1]:.1f} | {row[2]:.2f}x | {row[3]:.1%} | {row[4]} | {row[5]} |")
     print(json.dumps({"rows": [list(map(str, r)) for r in rows]}))

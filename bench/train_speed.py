@@ -65,7 +65,6 @@ def run_ours(model_dir: Path, batch: int, seq: int, steps: int, warmup: int, pre
 
 
 def run_trainer(model_dir: Path, batch: int, seq: int, steps: int, warmup: int, precision: str, root: Path) -> dict:
-    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 

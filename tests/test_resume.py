@@ -3,7 +3,6 @@ non-finite losses, corrupt checkpoints, unwritable and full disks."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

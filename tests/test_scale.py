@@ -3,7 +3,6 @@ optimizers and the dry-run memory planner."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
