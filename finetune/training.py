@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 from finetune import checkpoint as ckpt
 from finetune import data as data_lib
-from finetune import modeling, speed
+from finetune import modeling, optimizer_state, speed
 from finetune.config import GenerateConfig, RunConfig, dump_yaml
 from finetune.errors import FinetuneError
 
@@ -340,14 +340,17 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
     # would step it once per process), so the schedule counts optimizer steps.
     scheduler = get_scheduler(SCHEDULES[t.schedule], optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
+    world = accelerator.num_processes
     step, tokens_seen, epoch, batches_in_epoch = 0, 0, 0, 0
     val_loss: Optional[float] = None
     if saved_state is not None:
         state_dir = resume_from / ckpt.STATE_DIR
-        if saved_state.get("optimizer_saved", True):
+        if not saved_state.get("optimizer_saved", True):
+            say("warning: this checkpoint has no optimizer state (saved under DeepSpeed); the optimizer starts afresh")
+        elif saved_state.get("optimizer_format") == optimizer_state.FORMAT:
+            optimizer_state.restore_from_file(model, optimizer, state_dir / "optimizer.pt", world > 1, is_main)
+        else:  # written before optimizer_format existed: optimizer.state_dict() of a single process or DDP
             optimizer.load_state_dict(ckpt.load_torch_file(state_dir / "optimizer.pt"))
-        else:
-            say("warning: this checkpoint has no optimizer state (saved under FSDP); the optimizer starts afresh")
         scheduler.load_state_dict(ckpt.load_torch_file(state_dir / "scheduler.pt"))
         if accelerator.scaler is not None and (state_dir / "scaler.pt").is_file():
             accelerator.scaler.load_state_dict(ckpt.load_torch_file(state_dir / "scaler.pt"))
@@ -372,7 +375,6 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
 
     n_params = modeling.count_parameters(model)
     n_trainable = modeling.count_trainable(model)
-    world = accelerator.num_processes
     effective_batch = t.batch_size * t.grad_accum * world
     trainable = f" ({n_trainable / 1e6:.2f}M trainable)" if n_trainable != n_params else ""
     say(
@@ -389,7 +391,9 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
         # Last, so nothing above (model loading, iterator set-up) draws from the restored streams.
         ckpt.restore_rng_state(ckpt.load_torch_file(resume_from / ckpt.STATE_DIR / "rng.pt"))
 
-    sharded_optimizer = accelerator.distributed_type.name == "FSDP"
+    # DeepSpeed's ZeRO optimizer keeps its partitions in its own checkpoint format, which
+    # torch.distributed.checkpoint cannot gather: its checkpoints hold the weights only.
+    optimizer_saved = accelerator.distributed_type.name != "DEEPSPEED"
 
     def save() -> Path:
         unwrapped = speed.inner_model(accelerator.unwrap_model(model))
@@ -405,10 +409,10 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
             "val_loss": val_loss, "num_processes": world, "config": resolved.to_dict(), "data_key": prepared.key,
             "command": command or "finetune.train(...) (Python API)",
             "data_mode": prepared.mode, "chat": prepared.chat,
-            # Under FSDP each rank holds only its shard of the optimizer state, so rank 0's copy is
-            # not the whole state: it is left out and a resumed FSDP run restarts its Adam moments.
-            "optimizer_saved": not sharded_optimizer,
+            "optimizer_saved": optimizer_saved, "optimizer_format": optimizer_state.FORMAT,
         }
+        # Collective under FSDP (every rank gives its shard); only rank 0 writes the result.
+        full_optimizer = optimizer_state.gather(model, optimizer, world > 1) if optimizer_saved else None
         rng = ckpt.capture_rng_state()
 
         def write_contents(tmp: Path) -> None:
@@ -426,7 +430,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
             state_dir = tmp / ckpt.STATE_DIR
             state_dir.mkdir()
             if state["optimizer_saved"]:
-                ckpt.save_torch_file(optimizer.state_dict(), state_dir / "optimizer.pt")
+                ckpt.save_torch_file(full_optimizer, state_dir / "optimizer.pt")
             ckpt.pause_point("optimizer-written", step)
             ckpt.save_torch_file(scheduler.state_dict(), state_dir / "scheduler.pt")
             if accelerator.scaler is not None:

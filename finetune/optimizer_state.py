@@ -1,0 +1,72 @@
+"""Optimizer state in checkpoints: one full, name-keyed file that resumes under any process layout.
+
+`optimizer.state_dict()` keys moments by parameter position and, under FSDP, holds only this
+rank's shard, so rank 0's copy is not the whole state. torch.distributed.checkpoint's
+`get_optimizer_state_dict(full_state_dict=True)` gathers the shards into full tensors keyed by
+parameter name (collective: every rank calls it; only rank 0 keeps the result, on the CPU), and
+`set_optimizer_state_dict` re-shards that file on load, reading it on rank 0 and broadcasting.
+The same file therefore resumes a run on one process, under DDP or under FSDP, whatever layout
+wrote it. Gathering costs rank 0 host memory for the whole optimizer state (2x the fp32 weights for
+AdamW); that is the price of a plain, portable file.
+"""
+
+from __future__ import annotations
+
+FORMAT = "full-by-name"  # state.json's "optimizer_format"; checkpoints without it hold optimizer.state_dict()
+
+
+def _options(distributed: bool, for_load: bool):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    if for_load:
+        return StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _torch_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+
+
+def gather(model, optimizer, distributed: bool) -> dict:
+    """The whole optimizer state keyed by parameter name; call on every rank, save rank 0's."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, _torch_optimizer(optimizer), options=_options(distributed, for_load=False))
+
+
+def restore(model, optimizer, state, distributed: bool, is_main: bool) -> None:
+    """Load a gathered state into this rank's optimizer (its shard under FSDP); call on every rank.
+
+    Under several processes only rank 0 needs `state` (the others pass None): it is broadcast.
+    """
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    if distributed and not is_main:
+        state = {}
+    set_optimizer_state_dict(model, _torch_optimizer(optimizer), optim_state_dict=state, options=_options(distributed, for_load=True))
+
+
+def restore_from_file(model, optimizer, path, distributed: bool, is_main: bool) -> None:
+    """Read the gathered state on rank 0 only (one host copy, not one per rank) and restore it.
+
+    A corrupt file must stop every rank, not only rank 0 (the others would wait in the broadcast
+    forever), so rank 0 shares the outcome of reading it first.
+    """
+    from .checkpoint import load_torch_file
+    from .errors import FinetuneError
+
+    state, problem = None, None
+    if is_main or not distributed:
+        try:
+            state = load_torch_file(path)
+        except FinetuneError as exc:
+            problem = str(exc)
+    if distributed:
+        import torch.distributed as dist
+
+        shared = [problem]
+        dist.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem:
+        raise FinetuneError(problem)
+    restore(model, optimizer, state, distributed, is_main)
