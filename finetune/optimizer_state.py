@@ -46,7 +46,39 @@ def restore(model, optimizer, state, distributed: bool, is_main: bool) -> None:
     set_optimizer_state_dict(model, _torch_optimizer(optimizer), optim_state_dict=state, options=_options(distributed, for_load=True))
 
 
-def restore_from_file(model, optimizer, path, distributed: bool, is_main: bool) -> None:
+def _map(state: dict, rename, resize) -> dict:
+    return {
+        "state": {rename(name): {k: resize(v) for k, v in moments.items()} for name, moments in state["state"].items()},
+        "param_groups": [{**group, "params": [rename(name) for name in group["params"]]} for group in state["param_groups"]],
+    }
+
+
+def portable(state: dict, wrapper_prefix: str, padded_rows: int, true_rows: int) -> dict:
+    """Names as the transformers model has them and vocabulary rows cut to the tokenizer's size.
+
+    The loss wrapper (speed.ChunkedLossModel, "model.") and vocabulary padding exist only on some
+    devices, so a checkpoint without them resumes whichever fast paths the next run uses. The padded
+    rows' moments are zero (those rows never get a gradient), so cutting and re-padding loses nothing.
+    """
+    def resize(t):
+        return t[:true_rows] if t.ndim >= 1 and t.shape[0] == padded_rows != true_rows else t
+
+    return _map(state, lambda name: name.removeprefix(wrapper_prefix), resize)
+
+
+def localized(state: dict, wrapper_prefix: str, padded_rows: int, true_rows: int) -> dict:
+    """The inverse of portable() for this run's wrapper and padding."""
+    import torch
+
+    def resize(t):
+        if t.ndim >= 1 and t.shape[0] == true_rows != padded_rows:
+            return torch.cat([t, t.new_zeros((padded_rows - true_rows, *t.shape[1:]))])
+        return t
+
+    return _map(state, lambda name: wrapper_prefix + name, resize)
+
+
+def restore_from_file(model, optimizer, path, distributed: bool, is_main: bool, to_local=lambda state: state) -> None:
     """Read the gathered state on rank 0 only (one host copy, not one per rank) and restore it.
 
     A corrupt file must stop every rank, not only rank 0 (the others would wait in the broadcast
@@ -69,4 +101,4 @@ def restore_from_file(model, optimizer, path, distributed: bool, is_main: bool) 
         problem = shared[0]
     if problem:
         raise FinetuneError(problem)
-    restore(model, optimizer, state, distributed, is_main)
+    restore(model, optimizer, to_local(state) if state is not None else None, distributed, is_main)

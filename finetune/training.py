@@ -318,6 +318,9 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
     modeling.freeze_parameters(lm, t.freeze_layers, t.train_only_blocks)  # after padding, which makes new embeddings
     if use_chunked_loss:
         model = speed.with_chunked_loss(lm, vocab_size)
+    # How this run's optimizer names and sizes parameters differently from a checkpoint (optimizer_state.portable).
+    wrapper_prefix = "model." if use_chunked_loss else ""
+    padded_rows = lm.get_input_embeddings().weight.shape[0]
     if speed.resolve(t.compile, cuda):
         model = torch.compile(model)
     sync_every = t.loss_sync_every or (10 if cuda else 1)
@@ -348,7 +351,9 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
         if not saved_state.get("optimizer_saved", True):
             say("warning: this checkpoint has no optimizer state (saved under DeepSpeed); the optimizer starts afresh")
         elif saved_state.get("optimizer_format") == optimizer_state.FORMAT:
-            optimizer_state.restore_from_file(model, optimizer, state_dir / "optimizer.pt", world > 1, is_main)
+            optimizer_state.restore_from_file(
+                model, optimizer, state_dir / "optimizer.pt", world > 1, is_main,
+                to_local=lambda state: optimizer_state.localized(state, wrapper_prefix, padded_rows, vocab_size))
         else:  # written before optimizer_format existed: optimizer.state_dict() of a single process or DDP
             optimizer.load_state_dict(ckpt.load_torch_file(state_dir / "optimizer.pt"))
         scheduler.load_state_dict(ckpt.load_torch_file(state_dir / "scheduler.pt"))
@@ -413,6 +418,8 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
         }
         # Collective under FSDP (every rank gives its shard); only rank 0 writes the result.
         full_optimizer = optimizer_state.gather(model, optimizer, world > 1) if optimizer_saved else None
+        if is_main and full_optimizer is not None:
+            full_optimizer = optimizer_state.portable(full_optimizer, wrapper_prefix, padded_rows, vocab_size)
         rng = ckpt.capture_rng_state()
 
         def write_contents(tmp: Path) -> None:

@@ -52,6 +52,18 @@ def test_padded_vocabulary_keeps_the_loss_and_clean_checkpoints(workdir, plain_m
     assert weights["transformer.wte.weight"].shape[0] == original["vocab_size"]
     # the checkpoint generates like any other
     assert run_cli("generate", "--run", "fast", "--prompt", "Title:", "--max-new-tokens", 5).stdout.startswith("Title:")
+    # Optimizer state is stored without the padding rows and the loss wrapper's names, so each run
+    # resumes with the other's fast paths and both continue alike.
+    from finetune.checkpoint import load_torch_file
+
+    moments = load_torch_file(workdir / "runs/fast/checkpoint-000003/training_state/optimizer.pt")["state"]
+    assert moments["transformer.wte.weight"]["exp_avg"].shape[0] == original["vocab_size"]
+    more = [*base[:5], 5, *base[6:]]
+    run_cli(*more, "--run-name", "fast", "--no-fused-loss", "--no-pad-vocab")
+    run_cli(*more, "--run-name", "plain", "--fused-loss", "--pad-vocab")
+    plain = [m["loss"] for m in read_metrics(workdir / "runs/plain") if "loss" in m]
+    fast = [m["loss"] for m in read_metrics(workdir / "runs/fast") if "loss" in m]
+    assert len(fast) == len(plain) == 5 and all(abs(a - b) < 1e-4 for a, b in zip(plain, fast)), (plain, fast)
 
 
 def test_flops_and_mfu_helpers(plain_models):
