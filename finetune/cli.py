@@ -125,6 +125,7 @@ def data_options(command):
 @click.option("--tf32/--no-tf32", default=None, help="TF32 matmuls on Ampere+ GPUs.  [default: on]")
 @click.option("--fused-loss/--no-fused-loss", default=None, help="Chunked cross-entropy, no full fp32 logits.  [default: on with CUDA]")
 @click.option("--pad-vocab/--no-pad-vocab", default=None, help="Pad embeddings to a multiple of 64.  [default: on with CUDA]")
+@click.option("--cpu-kernels/--no-cpu-kernels", default=None, help="Faster GELU, dropout and attention kernels on CPU.  [default: on without CUDA]")
 @click.option("--loss-sync-every", type=int, help="Read the loss back every N steps.  [default: 1 on CPU, 10 on CUDA]")
 @click.option("--freeze-layers", type=int, help="Freeze the embeddings and the first N transformer blocks.")
 @click.option("--train-only-blocks", is_flag=True, default=None, help="Train only the transformer blocks (gpt-2-simple's only_train_transformer_layers).")

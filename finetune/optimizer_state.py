@@ -61,7 +61,7 @@ def portable(state: dict, wrapper_prefix: str, padded_rows: int, true_rows: int)
     rows' moments are zero (those rows never get a gradient), so cutting and re-padding loses nothing.
     """
     def resize(t):
-        return t[:true_rows] if t.ndim >= 1 and t.shape[0] == padded_rows != true_rows else t
+        return t[:true_rows] if getattr(t, "ndim", 0) >= 1 and t.shape[0] == padded_rows != true_rows else t
 
     return _map(state, lambda name: name.removeprefix(wrapper_prefix), resize)
 
@@ -71,7 +71,7 @@ def localized(state: dict, wrapper_prefix: str, padded_rows: int, true_rows: int
     import torch
 
     def resize(t):
-        if t.ndim >= 1 and t.shape[0] == true_rows != padded_rows:
+        if getattr(t, "ndim", 0) >= 1 and t.shape[0] == true_rows != padded_rows:
             return torch.cat([t, t.new_zeros((padded_rows - true_rows, *t.shape[1:]))])
         return t
 

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 from finetune import checkpoint as ckpt
 from finetune import data as data_lib
-from finetune import modeling, optimizer_state, speed
+from finetune import cpu_speed, modeling, optimizer_state, speed
 from finetune.config import GenerateConfig, RunConfig, dump_yaml
 from finetune.errors import FinetuneError
 
@@ -77,7 +77,8 @@ def build_optimizer(model, name: str, lr: float, weight_decay: float, cuda: bool
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=cuda)  # fused: one kernel per step
+        # fused: one kernel for all parameters (CUDA) or one pass per parameter (CPU) instead of six
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
     if name == "adamw8bit":
         if not cuda:
             raise FinetuneError("--optimizer adamw8bit needs a CUDA GPU; use --optimizer adamw (or adafactor to save memory)")
@@ -322,7 +323,11 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
     wrapper_prefix = "model." if use_chunked_loss else ""
     padded_rows = lm.get_input_embeddings().weight.shape[0]
     if speed.resolve(t.compile, cuda):
-        model = torch.compile(model)
+        model = torch.compile(model)  # compile fuses dropout and GELU itself: no CPU kernels with it
+    elif t.cpu_kernels if t.cpu_kernels is not None else not cuda:
+        swapped = cpu_speed.apply(lm)
+        if swapped:
+            say(f"CPU fast paths: {', '.join(swapped)} (--no-cpu-kernels turns them off)")
     sync_every = t.loss_sync_every or (10 if cuda else 1)
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
