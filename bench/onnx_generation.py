@@ -49,6 +49,17 @@ def timed(fn, repeats: int = 2):
     return best, result
 
 
+def read_bandwidth() -> float:
+    """Bytes/s this machine streams from memory with all its threads (best of 5 sums over 1 GiB)."""
+    data = torch.ones(256 * 1024 * 1024)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -91,7 +102,14 @@ def main() -> None:
                      f"{exports[name]['seconds']:.1f}", f"{exports[name]['mb']:.0f}"))
         rows[-1] += (first_diff,)
 
+    # At batch 1 each new token reads every weight once (the tied embedding as the output layer;
+    # one row of the position table), so memory bandwidth caps fp32 tokens/s for any runtime.
+    weight_bytes = 4 * (sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel())
+    bandwidth = read_bandwidth()
+    roofline = bandwidth / weight_bytes
     print(f"GPT-2 124M, batch 1, greedy, {n} new tokens, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s / {weight_bytes / 1e6:.0f} MB of fp32 weights per token = "
+          f"fp32 roofline {roofline:.1f} tokens/s = {roofline * hf_seconds / n:.2f}x HF generate")
     print("| backend | new tokens/s | vs HF | greedy agreement with HF | export s | size MB |")
     print("| --- | --- | --- | --- | --- | --- |")
     for row in rows:
