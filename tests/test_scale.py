@@ -66,6 +66,43 @@ def test_two_processes_match_one_process_and_resume(workdir, plain_gpt2):
         torch.testing.assert_close(one["state"][name]["exp_avg_sq"], two["state"][name]["exp_avg_sq"], rtol=1e-3, atol=1e-9)
 
 
+def test_fsdp_training_saves_and_resumes_like_one_process(workdir, plain_gpt2):
+    """The CLI's loop under accelerate's FSDP2 (full shard) on 2 CPU processes: see tests/fsdp_cli.py."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from finetune.checkpoint import load_torch_file
+
+    def fsdp(*args):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "tests/fsdp_cli.py"),
+               *map(str, args)]
+        result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        return result.stderr
+
+    # One process trains 4 steps straight; FSDP stops at step 2 and resumes to 4, so it only matches
+    # if the optimizer moments come back (a constant LR keeps the two schedules the same).
+    flat = ("--schedule", "constant", "--warmup", 0, "--lr", "1e-3")
+    run_cli(*base_args(plain_gpt2, "one", 4, 4), *flat)
+    for steps in (2, 4):
+        err = fsdp(*base_args(plain_gpt2, "fsdp", steps, 2), *flat)
+    assert "resuming run 'fsdp' from checkpoint-000002" in err and "warning" not in err
+    one, sharded = losses(workdir / "runs/one"), losses(workdir / "runs/fsdp")
+    assert len(sharded) == 4 and all(abs(a - b) < 1e-4 for a, b in zip(one, sharded)), (one, sharded)
+    state = "checkpoint-000004/training_state/optimizer.pt"
+    a, b = load_torch_file(workdir / "runs/one" / state)["state"], load_torch_file(workdir / "runs/fsdp" / state)["state"]
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(a[name]["exp_avg"], b[name]["exp_avg"], rtol=1e-3, atol=1e-7)
+    # The checkpoint is a plain Hugging Face directory with whole tensors.
+    from safetensors.torch import load_file
+
+    weights = load_file(workdir / "runs/fsdp/checkpoint-000004/model.safetensors")
+    assert weights["transformer.wte.weight"].shape == load_file(workdir / "runs/one/checkpoint-000004/model.safetensors")["transformer.wte.weight"].shape
+
+
 def test_fsdp_optimizer_state_is_gathered_and_resharded(tmp_path):
     """FSDP2 on 2 gloo processes (see the worker): the whole state is saved, and restored shard by shard."""
     import subprocess
