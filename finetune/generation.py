@@ -133,8 +133,13 @@ def _generation_kwargs(cfg: GenerateConfig, tokenizer) -> dict:
 
 
 def generate_texts(model, tokenizer, cfg: GenerateConfig, write: Optional[Callable[[str], None]] = None,
-                   suppress_ids: Optional[list[int]] = None, chat: bool = False) -> list[str]:
-    """Samples for every prompt x n, in prompt order. Streams to `write` when one sample is asked for."""
+                   suppress_ids: Optional[list[int]] = None, chat: bool = False, synced: bool = False) -> list[str]:
+    """Samples for every prompt x n, in prompt order. Streams to `write` when one sample is asked for.
+
+    synced: every process calls this together on a model whose weights are sharded across them
+    (FSDP, ZeRO-3); each forward gathers the weights from all ranks, so all keep stepping until
+    the last one is done (transformers' synced_gpus).
+    """
     import torch
     from transformers import GenerationConfig
 
@@ -148,7 +153,7 @@ def generate_texts(model, tokenizer, cfg: GenerateConfig, write: Optional[Callab
     gen_config = GenerationConfig(**{k: v for k, v in _generation_kwargs(cfg, tokenizer).items() if k != "tokenizer"})
     if suppress_ids:  # e.g. vocabulary padding rows: never sampled
         gen_config.suppress_tokens = suppress_ids
-    if cfg.static_cache if cfg.static_cache is not None else next(model.parameters()).is_cuda:
+    if not synced and (cfg.static_cache if cfg.static_cache is not None else next(model.parameters()).is_cuda):
         # A preallocated KV cache of fixed shape lets transformers compile the decoding step (CUDA
         # graphs): batch-1 decoding is launch-bound, and this removes most of the launches.
         gen_config.cache_implementation = "static"
@@ -180,6 +185,7 @@ def generate_texts(model, tokenizer, cfg: GenerateConfig, write: Optional[Callab
                 generation_config=gen_config,
                 streamer=streamer,
                 tokenizer=tokenizer if cfg.stop else None,
+                **({"synced_gpus": True} if synced else {}),
             )
         if stream:
             write("\n")

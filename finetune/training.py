@@ -404,6 +404,10 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
     # DeepSpeed's ZeRO optimizer keeps its partitions in its own checkpoint format, which
     # torch.distributed.checkpoint cannot gather: its checkpoints hold the weights only.
     optimizer_saved = accelerator.distributed_type.name != "DEEPSPEED"
+    # Under FSDP and ZeRO-3 each rank holds a shard of every weight: a forward pass (sampling) needs
+    # all ranks, so they all sample together and rank 0 writes.
+    deepspeed = accelerator.state.deepspeed_plugin if accelerator.distributed_type.name == "DEEPSPEED" else None
+    sharded_weights = accelerator.distributed_type.name == "FSDP" or getattr(deepspeed, "zero_stage", 0) == 3
 
     def save() -> Path:
         unwrapped = speed.inner_model(accelerator.unwrap_model(model))
@@ -466,10 +470,11 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
         with torch.random.fork_rng(devices=[]):
             sampler_model = speed.inner_model(accelerator.unwrap_model(model))
             padded = list(range(vocab_size, sampler_model.get_input_embeddings().weight.shape[0]))
-            texts = generate_texts(sampler_model, tokenizer, gen_cfg, suppress_ids=padded)
+            texts = generate_texts(sampler_model, tokenizer, gen_cfg, suppress_ids=padded, synced=sharded_weights)
         model.train()
-        body = f"\n{'=' * 20}\n".join(texts)
-        (run_dir / "samples" / f"samples-{step:06d}.txt").write_text(body + "\n", encoding="utf-8")
+        if is_main:
+            body = f"\n{'=' * 20}\n".join(texts)
+            (run_dir / "samples" / f"samples-{step:06d}.txt").write_text(body + "\n", encoding="utf-8")
 
     pending_losses: list = []
     train_loss = float("nan")
@@ -548,7 +553,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
                     _log_to(metrics_path, {"step": step, "val_loss": round(val_loss, 6), "val_perplexity": round(perplexity, 4)})
                     bar.write(f"step {step}: validation loss {val_loss:.4f}, perplexity {perplexity:.2f}")
 
-            if is_main and t.sample_every and step % t.sample_every == 0:
+            if t.sample_every and step % t.sample_every == 0 and (is_main or sharded_weights):
                 write_samples()
 
             if (t.save_every and step % t.save_every == 0) or step == total_steps or signals.received:

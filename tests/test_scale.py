@@ -87,8 +87,10 @@ def test_fsdp_training_saves_and_resumes_like_one_process(workdir, plain_gpt2):
     flat = ("--schedule", "constant", "--warmup", 0, "--lr", "1e-3")
     run_cli(*base_args(plain_gpt2, "one", 4, 4), *flat)
     for steps in (2, 4):
-        err = fsdp(*base_args(plain_gpt2, "fsdp", steps, 2), *flat)
+        err = fsdp(*base_args(plain_gpt2, "fsdp", steps, 2), *flat, "--sample-every", 2)
     assert "resuming run 'fsdp' from checkpoint-000002" in err and "warning" not in err
+    # Sampling needs every rank's shard of the weights: all ranks generate, rank 0 writes.
+    assert sorted(p.name for p in (workdir / "runs/fsdp/samples").iterdir()) == ["samples-000002.txt", "samples-000004.txt"]
     one, sharded = losses(workdir / "runs/one"), losses(workdir / "runs/fsdp")
     assert len(sharded) == 4 and all(abs(a - b) < 1e-4 for a, b in zip(one, sharded)), (one, sharded)
     state = "checkpoint-000004/training_state/optimizer.pt"
