@@ -413,7 +413,10 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
         unwrapped = speed.inner_model(accelerator.unwrap_model(model))
         state_dict = speed.inner_state_dict(accelerator.get_state_dict(model), unwrapped)
         state_dict = speed.unpad_state_dict(state_dict, unwrapped, vocab_size)
-        if not all(torch.isfinite(p).all() for p in state_dict.values() if p.is_floating_point()):
+        finite = all(torch.isfinite(p).all() for p in state_dict.values() if p.is_floating_point())
+        if world > 1:  # under FSDP only rank 0 holds the gathered weights: all ranks must stop together
+            finite = accelerator.reduce(torch.tensor(float(finite), device=accelerator.device), reduction="sum").item() == world
+        if not finite:
             raise FinetuneError(
                 f"the weights hold NaN/inf at step {step}; not saving them over the last good checkpoint. "
                 f"Lower --lr or use --precision fp32/bf16, then resume"
