@@ -128,3 +128,28 @@ def test_cli_runs_with_and_without_cpu_kernels(workdir, tmp_path):
     assert a[-1] < a[0] - 1.0 and abs(sum(a[-5:]) / 5 - sum(b[-5:]) / 5) < 0.3, (a, b)
     config = json.loads((workdir / "runs/drop-fast/checkpoint-000030/config.json").read_text())
     assert config["attn_pdrop"] == 0.1 and "finetune_cpu" not in json.dumps(config)
+
+
+def test_recomputed_dropout_masks_match_with_gradient_checkpointing(tmp_path):
+    """Activation recomputation replays the RNG, so the fast dropout draws the same masks twice."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune import cpu_speed
+
+    model_dir = make_model_dir(tmp_path / "gpt2", "gpt2", dropout=True)
+    results = []
+    for checkpointing in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        cpu_speed.apply(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        torch.manual_seed(5)
+        ids = torch.randint(0, model.config.vocab_size, (2, 40))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.item(), [p.grad for p in model.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a == loss_b
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
