@@ -1,4 +1,4 @@
-"""`python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_cli.py train ...`: finetune's CLI under
+"""`python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp_cli.py train ...`: finetune's CLI under
 accelerate's FSDP2 on CPU processes (gloo).
 
 accelerate selects FSDP only for GPU process groups and leaves a CPU group as plain MULTI_CPU;

@@ -96,6 +96,7 @@ def main(out: Path) -> None:
             # atol: a weight whose gradient is float noise gets a noise-sized Adam update.
             torch.testing.assert_close(param, gathered[name], rtol=1e-4, atol=1e-4)
         (out / "ok").write_text("ok")
+    dist.barrier()  # no rank tears down its gloo connections while the other still uses them
     dist.destroy_process_group()
 
 

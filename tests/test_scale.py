@@ -76,7 +76,7 @@ def test_fsdp_training_saves_and_resumes_like_one_process(workdir, plain_gpt2):
     from finetune.checkpoint import load_torch_file
 
     def fsdp(*args):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "tests/fsdp_cli.py"),
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "tests/fsdp_cli.py"),
                *map(str, args)]
         result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -110,7 +110,7 @@ def test_fsdp_optimizer_state_is_gathered_and_resharded(tmp_path):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "tests/fsdp_optimizer_worker.py"), str(tmp_path)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and (tmp_path / "ok").is_file(), result.stdout[-2000:] + result.stderr[-3000:]
