@@ -98,6 +98,17 @@ def inner_state_dict(state_dict: dict, inner) -> dict:
     return renamed
 
 
+def drop_tied_aliases(state_dict: dict, model) -> dict:
+    """Without the second names of tied parameters (e.g. GPT-2's lm_head.weight, which is wte).
+
+    A plain state dict shares one tensor between the names, and save_pretrained drops the alias by
+    pointer; a gathered FSDP state dict holds two separate copies, which would both be saved.
+    """
+    kept = {name for name, _ in model.named_parameters()}
+    aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)} - kept
+    return {name: value for name, value in state_dict.items() if name not in aliases}
+
+
 def pad_vocabulary(model, multiple: int = PAD_MULTIPLE) -> int:
     """Grow embeddings (and a tied head) to a multiple of `multiple` rows; returns the true size.
 

@@ -412,7 +412,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
     def save() -> Path:
         unwrapped = speed.inner_model(accelerator.unwrap_model(model))
         state_dict = speed.inner_state_dict(accelerator.get_state_dict(model), unwrapped)
-        state_dict = speed.unpad_state_dict(state_dict, unwrapped, vocab_size)
+        state_dict = speed.drop_tied_aliases(speed.unpad_state_dict(state_dict, unwrapped, vocab_size), unwrapped)
         finite = all(torch.isfinite(p).all() for p in state_dict.values() if p.is_floating_point())
         if world > 1:  # under FSDP only rank 0 holds the gathered weights: all ranks must stop together
             finite = accelerator.reduce(torch.tensor(float(finite), device=accelerator.device), reduction="sum").item() == world
@@ -436,7 +436,8 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
 
         def write_contents(tmp: Path) -> None:
             if adapter:  # peft writes adapter_config.json + adapter_model.safetensors
-                unwrapped.save_pretrained(tmp)
+                # From the gathered state dict: under FSDP the model's own tensors are shards.
+                unwrapped.save_pretrained(tmp, state_dict=state_dict)
             else:
                 padded_size, unwrapped.config.vocab_size = unwrapped.config.vocab_size, vocab_size
                 try:  # checkpoints never carry the padding rows

@@ -66,12 +66,14 @@ def test_two_processes_match_one_process_and_resume(workdir, plain_gpt2):
         torch.testing.assert_close(one["state"][name]["exp_avg_sq"], two["state"][name]["exp_avg_sq"], rtol=1e-3, atol=1e-9)
 
 
-def test_fsdp_training_saves_and_resumes_like_one_process(workdir, plain_gpt2):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_fsdp_training_saves_and_resumes_like_one_process(workdir, plain_gpt2, lora):
     """The CLI's loop under accelerate's FSDP2 (full shard) on 2 CPU processes: see tests/fsdp_cli.py."""
     import subprocess
     import sys
 
     import torch
+    from safetensors.torch import load_file
 
     from finetune.checkpoint import load_torch_file
 
@@ -84,25 +86,31 @@ def test_fsdp_training_saves_and_resumes_like_one_process(workdir, plain_gpt2):
 
     # One process trains 4 steps straight; FSDP stops at step 2 and resumes to 4, so it only matches
     # if the optimizer moments come back (a constant LR keeps the two schedules the same).
-    flat = ("--schedule", "constant", "--warmup", 0, "--lr", "1e-3")
-    run_cli(*base_args(plain_gpt2, "one", 4, 4), *flat)
+    flat = ("--schedule", "constant", "--warmup", 0, "--lr", "1e-3", *(("--lora", "--lora-dropout", 0) if lora else ()))
+    one_run, fsdp_run = ("lora-one", "lora-fsdp") if lora else ("one", "fsdp")
+    run_cli(*base_args(plain_gpt2, one_run, 4, 4), *flat)
     for steps in (2, 4):
-        err = fsdp(*base_args(plain_gpt2, "fsdp", steps, 2), *flat, "--sample-every", 2)
-    assert "resuming run 'fsdp' from checkpoint-000002" in err and "warning" not in err
+        err = fsdp(*base_args(plain_gpt2, fsdp_run, steps, 2), *flat, "--sample-every", 2)
+    assert f"resuming run '{fsdp_run}' from checkpoint-000002" in err and "warning" not in err
     # Sampling needs every rank's shard of the weights: all ranks generate, rank 0 writes.
-    assert sorted(p.name for p in (workdir / "runs/fsdp/samples").iterdir()) == ["samples-000002.txt", "samples-000004.txt"]
-    one, sharded = losses(workdir / "runs/one"), losses(workdir / "runs/fsdp")
+    assert sorted(p.name for p in (workdir / "runs" / fsdp_run / "samples").iterdir()) == ["samples-000002.txt", "samples-000004.txt"]
+    one, sharded = losses(workdir / "runs" / one_run), losses(workdir / "runs" / fsdp_run)
     assert len(sharded) == 4 and all(abs(a - b) < 1e-4 for a, b in zip(one, sharded)), (one, sharded)
     state = "checkpoint-000004/training_state/optimizer.pt"
-    a, b = load_torch_file(workdir / "runs/one" / state)["state"], load_torch_file(workdir / "runs/fsdp" / state)["state"]
-    assert set(a) == set(b)
+    a = load_torch_file(workdir / "runs" / one_run / state)["state"]
+    b = load_torch_file(workdir / "runs" / fsdp_run / state)["state"]
+    assert set(a) == set(b) and (all("lora_" in name for name in a) if lora else "transformer.wte.weight" in a)
     for name in a:
         torch.testing.assert_close(a[name]["exp_avg"], b[name]["exp_avg"], rtol=1e-3, atol=1e-7)
-    # The checkpoint is a plain Hugging Face directory with whole tensors.
-    from safetensors.torch import load_file
-
-    weights = load_file(workdir / "runs/fsdp/checkpoint-000004/model.safetensors")
-    assert weights["transformer.wte.weight"].shape == load_file(workdir / "runs/one/checkpoint-000004/model.safetensors")["transformer.wte.weight"].shape
+    # The checkpoint holds whole tensors (the model, or the adapter), equal to the single process's.
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    ours = load_file(workdir / "runs" / fsdp_run / "checkpoint-000004" / weights)
+    reference = load_file(workdir / "runs" / one_run / "checkpoint-000004" / weights)
+    assert set(ours) == set(reference)
+    for name in ours:
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-3, atol=1e-5)
+    # and generates like any checkpoint
+    assert run_cli("generate", "--run", fsdp_run, "--prompt", "Title:", "--max-new-tokens", 4).stdout.startswith("Title:")
 
 
 def test_fsdp_optimizer_state_is_gathered_and_resharded(tmp_path):
