@@ -40,7 +40,7 @@ def _dropout(x, p: float):
     return x * dropout_keep_mask(x.shape, p, x.device) * (1.0 / (1.0 - p))
 
 
-def _module_classes():
+def _fast_dropout_class():
     import torch
 
     class FastDropout(torch.nn.Module):
@@ -119,7 +119,7 @@ def apply(model) -> list[str]:
     import torch
     from transformers.activations import NewGELUActivation
 
-    FastDropout = _module_classes()
+    FastDropout = _fast_dropout_class()
     swapped = set()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

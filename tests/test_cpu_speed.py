@@ -31,9 +31,9 @@ def test_dropout_mask_keeps_1_minus_p_and_follows_the_seed():
 def test_fast_dropout_scales_kept_values_and_their_gradients():
     import torch
 
-    from finetune.cpu_speed import _module_classes
+    from finetune.cpu_speed import _fast_dropout_class
 
-    dropout = _module_classes()(0.25)
+    dropout = _fast_dropout_class()(0.25)
     x = torch.randn(64, 256, requires_grad=True)
     y = dropout(x)
     kept = y != 0
