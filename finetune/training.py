@@ -21,13 +21,12 @@ from typing import Callable, Optional
 
 from finetune import checkpoint as ckpt
 from finetune import data as data_lib
-from finetune import cpu_speed, modeling, optimizer_state, speed
+from finetune import cpu_speed, modeling, optimizer_state, schedules, speed
 from finetune.config import GenerateConfig, RunConfig, dump_yaml
 from finetune.errors import FinetuneError
 
 DEFAULT_STEPS = 1000
 MAX_NONFINITE_STEPS = 3  # consecutive non-finite losses before the run stops
-SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
 @dataclass
@@ -211,7 +210,6 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
 
     t = cfg.train
     files = data_lib.resolve_files(cfg.data.paths)
@@ -346,7 +344,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
     warmup_steps = int(t.warmup * total_steps) if t.warmup < 1 else int(t.warmup)
     # The scheduler is stepped by hand once per optimizer step (not prepared by accelerate, which
     # would step it once per process), so the schedule counts optimizer steps.
-    scheduler = get_scheduler(SCHEDULES[t.schedule], optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+    scheduler = schedules.lr_schedule(optimizer, t.schedule, warmup_steps, total_steps)
 
     world = accelerator.num_processes
     step, tokens_seen, epoch, batches_in_epoch = 0, 0, 0, 0

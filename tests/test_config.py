@@ -69,3 +69,25 @@ def test_bundled_tiny_config_matches_the_built_in_preset():
     bundled = load_yaml(find_config_file("tiny"))
     assert bundled.pop("model") == {"name": "tiny"}
     assert bundled == PRESET_DEFAULTS["tiny"]
+
+
+@pytest.mark.parametrize("name,hf_name", [("cosine", "cosine"), ("linear", "linear"), ("constant", "constant_with_warmup")])
+def test_lr_schedules_equal_transformers_get_scheduler(name, hf_name):
+    import torch
+    from transformers import get_scheduler
+
+    from finetune.schedules import lr_schedule
+
+    def lrs(make):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        scheduler = make(optimizer)
+        values = []
+        for _ in range(40):
+            values.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return values
+
+    ours = lrs(lambda opt: lr_schedule(opt, name, warmup_steps=7, total_steps=33))  # 40 > 33: past the end too
+    theirs = lrs(lambda opt: get_scheduler(hf_name, opt, num_warmup_steps=7, num_training_steps=33))
+    assert ours == pytest.approx(theirs, abs=1e-12)
