@@ -98,7 +98,9 @@ def is_chat_checkpoint(source: str) -> bool:
     """A checkpoint trained on chat data (its prompts get the chat template)."""
     import json
 
-    state = Path(source) / "training_state" / "state.json"
+    from finetune.checkpoint import STATE_DIR
+
+    state = Path(source) / STATE_DIR / "state.json"
     return state.is_file() and bool(json.loads(state.read_text()).get("chat"))
 
 

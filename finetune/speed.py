@@ -13,6 +13,7 @@ from typing import Optional
 PLAIN_HEAD_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "gpt_neox")
 LOSS_CHUNK_TOKENS = 4096  # logits of this many tokens exist at a time (recomputed in backward)
 PAD_MULTIPLE = 64  # tensor cores want matrix dimensions in multiples of 64
+LOSS_WRAPPER_PREFIX = "model."  # ChunkedLossModel holds the transformers model as .model
 
 # Dense bf16 peak FLOP/s per device, for MFU (nanoGPT's convention).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
@@ -93,7 +94,7 @@ def inner_state_dict(state_dict: dict, inner) -> dict:
     for key, value in state_dict.items():
         name = key.removeprefix("_orig_mod.")
         if name not in expected:
-            name = name.removeprefix("model.")
+            name = name.removeprefix(LOSS_WRAPPER_PREFIX)
         renamed[name] = value
     return renamed
 

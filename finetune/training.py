@@ -318,7 +318,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
     if use_chunked_loss:
         model = speed.with_chunked_loss(lm, vocab_size)
     # How this run's optimizer names and sizes parameters differently from a checkpoint (optimizer_state.portable).
-    wrapper_prefix = "model." if use_chunked_loss else ""
+    wrapper_prefix = speed.LOSS_WRAPPER_PREFIX if use_chunked_loss else ""
     padded_rows = lm.get_input_embeddings().weight.shape[0]
     if speed.resolve(t.compile, cuda):
         model = torch.compile(model)  # compile fuses dropout and GELU itself: no CPU kernels with it
@@ -471,8 +471,8 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
         # Sampling draws random numbers; fork the RNG so it does not change the training run.
         with torch.random.fork_rng(devices=[]):
             sampler_model = speed.inner_model(accelerator.unwrap_model(model))
-            padded = list(range(vocab_size, sampler_model.get_input_embeddings().weight.shape[0]))
-            texts = generate_texts(sampler_model, tokenizer, gen_cfg, suppress_ids=padded, synced=sharded_weights)
+            texts = generate_texts(sampler_model, tokenizer, gen_cfg, suppress_ids=list(range(vocab_size, padded_rows)),
+                                   synced=sharded_weights)
         model.train()
         if is_main:
             body = f"\n{'=' * 20}\n".join(texts)
@@ -542,7 +542,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
             if is_main and (step % t.log_every == 0 or step == total_steps):
                 _log_to(metrics_path, {
                     "step": step, "epoch": epoch, "loss": round(train_loss, 6), "lr": lr,
-                    "tokens_seen": tokens_seen, "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1),
+                    "tokens_seen": tokens_seen, "tokens_per_s": round(tokens_per_s, 1),
                     "peak_memory_mb": round(peak_memory_bytes(baseline_rss) / 1e6, 1),
                     **({"mfu": round(mfu, 4)} if mfu is not None else {}),
                 })
