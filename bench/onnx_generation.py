@@ -3,9 +3,10 @@
     python bench/onnx_generation.py [--new-tokens 128] [--out /tmp/bench-onnx]
 
 Builds GPT-2 124M (random weights, the real GPT-2 BPE from ../shared/gpt2-tokenizer when present),
-exports it with finetune's exporter (fp32 and dynamic int8), then times new tokens/s for HF
-`generate` and for finetune's ONNX Runtime loop, side by side in one process, and reports greedy
-agreement with HF. Target (issue 4): ORT fp32 >= 2x, int8 >= 3x HF generate.
+exports it with finetune's exporter (fp32 and int8, each with standard ONNX operators and with
+ONNX Runtime's fused operators), then times new tokens/s for HF `generate` and for finetune's ONNX
+Runtime loop, side by side in one process in alternating rounds, and reports greedy agreement with
+HF and the memory-bandwidth ceiling for fp32. Target (issue 4): ORT fp32 >= 2x, int8 >= 3x HF generate.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -64,6 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--out", default="/tmp/bench-onnx")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -75,14 +78,21 @@ def main() -> None:
     model.save_pretrained(checkpoint)
     tokenizer.save_pretrained(checkpoint)
 
+    variants = {  # name -> (quantize, optimize)
+        "fp32, standard operators (--no-optimize)": (None, False),
+        "fp32, ONNX Runtime fusions (default)": (None, True),
+        "int8 dynamic, standard operators (--no-optimize)": ("int8", False),
+        "int8 blocks, ONNX Runtime fusions (default)": ("int8", True),
+    }
     exports = {}
-    for name, quantize in (("fp32", None), ("int8", "int8")):
+    for index, (name, (quantize, optimize)) in enumerate(variants.items()):
         start = time.perf_counter()
-        export_onnx(checkpoint, out / name, None, quantize=quantize, verify=False, log=lambda _m: None)
-        size = sum(f.stat().st_size for f in (out / name).iterdir() if f.name.startswith("model.onnx"))
-        exports[name] = {"seconds": time.perf_counter() - start, "mb": size / 1e6}
+        export_onnx(checkpoint, out / str(index), None, quantize=quantize, verify=False, log=lambda _m: None, optimize=optimize)
+        size = sum(f.stat().st_size for f in (out / str(index)).iterdir() if f.name.startswith("model.onnx"))
+        exports[name] = {"seconds": time.perf_counter() - start, "mb": size / 1e6, "lm": OnnxCausalLM(out / str(index))}
 
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    np_ids = ids.numpy()
     n = args.new_tokens
 
     def hf():
@@ -90,17 +100,29 @@ def main() -> None:
             return model.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n,
                                   pad_token_id=50256)[0, ids.shape[1]:].numpy()
 
-    hf_seconds, hf_tokens = timed(hf)
-    rows = [("HF generate (torch fp32)", n / hf_seconds, 1.0, 1.0, "", "")]
-    for name in ("fp32", "int8"):
-        lm = OnnxCausalLM(out / name)
-        np_ids = ids.numpy()
-        seconds, tokens = timed(lambda: lm.greedy(np_ids, np.ones_like(np_ids), n)[0])
-        agreement = float((tokens == hf_tokens).mean())
-        first_diff = next((i for i, (a, b) in enumerate(zip(tokens, hf_tokens)) if a != b), None)
-        rows.append((f"finetune ONNX Runtime {name}", n / seconds, hf_seconds / seconds, agreement,
-                     f"{exports[name]['seconds']:.1f}", f"{exports[name]['mb']:.0f}"))
-        rows[-1] += (first_diff,)
+    # Alternating rounds, so every backend sees the same machine state; median seconds per backend.
+    backends = {"HF generate (torch fp32)": hf}
+    for name, export in exports.items():
+        backends[f"finetune ONNX Runtime {name}"] = lambda lm=export["lm"]: lm.greedy(np_ids, np.ones_like(np_ids), n)[0]
+    seconds = {name: [] for name in backends}
+    tokens = {}
+    for fn in backends.values():
+        fn()  # warm-up
+    for _ in range(args.rounds):
+        for name, fn in backends.items():
+            start = time.perf_counter()
+            tokens[name] = fn()
+            seconds[name].append(time.perf_counter() - start)
+    hf_name = next(iter(backends))
+    hf_seconds = statistics.median(seconds[hf_name])
+    rows = []
+    for name in backends:
+        export = exports.get(name.removeprefix("finetune ONNX Runtime "))
+        ratios = [h / s for h, s in zip(seconds[hf_name], seconds[name])]
+        rows.append((name, n / statistics.median(seconds[name]), hf_seconds / statistics.median(seconds[name]),
+                     float((tokens[name] == tokens[hf_name]).mean()),
+                     f"{export['seconds']:.1f}" if export else "", f"{export['mb']:.0f}" if export else "",
+                     ", ".join(f"{r:.2f}" for r in ratios)))
 
     # At batch 1 each new token reads every weight once (the tied embedding as the output layer;
     # one row of the position table), so memory bandwidth caps fp32 tokens/s for any runtime.
@@ -110,10 +132,11 @@ def main() -> None:
     print(f"GPT-2 124M, batch 1, greedy, {n} new tokens, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s / {weight_bytes / 1e6:.0f} MB of fp32 weights per token = "
           f"fp32 roofline {roofline:.1f} tokens/s = {roofline * hf_seconds / n:.2f}x HF generate")
-    print("| backend | new tokens/s | vs HF | greedy agreement with HF | export s | size MB |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"{args.rounds} alternating rounds; tokens/s and ratio from the median round time; per-round ratios to HF listed")
+    print("| backend | new tokens/s | vs HF | greedy agreement with HF | export s | size MB | per-round vs HF |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row[0]} | {row[1]:.1f} | {row[2]:.2f}x | {row[3]:.1%} | {row[4]} | {row[5]} |")
+        print(f"| {row[0]} | {row[1]:.1f} | {row[2]:.2f}x | {row[3]:.1%} | {row[4]} | {row[5]} | {row[6]} |")
     print(json.dumps({"rows": [list(map(str, r)) for r in rows]}))
 
 

@@ -132,6 +132,7 @@ def export(
     overwrite: bool = False,
     runs_dir: str = "runs",
     log=print,
+    optimize: bool = True,
 ):
     """Export a run's latest checkpoint (or a checkpoint directory) as safetensors or ONNX.
 
@@ -159,7 +160,7 @@ def export(
     suffix = "-".join(x for x in (format, quantize or (dtype if dtype != "fp32" else None)) if x)
     target = Path(output) if output else Path("exports") / f"{run_dir.name if run_dir else source.name}-{suffix}"
     if format == "onnx":
-        return exporter.export_onnx(source, target, run_dir, dtype, quantize, overwrite, verify, log)
+        return exporter.export_onnx(source, target, run_dir, dtype, quantize, overwrite, verify, log, optimize)
     return exporter.export_safetensors(source, target, run_dir, dtype, overwrite, verify, log)
 
 

@@ -289,11 +289,14 @@ def generate(run, checkpoint, model, onnx_dir, runs_dir, prompts, prompt_file, t
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "onnx"]), default="safetensors", help="Hugging Face directory, or ONNX with a KV cache.")
 @click.option("--output", "-o", help="Output directory.  [default: exports/<run>-<format>]")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", help="Weight precision (ONNX: fp32 or fp16).")
-@click.option("--quantize", type=click.Choice(["int8"]), help="ONNX only: dynamic int8 quantization (smaller, faster on CPU).")
+@click.option("--quantize", type=click.Choice(["int8"]), help="ONNX only: int8 weights (about 1/3 the size, 2-3x faster on CPU).")
+@click.option("--optimize/--no-optimize", default=True,
+              help="ONNX only: fuse attention, layer norms and GELU into ONNX Runtime's operators (faster); "
+                   "--no-optimize keeps standard ONNX operators, for other runtimes.")
 @click.option("--verify/--no-verify", default=True, help="Check the export against PyTorch (logits and greedy tokens).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--runs-dir", default="runs", help="Directory holding all runs.")
-def export(run, checkpoint, fmt, output, dtype, quantize, verify, overwrite, runs_dir):
+def export(run, checkpoint, fmt, output, dtype, quantize, optimize, verify, overwrite, runs_dir):
     """Export a trained model for serving or sharing.
 
     \b
@@ -306,7 +309,7 @@ def export(run, checkpoint, fmt, output, dtype, quantize, verify, overwrite, run
     from finetune.api import export as api_export
 
     api_export(run=run, checkpoint=checkpoint, format=fmt, output=output, dtype=dtype, quantize=quantize,
-               verify=verify, overwrite=overwrite, runs_dir=runs_dir, log=_echo_err)
+               optimize=optimize, verify=verify, overwrite=overwrite, runs_dir=runs_dir, log=_echo_err)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from finetune import checkpoint as ckpt
+from finetune import onnx_optimize
 from finetune.errors import FinetuneError
 from finetune.onnx_generation import MANIFEST
 
@@ -189,7 +190,7 @@ def _onnx_wrapper(model, num_layers: int):
                 present += [layer.keys, layer.values]
             return (out.logits, *present)
 
-    return DecoderWithCache()
+    return DecoderWithCache().eval()
 
 
 def _io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -348,7 +349,8 @@ def _verify_onnx(model, tokenizer, directory: Path, dtype: str, quantize: Option
 
 
 def export_onnx(source: Path, output: Path, run_dir: Optional[Path], dtype: str = "fp32", quantize: Optional[str] = None,
-                overwrite: bool = False, verify: bool = True, log: Callable[[str], None] = print) -> ExportResult:
+                overwrite: bool = False, verify: bool = True, log: Callable[[str], None] = print,
+                optimize: bool = True) -> ExportResult:
     import time
 
     _require_onnx()
@@ -367,6 +369,8 @@ def export_onnx(source: Path, output: Path, run_dir: Optional[Path], dtype: str 
         tokenizer.pad_token = tokenizer.eos_token
     if quantize:
         _untie_output_layer(model)
+    if optimize:
+        onnx_optimize.prepare_model(model)
     layout = _cache_layout(model)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     external = size > EXTERNAL_DATA_BYTES
@@ -374,28 +378,43 @@ def export_onnx(source: Path, output: Path, run_dir: Optional[Path], dtype: str 
     try:
         started = time.perf_counter()
         log(f"exporting {source} ({model_type}, {size / 1e6:.0f} MB of weights) to ONNX ...")
-        if quantize:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            import logging
-
-            staging = tmp / "fp32"
-            staging.mkdir()
-            _export_graph(model, staging / ONNX_FILE, layout, external)
-            logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer logs advice to the root logger
-            quantize_dynamic(staging / ONNX_FILE, tmp / ONNX_FILE, weight_type=QuantType.QInt8, use_external_data_format=external)
-            shutil.rmtree(staging)
+        graph = tmp / "staging" / "plain" / ONNX_FILE
+        graph.parent.mkdir(parents=True)
+        _export_graph(model, graph, layout, external)
+        fusions: dict[str, int] = {}
+        if optimize:
+            fused = tmp / "staging" / "fused" / ONNX_FILE
+            fused.parent.mkdir()
+            try:
+                fusions = onnx_optimize.fuse(graph, fused, external)
+                graph = fused
+                log("ONNX Runtime fusions: " + ", ".join(f"{name} x{count}" for name, count in fusions.items()))
+            except Exception as exc:  # the plain graph is correct, only slower: keep it and say why
+                log(f"ONNX Runtime fusions not applied ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                    f"the graph keeps standard ONNX operators")
+        quantization = None
+        if quantize and fusions:
+            onnx_optimize.quantize_int8_blocks(graph, tmp / ONNX_FILE, external)
+            quantization = onnx_optimize.INT8_BLOCKS_DESCRIPTION
+        elif quantize:
+            onnx_optimize.quantize_int8_dynamic(graph, tmp / ONNX_FILE, external)
+            quantization = onnx_optimize.INT8_DYNAMIC_DESCRIPTION
         else:
-            _export_graph(model, tmp / ONNX_FILE, layout, external)
+            onnx_optimize.move_graph(graph, tmp)
+        shutil.rmtree(tmp / "staging")
         seconds = time.perf_counter() - started
         tokenizer.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         model.config.save_pretrained(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(_manifest(model, tokenizer, layout, dtype, quantize), indent=1))
+        manifest = _manifest(model, tokenizer, layout, dtype, quantize)
+        manifest.update(onnxruntime_fusions=fusions, quantization=quantization)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         (tmp / "README.md").write_text(model_card(run_dir, source, "ONNX" + (" int8" if quantize else ""), dtype), encoding="utf-8")
         report = None
         if verify:
-            report = _verify_onnx(model, tokenizer, tmp, dtype, quantize)
+            del model  # verify against the checkpoint as transformers loads it, without the export's module swaps
+            reference, _ = _load_model(source, dtype)
+            report = _verify_onnx(reference, tokenizer, tmp, dtype, quantize)
             report["export_seconds"] = round(seconds, 2)
             (tmp / "verification.json").write_text(json.dumps(report, indent=1))
             log(
@@ -408,7 +427,7 @@ def export_onnx(source: Path, output: Path, run_dir: Optional[Path], dtype: str 
                 raise FinetuneError(
                     f"the ONNX export does not match PyTorch closely enough (see the numbers above; "
                     f"thresholds: {LOGIT_TOLERANCE[quantize or dtype]} logits, {MIN_TOP1_AGREEMENT[quantize or dtype]:.0%} top-1); "
-                    f"pass --no-verify to keep it anyway"
+                    f"pass --no-verify to keep it anyway" + (", or --no-optimize for the graph without fusions" if fusions else "")
                 )
         ckpt.finish_output_dir(tmp, output)
     except BaseException:

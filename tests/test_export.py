@@ -12,6 +12,15 @@ import pytest
 from conftest import make_model_dir, run_cli
 
 ARCHITECTURES = ["gpt2", "llama", "qwen2", "gpt_neox"]
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def graph_ops(directory: Path) -> dict[str, str]:
+    """operator type -> domain for every node of an exported graph."""
+    import onnx
+
+    graph = onnx.load(str(directory / "model.onnx"), load_external_data=False).graph
+    return {node.op_type: node.domain for node in graph.node}
 
 
 def greedy_text(*source_args: str, prompt: str = "Title: Lemon", tokens: int = 24) -> str:
@@ -33,6 +42,8 @@ def test_onnx_export_parity_and_greedy_equality(workdir, architecture):
     names = [i["name"] for i in manifest["inputs"]]
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and names[3] == "past_key_values.0.key"
     assert manifest["outputs"][1]["name"] == "present.0.key" and manifest["eos_token_id"] == 0
+    # By default attention (with its KV cache) runs as one ONNX Runtime operator per layer.
+    assert graph_ops(out).get("MultiHeadAttention") == "com.microsoft" and manifest["onnxruntime_fusions"]
     for name in ("tokenizer.json", "README.md", "model.onnx", "generation_config.json"):
         assert (out / name).is_file(), name
     # ONNX Runtime generation gives the torch path's greedy text, batch of 2 with left padding.
@@ -50,9 +61,38 @@ def test_onnx_graph_has_dynamic_batch_sequence_and_past(workdir, gpt2_dir):
     assert not (workdir / "o" / "verification.json").exists()
 
 
+def test_no_optimize_keeps_standard_onnx_operators(workdir, gpt2_dir):
+    for extra in ([], ["--quantize", "int8"]):
+        out = workdir / ("plain-" + "-".join(extra))
+        run_cli("export", "--checkpoint", gpt2_dir, "--format", "onnx", "--output", out, "--no-optimize", *extra)
+        ops = graph_ops(out)
+        assert set(ops.values()) <= set(STANDARD_DOMAINS), ops
+        manifest = json.loads((out / "finetune_onnx.json").read_text())
+        assert manifest["onnxruntime_fusions"] == {} and json.loads((out / "verification.json").read_text())["passed"]
+    assert "MatMulInteger" in ops and "dynamic int8" in manifest["quantization"]
+    assert greedy_text("--onnx", workdir / "plain-") == greedy_text("--checkpoint", gpt2_dir)
+
+
+def test_a_failed_fusion_keeps_the_plain_graph(workdir, gpt2_dir, monkeypatch):
+    from finetune import onnx_optimize
+
+    def broken(*_args):
+        raise RuntimeError("pattern matcher gave up\nsecond line")
+
+    monkeypatch.setattr(onnx_optimize, "fuse", broken)
+    out = workdir / "fallback"
+    result = run_cli("export", "--checkpoint", gpt2_dir, "--format", "onnx", "--output", out)
+    assert "ONNX Runtime fusions not applied (RuntimeError: pattern matcher gave up)" in result.output
+    assert set(graph_ops(out).values()) <= set(STANDARD_DOMAINS)
+    assert json.loads((out / "verification.json").read_text())["passed"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("model", "staging"))) == ["model.onnx"]
+
+
 def test_int8_and_fp16_exports_of_a_trained_run(trained_run, trained_onnx, workdir):
     runs = trained_run.parent
     run_cli("export", "--runs-dir", runs, "--run", "recipes", "--format", "onnx", "--quantize", "int8", "--output", workdir / "int8")
+    assert graph_ops(workdir / "int8")["MatMulNBits"] == "com.microsoft"
+    assert "MatMulNBits" in json.loads((workdir / "int8" / "finetune_onnx.json").read_text())["quantization"]
     report = json.loads((workdir / "int8" / "verification.json").read_text())
     assert report["weights"] == "int8" and report["passed"]
     assert 0 <= report["greedy_token_agreement"] <= 1 and report["prompt_top1_agreement"] >= 0.8
