@@ -80,15 +80,62 @@ def fuse(source: Path, target: Path, external: bool) -> dict[str, int]:
 
 
 def quantize_int8_blocks(source: Path, target: Path, external: bool) -> None:
-    """Weight-only int8 (MatMulNBits): every MatMul with a constant weight, the output layer included."""
+    """Weight-only int8: MatMulNBits for every MatMul with a constant weight (the output layer
+    included), int8 rows for the embedding tables (MatMulNBits' quantizer packs Gather in 4 bits only)."""
+    import logging
+
     import onnx
+    import onnx_ir as ir
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per node otherwise
     config = DefaultWeightOnlyQuantConfig(block_size=INT8_BLOCK_SIZE, is_symmetric=True,
                                           accuracy_level=INT8_ACCURACY_LEVEL, bits=8)
     quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), algo_config=config)
     quantizer.process()
-    quantizer.model.save_model_to_file(str(target), use_external_data_format=external)
+    model = ir.from_proto(quantizer.model.model)
+    del quantizer
+    quantize_embeddings(model.graph)
+    _save(model, target, external)
+
+
+def quantize_embeddings(graph) -> int:
+    """Replace Gather(float table, ids) by int8 rows times a per-row scale; returns tables replaced.
+
+    Gather(int8 table) -> Cast -> Mul(Gather(scales)) is four standard operators on the few rows a
+    step looks up, instead of keeping GPT-2's 154 MB token table in fp32.
+    """
+    import numpy as np
+    import onnx_ir as ir
+
+    replaced = 0
+    for node in list(graph):
+        table = node.inputs[0] if node.op_type == "Gather" and node.domain in ("", "ai.onnx") else None
+        if table is None or table.const_value is None or not table.is_initializer():
+            continue
+        axis = node.attributes.get("axis")
+        weights = table.const_value.numpy()
+        if weights.ndim != 2 or weights.dtype != np.float32 or (axis is not None and axis.as_int() != 0):
+            continue
+        scales = np.abs(weights).max(axis=1, keepdims=True) / 127
+        scales[scales == 0] = 1
+        rows = np.clip(np.rint(weights / scales), -127, 127).astype(np.int8)
+        int8_table = ir.Value(name=f"{table.name}_int8", const_value=ir.tensor(rows, name=f"{table.name}_int8"))
+        scale_table = ir.Value(name=f"{table.name}_scales", const_value=ir.tensor(scales.astype(np.float32), name=f"{table.name}_scales"))
+        graph.register_initializer(int8_table)
+        graph.register_initializer(scale_table)
+        ids = node.inputs[1]
+        picked = ir.Node("", "Gather", [int8_table, ids], [ir.AttrInt64("axis", 0)])
+        as_float = ir.Node("", "Cast", picked.outputs, [ir.AttrInt64("to", ir.DataType.FLOAT)])
+        picked_scales = ir.Node("", "Gather", [scale_table, ids], [ir.AttrInt64("axis", 0)])
+        scaled = ir.Node("", "Mul", [as_float.outputs[0], picked_scales.outputs[0]])
+        graph.insert_before(node, [picked, as_float, picked_scales, scaled])
+        ir.convenience.replace_all_uses_with(node.outputs[0], scaled.outputs[0])
+        graph.remove(node, safe=True)
+        if not table.uses():
+            graph.initializers.pop(table.name)
+        replaced += 1
+    return replaced
 
 
 def quantize_int8_dynamic(source: Path, target: Path, external: bool) -> None:
