@@ -73,7 +73,7 @@ def _load_model(source: Path, dtype_name: str):
 # ---------------------------------------------------------------------------------------------
 
 
-def model_card(run_dir: Optional[Path], source: Path, fmt: str, dtype: str) -> str:
+def model_card(run_dir: Optional[Path], source: Path, fmt: str, dtype: str, fused: bool = False) -> str:
     """README.md for the export: what it was trained from and on, how well, and how to load it."""
     state_path = source / ckpt.STATE_DIR / "state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
@@ -118,7 +118,9 @@ def model_card(run_dir: Optional[Path], source: Path, fmt: str, dtype: str) -> s
     else:
         lines += [
             f"`{ONNX_FILE}` is a decoder with a KV cache; `{MANIFEST}` names its inputs, outputs, shapes and",
-            "special token ids. Sample from it without torch (onnxruntime, numpy and tokenizers only):",
+            "special token ids." + (" It uses ONNX Runtime's fused operators (domain com.microsoft), so it needs ONNX"
+                                    " Runtime; `finetune export --no-optimize` writes standard ONNX operators only." if fused else ""),
+            "Sample from it without torch (onnxruntime, numpy and tokenizers only):",
             "",
             "    finetune generate --onnx path/to/this/directory --prompt \"...\"",
             "",
@@ -409,7 +411,7 @@ def export_onnx(source: Path, output: Path, run_dir: Optional[Path], dtype: str 
         manifest = _manifest(model, tokenizer, layout, dtype, quantize)
         manifest.update(onnxruntime_fusions=fusions, quantization=quantization)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        (tmp / "README.md").write_text(model_card(run_dir, source, "ONNX" + (" int8" if quantize else ""), dtype), encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(run_dir, source, "ONNX" + (" int8" if quantize else ""), dtype, fused=bool(fusions)), encoding="utf-8")
         report = None
         if verify:
             del model  # verify against the checkpoint as transformers loads it, without the export's module swaps

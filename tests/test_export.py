@@ -44,6 +44,7 @@ def test_onnx_export_parity_and_greedy_equality(workdir, architecture):
     assert manifest["outputs"][1]["name"] == "present.0.key" and manifest["eos_token_id"] == 0
     # By default attention (with its KV cache) runs as one ONNX Runtime operator per layer.
     assert graph_ops(out).get("MultiHeadAttention") == "com.microsoft" and manifest["onnxruntime_fusions"]
+    assert "needs ONNX Runtime" in (out / "README.md").read_text()
     for name in ("tokenizer.json", "README.md", "model.onnx", "generation_config.json"):
         assert (out / name).is_file(), name
     # ONNX Runtime generation gives the torch path's greedy text, batch of 2 with left padding.
@@ -70,6 +71,7 @@ def test_no_optimize_keeps_standard_onnx_operators(workdir, gpt2_dir):
         manifest = json.loads((out / "finetune_onnx.json").read_text())
         assert manifest["onnxruntime_fusions"] == {} and json.loads((out / "verification.json").read_text())["passed"]
     assert "MatMulInteger" in ops and "dynamic int8" in manifest["quantization"]
+    assert "needs ONNX Runtime" not in (out / "README.md").read_text()
     assert greedy_text("--onnx", workdir / "plain-") == greedy_text("--checkpoint", gpt2_dir)
 
 
@@ -86,6 +88,19 @@ def test_a_failed_fusion_keeps_the_plain_graph(workdir, gpt2_dir, monkeypatch):
     assert set(graph_ops(out).values()) <= set(STANDARD_DOMAINS)
     assert json.loads((out / "verification.json").read_text())["passed"]
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("model", "staging"))) == ["model.onnx"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--quantize", "int8"], ["--no-optimize"]])
+def test_external_data_exports(workdir, gpt2_dir, monkeypatch, extra):
+    """Models over 2 GB keep their weights beside the graph; forced here with a zero threshold."""
+    from finetune import exporting
+
+    monkeypatch.setattr(exporting, "EXTERNAL_DATA_BYTES", 0)
+    out = workdir / "external"
+    run_cli("export", "--checkpoint", gpt2_dir, "--format", "onnx", "--output", out, *extra)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("model")) == ["model.onnx", "model.onnx.data"]
+    assert (out / "model.onnx").stat().st_size < (out / "model.onnx.data").stat().st_size
+    assert json.loads((out / "verification.json").read_text())["passed"]
 
 
 def test_int8_and_fp16_exports_of_a_trained_run(trained_run, trained_onnx, workdir):
