@@ -350,9 +350,24 @@ def _verify_onnx(model, tokenizer, directory: Path, dtype: str, quantize: Option
     }
 
 
+class _FusedGraphMismatch(Exception):
+    """The fused graph failed verification; the export is redone with standard operators."""
+
+
 def export_onnx(source: Path, output: Path, run_dir: Optional[Path], dtype: str = "fp32", quantize: Optional[str] = None,
                 overwrite: bool = False, verify: bool = True, log: Callable[[str], None] = print,
                 optimize: bool = True) -> ExportResult:
+    try:
+        return _export_onnx(source, output, run_dir, dtype, quantize, overwrite, verify, log, optimize)
+    except _FusedGraphMismatch:
+        # A fusion pattern that matched but computes something else (a new architecture variant):
+        # the standard graph is slower but exact, so the user still gets a working export.
+        log("the fused graph failed verification; exporting again with standard ONNX operators (--no-optimize)")
+        return _export_onnx(source, output, run_dir, dtype, quantize, overwrite, verify, log, optimize=False)
+
+
+def _export_onnx(source: Path, output: Path, run_dir: Optional[Path], dtype: str, quantize: Optional[str],
+                 overwrite: bool, verify: bool, log: Callable[[str], None], optimize: bool) -> ExportResult:
     import time
 
     _require_onnx()
@@ -426,10 +441,12 @@ def export_onnx(source: Path, output: Path, run_dir: Optional[Path], dtype: str 
                 f"{report['greedy_token_agreement']:.1%}"
             )
             if not report["passed"]:
+                if fusions:
+                    raise _FusedGraphMismatch()
                 raise FinetuneError(
                     f"the ONNX export does not match PyTorch closely enough (see the numbers above; "
                     f"thresholds: {LOGIT_TOLERANCE[quantize or dtype]} logits, {MIN_TOP1_AGREEMENT[quantize or dtype]:.0%} top-1); "
-                    f"pass --no-verify to keep it anyway" + (", or --no-optimize for the graph without fusions" if fusions else "")
+                    f"pass --no-verify to keep it anyway"
                 )
         ckpt.finish_output_dir(tmp, output)
     except BaseException:

@@ -78,7 +78,7 @@ def make_model_dir(path: Path, architecture: str = "gpt2", dropout: bool = True)
     if architecture == "gpt2":
         rates = {} if dropout else dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         config = AutoConfig.for_model("gpt2", n_positions=256, n_embd=64, n_layer=2, n_head=2, **rates, **common)
-    elif architecture in ("llama", "qwen2"):
+    elif architecture in ("llama", "qwen2", "qwen3", "mistral"):
         config = AutoConfig.for_model(
             architecture, max_position_embeddings=256, hidden_size=64, intermediate_size=128,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **common,

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import make_model_dir, run_cli
 
-ARCHITECTURES = ["gpt2", "llama", "qwen2", "gpt_neox"]
+ARCHITECTURES = ["gpt2", "llama", "qwen2", "qwen3", "mistral", "gpt_neox"]
 STANDARD_DOMAINS = ("", "ai.onnx")
 
 
@@ -90,7 +90,25 @@ def test_a_failed_fusion_keeps_the_plain_graph(workdir, gpt2_dir, monkeypatch):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("model", "staging"))) == ["model.onnx"]
 
 
-@pytest.mark.parametrize("extra", [[], ["--quantize", "int8"], ["--no-optimize"]])
+def test_a_fused_graph_that_fails_verification_is_redone_without_fusions(workdir, gpt2_dir, monkeypatch):
+    from finetune import exporting
+
+    real_verify = exporting._verify_onnx
+
+    def fused_graphs_fail(model, tokenizer, directory, dtype, quantize):
+        report = real_verify(model, tokenizer, directory, dtype, quantize)
+        fused = json.loads((directory / "finetune_onnx.json").read_text())["onnxruntime_fusions"]
+        return {**report, "passed": report["passed"] and not fused}
+
+    monkeypatch.setattr(exporting, "_verify_onnx", fused_graphs_fail)
+    out = workdir / "redone"
+    result = run_cli("export", "--checkpoint", gpt2_dir, "--format", "onnx", "--output", out)
+    assert "the fused graph failed verification; exporting again with standard ONNX operators" in result.output
+    assert set(graph_ops(out).values()) <= set(STANDARD_DOMAINS)
+    assert json.loads((out / "verification.json").read_text())["passed"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--quantize", "int8"]])
 def test_external_data_exports(workdir, gpt2_dir, monkeypatch, extra):
     """Models over 2 GB keep their weights beside the graph; forced here with a zero threshold."""
     from finetune import exporting
