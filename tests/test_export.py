@@ -75,6 +75,15 @@ def test_no_optimize_keeps_standard_onnx_operators(workdir, gpt2_dir):
     assert greedy_text("--onnx", workdir / "plain-") == greedy_text("--checkpoint", gpt2_dir)
 
 
+def export_expecting_standard_graph(model_dir: Path, out: Path, message: str) -> Path:
+    """Export with fusions on; expect `message`, a verified graph, and standard ONNX operators only."""
+    result = run_cli("export", "--checkpoint", model_dir, "--format", "onnx", "--output", out)
+    assert message in result.output
+    assert set(graph_ops(out).values()) <= set(STANDARD_DOMAINS)
+    assert json.loads((out / "verification.json").read_text())["passed"]
+    return out
+
+
 def test_a_failed_fusion_keeps_the_plain_graph(workdir, gpt2_dir, monkeypatch):
     from finetune import onnx_optimize
 
@@ -82,11 +91,8 @@ def test_a_failed_fusion_keeps_the_plain_graph(workdir, gpt2_dir, monkeypatch):
         raise RuntimeError("pattern matcher gave up\nsecond line")
 
     monkeypatch.setattr(onnx_optimize, "fuse", broken)
-    out = workdir / "fallback"
-    result = run_cli("export", "--checkpoint", gpt2_dir, "--format", "onnx", "--output", out)
-    assert "ONNX Runtime fusions not applied (RuntimeError: pattern matcher gave up)" in result.output
-    assert set(graph_ops(out).values()) <= set(STANDARD_DOMAINS)
-    assert json.loads((out / "verification.json").read_text())["passed"]
+    out = export_expecting_standard_graph(gpt2_dir, workdir / "fallback",
+                                          "ONNX Runtime fusions not applied (RuntimeError: pattern matcher gave up)")
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("model", "staging"))) == ["model.onnx"]
 
 
@@ -101,11 +107,8 @@ def test_a_fused_graph_that_fails_verification_is_redone_without_fusions(workdir
         return {**report, "passed": report["passed"] and not fused}
 
     monkeypatch.setattr(exporting, "_verify_onnx", fused_graphs_fail)
-    out = workdir / "redone"
-    result = run_cli("export", "--checkpoint", gpt2_dir, "--format", "onnx", "--output", out)
-    assert "the fused graph failed verification; exporting again with standard ONNX operators" in result.output
-    assert set(graph_ops(out).values()) <= set(STANDARD_DOMAINS)
-    assert json.loads((out / "verification.json").read_text())["passed"]
+    export_expecting_standard_graph(gpt2_dir, workdir / "redone",
+                                    "the fused graph failed verification; exporting again with standard ONNX operators")
 
 
 @pytest.mark.parametrize("extra", [[], ["--quantize", "int8"]])
