@@ -6,7 +6,7 @@ Builds GPT-2 124M (random weights, the real GPT-2 BPE from ../shared/gpt2-tokeni
 exports it with finetune's exporter (fp32 and int8, each with standard ONNX operators and with
 ONNX Runtime's fused operators), then times new tokens/s for HF `generate` and for finetune's ONNX
 Runtime loop, side by side in one process in alternating rounds, and reports greedy agreement with
-HF and the memory-bandwidth ceiling for fp32. Target (issue 4): ORT fp32 >= 2x, int8 >= 3x HF generate.
+HF and the memory-bandwidth ceiling for fp32; then the same with finetune's default sampling knobs. Target (issue 4): ORT fp32 >= 2x, int8 >= 3x HF generate.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from finetune.exporting import export_onnx
-from finetune.onnx_generation import OnnxCausalLM
+from finetune.config import GenerateConfig
+from finetune.onnx_generation import OnnxCausalLM, next_tokens, position_ids_for
 
 SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "gpt2-tokenizer"
 PROMPT = "The recipe calls for two cups of flour, a pinch of salt and"
@@ -95,33 +96,53 @@ def main() -> None:
     np_ids = ids.numpy()
     n = args.new_tokens
 
-    def hf():
+    def hf(**sampling):
         with torch.inference_mode():
-            return model.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                                  pad_token_id=50256)[0, ids.shape[1]:].numpy()
+            return model.generate(ids, do_sample=bool(sampling), max_new_tokens=n, min_new_tokens=n,
+                                  pad_token_id=50256, **sampling)[0, ids.shape[1]:].numpy()
+
+    # `finetune generate`'s default sampling (temperature 0.8, top-k 50, top-p 0.95) on both sides.
+    knobs = GenerateConfig(seed=0)
+    rng = np.random.default_rng(0)
+
+    def ort_sampled(lm):
+        mask = np.ones_like(np_ids)
+        logits, past = lm.forward(np_ids, mask, position_ids_for(mask, mask.shape[1]), lm.empty_past(1))
+        history, new = np_ids, []
+        for _ in range(n):
+            chosen = next_tokens(logits[:, -1], history, knobs, rng)[:, None].astype(np.int64)
+            new.append(chosen[0, 0])
+            history = np.concatenate([history, chosen], axis=1)
+            mask = np.ones_like(history)
+            logits, past = lm.forward(chosen, mask, position_ids_for(mask, 1), past)
+        return np.array(new)
 
     # Alternating rounds, so every backend sees the same machine state; median seconds per backend.
-    backends = {"HF generate (torch fp32)": hf}
+    # name -> (function, the HF row it is compared with)
+    greedy_hf, sampled_hf = "HF generate (torch fp32)", "HF generate (torch fp32), sampling"
+    backends = {greedy_hf: (hf, greedy_hf)}
     for name, export in exports.items():
-        backends[f"finetune ONNX Runtime {name}"] = lambda lm=export["lm"]: lm.greedy(np_ids, np.ones_like(np_ids), n)[0]
+        backends[f"finetune ONNX Runtime {name}"] = (lambda lm=export["lm"]: lm.greedy(np_ids, np.ones_like(np_ids), n)[0], greedy_hf)
+    backends[sampled_hf] = (lambda: hf(temperature=knobs.temperature, top_k=knobs.top_k, top_p=knobs.top_p), sampled_hf)
+    fastest = exports[list(variants)[-1]]["lm"]
+    backends[f"finetune ONNX Runtime {list(variants)[-1]}, sampling"] = (lambda: ort_sampled(fastest), sampled_hf)
     seconds = {name: [] for name in backends}
     tokens = {}
-    for fn in backends.values():
+    for fn, _ in backends.values():
         fn()  # warm-up
     for _ in range(args.rounds):
-        for name, fn in backends.items():
+        for name, (fn, _) in backends.items():
             start = time.perf_counter()
             tokens[name] = fn()
             seconds[name].append(time.perf_counter() - start)
-    hf_name = next(iter(backends))
-    hf_seconds = statistics.median(seconds[hf_name])
+    hf_seconds = statistics.median(seconds[greedy_hf])
     rows = []
-    for name in backends:
+    for name, (_, baseline) in backends.items():
         export = exports.get(name.removeprefix("finetune ONNX Runtime "))
-        ratios = [h / s for h, s in zip(seconds[hf_name], seconds[name])]
-        rows.append((name, n / statistics.median(seconds[name]), hf_seconds / statistics.median(seconds[name]),
-                     float((tokens[name] == tokens[hf_name]).mean()),
-                     f"{export['seconds']:.1f}" if export else "", f"{export['mb']:.0f}" if export else "",
+        ratios = [h / s for h, s in zip(seconds[baseline], seconds[name])]
+        agreement = f"{float((tokens[name] == tokens[greedy_hf]).mean()):.1%}" if baseline == greedy_hf else "(sampled)"
+        rows.append((name, n / statistics.median(seconds[name]), statistics.median(seconds[baseline]) / statistics.median(seconds[name]),
+                     agreement, f"{export['seconds']:.1f}" if export else "", f"{export['mb']:.0f}" if export else "",
                      ", ".join(f"{r:.2f}" for r in ratios)))
 
     # At batch 1 each new token reads every weight once (the tied embedding as the output layer;
@@ -132,11 +153,12 @@ def main() -> None:
     print(f"GPT-2 124M, batch 1, greedy, {n} new tokens, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s / {weight_bytes / 1e6:.0f} MB of fp32 weights per token = "
           f"fp32 roofline {roofline:.1f} tokens/s = {roofline * hf_seconds / n:.2f}x HF generate")
-    print(f"{args.rounds} alternating rounds; tokens/s and ratio from the median round time; per-round ratios to HF listed")
+    print(f"{args.rounds} alternating rounds; tokens/s and ratio from the median round time; per-round ratios to HF listed;")
+    print(f"sampling rows: temperature {knobs.temperature}, top-k {knobs.top_k}, top-p {knobs.top_p} (finetune generate's defaults), vs HF sampling")
     print("| backend | new tokens/s | vs HF | greedy agreement with HF | export s | size MB | per-round vs HF |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row[0]} | {row[1]:.1f} | {row[2]:.2f}x | {row[3]:.1%} | {row[4]} | {row[5]} | {row[6]} |")
+        print(f"| {row[0]} | {row[1]:.1f} | {row[2]:.2f}x | {row[3]} | {row[4]} | {row[5]} | {row[6]} |")
     print(json.dumps({"rows": [list(map(str, r)) for r in rows]}))
 
 

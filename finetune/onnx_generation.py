@@ -87,13 +87,48 @@ class OnnxCausalLM:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
+# Top-p without top-k looks at this many best tokens first; the full vocabulary is sorted only when
+# they hold less than top_p of the probability mass.
+NUCLEUS_CANDIDATES = 256
+
+
 def _softmax(scores: np.ndarray) -> np.ndarray:
     shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
+def sampling_distribution(scores: np.ndarray, cfg: GenerateConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids that survive top-k then top-p (transformers' rules) and their probabilities, for one row
+    of temperature-scaled scores.
+
+    Works on the few candidates instead of the whole vocabulary: sorting 50k scores per token cost
+    6.8 ms on a 2-core CPU, more than half an int8 GPT-2 decode step.
+    """
+    candidates, outside_mass = None, 0.0
+    if 0 < cfg.top_k < scores.size:
+        kth = np.partition(scores, -cfg.top_k)[-cfg.top_k]
+        candidates = np.flatnonzero(scores >= kth)  # ties with the k-th are kept, as transformers does
+    elif cfg.top_p < 1.0 and scores.size > NUCLEUS_CANDIDATES:
+        best = np.argpartition(scores, -NUCLEUS_CANDIDATES)[-NUCLEUS_CANDIDATES:]
+        probs = _softmax(scores)
+        mass = float(probs[best].sum())
+        if mass >= cfg.top_p:  # the rest falls inside the 1 - top_p tail, which top-p removes anyway
+            candidates, outside_mass = best, 1.0 - mass
+    if candidates is None:
+        candidates = np.arange(scores.size)
+    probs = _softmax(scores[candidates]) * (1.0 - outside_mass)  # probabilities under the full distribution
+    if cfg.top_p < 1.0:
+        order = np.argsort(probs)  # ascending, as transformers' TopPLogitsWarper
+        remove = outside_mass + np.cumsum(probs[order]) <= 1 - cfg.top_p
+        remove[-1] = False  # always keep the most likely token
+        kept = np.sort(order[~remove])
+        candidates, probs = candidates[kept], probs[kept]
+    return candidates, probs / probs.sum()
+
+
 def next_tokens(scores: np.ndarray, history: np.ndarray, cfg: GenerateConfig, rng: np.random.Generator) -> np.ndarray:
-    """One token per row from last-position logits, with transformers' processor semantics."""
+    """One token per row from last-position logits, with transformers' processor semantics
+    (repetition penalty, temperature, top-k, top-p, in that order)."""
     scores = scores.astype(np.float64)
     if cfg.repetition_penalty != 1.0:
         rows = np.arange(len(scores))[:, None]
@@ -101,22 +136,11 @@ def next_tokens(scores: np.ndarray, history: np.ndarray, cfg: GenerateConfig, rn
         scores[rows, history] = np.where(seen < 0, seen * cfg.repetition_penalty, seen / cfg.repetition_penalty)
     if cfg.temperature == 0:
         return scores.argmax(-1)
-    scores = scores / cfg.temperature
-    if cfg.top_k > 0:
-        k = min(cfg.top_k, scores.shape[-1])
-        kth = np.partition(scores, -k, axis=-1)[:, -k][:, None]
-        scores = np.where(scores < kth, -np.inf, scores)
-    if cfg.top_p < 1.0:
-        order = np.argsort(scores, axis=-1)  # ascending, as transformers' TopPLogitsWarper
-        sorted_scores = np.take_along_axis(scores, order, axis=-1)
-        cumulative = np.cumsum(_softmax(sorted_scores), axis=-1)
-        remove_sorted = cumulative <= 1 - cfg.top_p
-        remove_sorted[:, -1] = False  # always keep the most likely token
-        remove = np.zeros_like(remove_sorted)
-        np.put_along_axis(remove, order, remove_sorted, axis=-1)
-        scores = np.where(remove, -np.inf, scores)
-    probs = _softmax(scores)
-    return np.array([rng.choice(len(p), p=p) for p in probs])
+    chosen = []
+    for row in scores / cfg.temperature:
+        ids, probs = sampling_distribution(row, cfg)
+        chosen.append(ids[rng.choice(len(ids), p=probs)])
+    return np.array(chosen)
 
 
 def generate_texts_onnx(lm: OnnxCausalLM, cfg: GenerateConfig, write: Optional[Callable[[str], None]] = None) -> list[str]:
