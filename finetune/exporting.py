@@ -219,7 +219,11 @@ def _untie_output_layer(model) -> None:
 
 
 def _export_graph(model, path: Path, layout, external: bool) -> None:
+    import logging
+
     import torch
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" x4, nothing to act on
 
     num_layers = len(layout)
     batch, seq, past_len = 2, 3, 4  # not 0 or 1, so no dimension is specialised to a constant
