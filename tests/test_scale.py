@@ -3,6 +3,7 @@ optimizers and the dry-run memory planner."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,11 @@ def test_lora_train_generate_resume_and_merged_export(workdir, architecture):
         assert (merged(ids).logits - reference).abs().max() < 1e-4
         assert (direct(ids).logits - reference).abs().max() < 1e-4
     assert not any(k.startswith("base_model") or "lora" in k for k in load_file(workdir / "merged/model.safetensors"))
+    # ONNX: the adapter merged, the graph fused and verified, the same greedy text as the torch path.
+    run_cli("export", "--run", "lora", "--format", "onnx", "--output", workdir / "lora-onnx")
+    assert json.loads((workdir / "lora-onnx" / "verification.json").read_text())["greedy_identical"]
+    onnx_text = run_cli("generate", "--onnx", workdir / "lora-onnx", "--prompt", "Title:", "--max-new-tokens", 5, "--temperature", 0).stdout
+    assert onnx_text == text
 
 
 def test_lora_errors(workdir, gpt2_dir):
