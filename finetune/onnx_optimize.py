@@ -63,20 +63,23 @@ def _save(model, path: Path, external: bool) -> None:
 def fuse(source: Path, target: Path, external: bool) -> dict[str, int]:
     """Write `source` with ONNX Runtime's fused operators to `target`; returns the fusions applied.
 
-    Raises if the fusions fail or ONNX Runtime cannot load the result, so the caller can keep the
-    plain graph instead.
+    Raises if the fusions fail, match nothing, or give a graph ONNX Runtime cannot load, so the
+    caller can keep the plain graph instead.
     """
     import onnx_ir as ir
     import onnxruntime as ort
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
     model, counts = optimize_for_ort(ir.load(str(source)))
+    counts = {name: count for name, count in counts.items() if count}
+    if not counts:  # nothing to gain, and the standard graph stays portable
+        raise ValueError("no fusion pattern matched this architecture")
     _save(model, target, external)
     del model
     options = ort.SessionOptions()
     options.log_severity_level = 3  # the load is a check; its shape-merge warnings are noise here
     ort.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
-    return {name: count for name, count in counts.items() if count}
+    return counts
 
 
 def quantize_int8_blocks(source: Path, target: Path, external: bool) -> None:
