@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 
 from finetune.exporting import export_onnx
 from finetune.config import GenerateConfig
-from finetune.onnx_generation import OnnxCausalLM, next_tokens, position_ids_for
+from finetune.onnx_generation import OnnxCausalLM, next_tokens
 
 SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "gpt2-tokenizer"
 PROMPT = "The recipe calls for two cups of flour, a pinch of salt and"
@@ -109,16 +109,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
 
     def ort_sampled(lm):
-        mask = np.ones_like(np_ids)
-        logits, past = lm.forward(np_ids, mask, position_ids_for(mask, mask.shape[1]), lm.empty_past(1))
-        history, new = np_ids, []
-        for _ in range(n):
-            chosen = next_tokens(logits[:, -1], history, knobs, rng)[:, None].astype(np.int64)
-            new.append(chosen[0, 0])
-            history = np.concatenate([history, chosen], axis=1)
-            mask = np.ones_like(history)
-            logits, past = lm.forward(chosen, mask, position_ids_for(mask, 1), past)
-        return np.array(new)
+        return lm.decode_steps(np_ids, np.ones_like(np_ids), n, lambda scores, history: next_tokens(scores, history, knobs, rng))[0]
 
     # Alternating rounds, so every backend sees the same machine state; median seconds per backend.
     # name -> (function, the HF row it is compared with)

@@ -68,15 +68,20 @@ class OnnxCausalLM:
 
     def greedy(self, input_ids: np.ndarray, attention_mask: np.ndarray, steps: int) -> np.ndarray:
         """`steps` argmax tokens per row, ignoring EOS (used to verify exports)."""
+        return self.decode_steps(input_ids, attention_mask, steps, lambda scores, _history: scores.argmax(-1))
+
+    def decode_steps(self, input_ids: np.ndarray, attention_mask: np.ndarray, steps: int,
+                     pick: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+        """`steps` new tokens per row, ignoring EOS; pick(last-position logits, ids so far) chooses each."""
         logits, past = self.forward(input_ids, attention_mask, position_ids_for(attention_mask, input_ids.shape[1]),
                                     self.empty_past(len(input_ids)))
-        mask, tokens = attention_mask, []
+        mask, history = attention_mask, input_ids
         for _ in range(steps):
-            next_ids = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
-            tokens.append(next_ids)
+            next_ids = pick(logits[:, -1], history).astype(np.int64)[:, None]
+            history = np.concatenate([history, next_ids], axis=1)
             mask = np.concatenate([mask, np.ones_like(next_ids)], axis=1)
             logits, past = self.forward(next_ids, mask, position_ids_for(mask, 1), past)
-        return np.concatenate(tokens, axis=1)
+        return history[:, input_ids.shape[1]:]
 
     def encode(self, prompt: str) -> list[int]:
         ids = self.tokenizer.encode(prompt).ids if prompt else []
@@ -104,19 +109,20 @@ def sampling_distribution(scores: np.ndarray, cfg: GenerateConfig) -> tuple[np.n
     Works on the few candidates instead of the whole vocabulary: sorting 50k scores per token cost
     6.8 ms on a 2-core CPU, more than half an int8 GPT-2 decode step.
     """
-    candidates, outside_mass = None, 0.0
+    candidates, probs, outside_mass = None, None, 0.0  # probs: of the candidates, under the full distribution
     if 0 < cfg.top_k < scores.size:
         kth = np.partition(scores, -cfg.top_k)[-cfg.top_k]
         candidates = np.flatnonzero(scores >= kth)  # ties with the k-th are kept, as transformers does
     elif cfg.top_p < 1.0 and scores.size > NUCLEUS_CANDIDATES:
-        best = np.argpartition(scores, -NUCLEUS_CANDIDATES)[-NUCLEUS_CANDIDATES:]
         probs = _softmax(scores)
+        best = np.argpartition(scores, -NUCLEUS_CANDIDATES)[-NUCLEUS_CANDIDATES:]
         mass = float(probs[best].sum())
         if mass >= cfg.top_p:  # the rest falls inside the 1 - top_p tail, which top-p removes anyway
-            candidates, outside_mass = best, 1.0 - mass
+            candidates, probs, outside_mass = best, probs[best], 1.0 - mass
     if candidates is None:
         candidates = np.arange(scores.size)
-    probs = _softmax(scores[candidates]) * (1.0 - outside_mass)  # probabilities under the full distribution
+    if probs is None:
+        probs = _softmax(scores[candidates])  # top-k masks the rest to probability 0
     if cfg.top_p < 1.0:
         order = np.argsort(probs)  # ascending, as transformers' TopPLogitsWarper
         remove = outside_mass + np.cumsum(probs[order]) <= 1 - cfg.top_p

@@ -102,8 +102,8 @@ def quantize_int8_blocks(source: Path, target: Path, external: bool) -> None:
     _save(model, target, external)
 
 
-def quantize_embeddings(graph) -> int:
-    """Replace Gather(float table, ids) by int8 rows times a per-row scale; returns tables replaced.
+def quantize_embeddings(graph) -> None:
+    """Replace Gather(float table, ids) by int8 rows times a per-row scale.
 
     Gather(int8 table) -> Cast -> Mul(Gather(scales)) is four standard operators on the few rows a
     step looks up, instead of keeping GPT-2's 154 MB token table in fp32.
@@ -111,7 +111,6 @@ def quantize_embeddings(graph) -> int:
     import numpy as np
     import onnx_ir as ir
 
-    replaced = 0
     for node in list(graph):
         table = node.inputs[0] if node.op_type == "Gather" and node.domain in ("", "ai.onnx") else None
         if table is None or table.const_value is None or not table.is_initializer():
@@ -137,8 +136,6 @@ def quantize_embeddings(graph) -> int:
         graph.remove(node, safe=True)
         if not table.uses():
             graph.initializers.pop(table.name)
-        replaced += 1
-    return replaced
 
 
 def quantize_int8_dynamic(source: Path, target: Path, external: bool) -> None:
