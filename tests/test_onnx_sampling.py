@@ -45,8 +45,14 @@ def test_sampling_distribution_matches_transformers_warpers(top_k, top_p):
         assert len(ids) == len(set(ids.tolist())) and abs(probs.sum() - 1) < 1e-12
 
 
-def test_nucleus_prefilter_is_used_when_the_best_tokens_hold_the_mass():
+def test_nucleus_prefilter_is_used_when_the_best_tokens_hold_the_mass(monkeypatch):
+    sorted_sizes = []
+    real_argsort = np.argsort
+    monkeypatch.setattr(np, "argsort", lambda a, *args, **kwargs: sorted_sizes.append(np.size(a)) or real_argsort(a, *args, **kwargs))
     scores = np.zeros(50257)
     scores[:10] = 20.0
     ids, _ = sampling_distribution(scores, GenerateConfig(top_k=0, top_p=0.9))
-    assert sorted(ids.tolist()) == list(range(10)) and NUCLEUS_CANDIDATES < 50257
+    assert sorted(ids.tolist()) == list(range(10))
+    assert sorted_sizes == [NUCLEUS_CANDIDATES]  # the vocabulary itself was never sorted
+    sampling_distribution(np.zeros(50257), GenerateConfig(top_k=0, top_p=0.9))  # flat: no shortcut
+    assert sorted_sizes[-1] == 50257
