@@ -37,8 +37,53 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+UNEXPECTED = "error: unexpected"  # the last-resort handler's words; tests fail when a bad input reaches it
+
+
+def _report_unexpected(exc: BaseException) -> None:
+    """Anything unforeseen: one line naming the exception (and its file), the traceback in a log file.
+
+    Reaching this means a cause went unnamed: a bug to fix, so the line says where the details are.
+    """
+    import time
+    import traceback
+
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if os.environ.get("FINETUNE_DEBUG"):
+        _echo_err(text.rstrip())
+    filename = getattr(exc, "filename", None)
+    where = f" (file {filename})" if filename else ""
+    log_dir = Path(os.environ.get("FINETUNE_CACHE") or Path.home() / ".cache" / "finetune") / "logs"
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_file = log_dir / f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        log_file.write_text(f"{' '.join(shlex.quote(a) for a in sys.argv)}\n\n{text}", encoding="utf-8")
+        details = f"the full traceback is in {log_file}"
+    except OSError:
+        details = "set FINETUNE_DEBUG=1 to print the full traceback"
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    _echo_err(f"{UNEXPECTED} {type(exc).__name__}: {message}{where}; {details}. Please report it with that file")
+
+
 class FinetuneGroup(click.Group):
-    """Turns FinetuneError into one line on stderr and a non-zero exit, never a traceback."""
+    """Every error ends as one line on stderr and a non-zero exit, never a traceback."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:  # click's own three lines (usage / try --help / error) as one
+            command = exc.ctx.command_path if exc.ctx else "finetune"
+            _echo_err(f"error: {exc.format_message()} (see `{command} --help`)")
+            sys.exit(EXIT_USER_ERROR)
+        except click.ClickException as exc:
+            _echo_err(f"error: {exc.format_message()}")
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            _echo_err("aborted")
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx):
         try:
@@ -49,10 +94,15 @@ class FinetuneGroup(click.Group):
         except KeyboardInterrupt:
             _echo_err("aborted")
             ctx.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            raise
+        except Exception as exc:
+            _report_unexpected(exc)
+            ctx.exit(1)
 
 
 @click.group(cls=FinetuneGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="finetune")
+@click.version_option(package_name="finetune-lm")
 def main():
     """Fine-tune a causal language model on your text, then sample from it.
 

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 from finetune import checkpoint as ckpt
 from finetune import onnx_optimize
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, install_hint
 from finetune.onnx_generation import MANIFEST
 
 ONNX_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "gpt_neox")
@@ -46,7 +46,7 @@ def _require_onnx() -> None:
         except ImportError:
             missing.append(module)
     if missing:
-        raise FinetuneError(f"ONNX export needs {', '.join(missing)}; install them with: pip install 'finetune[onnx]'")
+        raise FinetuneError(f"ONNX export needs {', '.join(missing)}; install them with: {install_hint('onnx')}")
 
 
 def _load_model(source: Path, dtype_name: str):

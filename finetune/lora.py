@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, install_hint
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -22,7 +22,7 @@ def _peft():
     try:
         import peft
     except ImportError:
-        raise FinetuneError("LoRA needs peft; install it with: pip install 'finetune[lora]'") from None
+        raise FinetuneError(f"LoRA needs peft; install it with: {install_hint('lora')}") from None
     return peft
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import urlparse
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, install_hint
 
 EOS = "<|endoftext|>"
 
@@ -186,7 +186,7 @@ def _four_bit_config():
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise FinetuneError("--load-in-4bit needs bitsandbytes; install it with: pip install 'finetune[qlora]'") from None
+        raise FinetuneError(f"--load-in-4bit needs bitsandbytes; install it with: {install_hint('qlora')}") from None
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

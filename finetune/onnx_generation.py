@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from finetune.config import GenerateConfig
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, install_hint
 from finetune.generation import StopAwareStreamer, cut_at_stop
 
 MANIFEST = "finetune_onnx.json"
@@ -39,7 +39,7 @@ class OnnxCausalLM:
             import onnxruntime as ort
             from tokenizers import Tokenizer
         except ImportError:
-            raise FinetuneError("ONNX generation needs onnxruntime and tokenizers; install them with: pip install 'finetune[onnx]'") from None
+            raise FinetuneError(f"ONNX generation needs onnxruntime and tokenizers; install them with: {install_hint('onnx')}") from None
         self.manifest = json.loads(manifest_path.read_text())
         model_file = directory / self.manifest["file"]
         if not model_file.is_file():

@@ -23,7 +23,7 @@ from finetune import checkpoint as ckpt
 from finetune import data as data_lib
 from finetune import cpu_speed, modeling, optimizer_state, schedules, speed
 from finetune.config import GenerateConfig, RunConfig, dump_yaml
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, install_hint
 
 DEFAULT_STEPS = 1000
 MAX_NONFINITE_STEPS = 3  # consecutive non-finite losses before the run stops
@@ -84,7 +84,7 @@ def build_optimizer(model, name: str, lr: float, weight_decay: float, cuda: bool
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise FinetuneError("--optimizer adamw8bit needs bitsandbytes; install it with: pip install 'finetune[qlora]'") from None
+            raise FinetuneError(f"--optimizer adamw8bit needs bitsandbytes; install it with: {install_hint('qlora')}") from None
         return bnb.optim.AdamW8bit(groups, lr=lr, betas=(0.9, 0.95))
     if name == "adafactor":
         from transformers.optimization import Adafactor
