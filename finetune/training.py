@@ -149,8 +149,15 @@ def _batches(loader, sampler, epoch: int, skip: int, accelerator):
     continues with exactly the batch the interrupted run would have seen next.
     """
     while True:
-        sampler.set_epoch(epoch)
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        # The prepared loader (accelerate's DataLoaderShard) sets the sampler's epoch from its own
+        # pass counter at the start of every pass, overriding sampler.set_epoch: a resumed run's
+        # counter starts at 0, so its second pass would repeat the first one's order. Setting the
+        # epoch on the loader itself sets both.
+        if hasattr(epoch_loader, "set_epoch"):
+            epoch_loader.set_epoch(epoch)
+        else:
+            sampler.set_epoch(epoch)
         for index, batch in enumerate(epoch_loader, start=skip):
             yield epoch, index + 1, batch
         epoch, skip = epoch + 1, 0
