@@ -448,7 +448,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if val_loader is not None and len(val_loader) > t.eval_batches:
         say(f"validation: {t.eval_batches} of the {len(val_loader)} validation batches, evenly spaced over the split "
-            f"(--eval-batches {t.eval_batches}; raise it to validate on more)")
+            f"(train.eval_batches: {t.eval_batches}; raise it in a --config file to validate on more)")
 
     steps_per_epoch = max(1, math.ceil(len(train_loader) / t.grad_accum))
     total_steps = t.steps or (math.ceil(t.epochs * steps_per_epoch) if t.epochs else DEFAULT_STEPS)

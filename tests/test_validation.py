@@ -14,7 +14,7 @@ from conftest import SAMPLE, read_metrics, run_cli
 def val_text(tmp_path_factory) -> Path:
     """A validation file of 13 blocks of 16 tokens: batches of 4 leave a last batch of 1 block."""
     path = tmp_path_factory.mktemp("val") / "val.txt"
-    path.write_text(SAMPLE.read_text()[-700:])
+    path.write_text(SAMPLE.read_text()[-560:])
     return path
 
 
@@ -46,6 +46,12 @@ def train_with_validation(gpt2_dir: Path, val_file: Path, run: str, *extra):
                    "--block-size", 16, "--batch-size", 4, "--eval-every", 2, "--sample-every", 0, "--save-every", 2, *extra)
 
 
+def eval_batches_config(workdir: Path, batches: int) -> Path:
+    path = workdir / "eval.yaml"
+    path.write_text(f"train:\n  eval_batches: {batches}\n")
+    return path
+
+
 def logged_val_loss(run_dir: Path) -> float:
     return [m for m in read_metrics(run_dir) if "val_loss" in m][-1]["val_loss"]
 
@@ -64,10 +70,10 @@ def test_validation_loss_is_weighted_by_tokens(workdir, gpt2_dir, val_text):
 
 
 def test_capped_validation_covers_the_split_evenly_and_says_so(workdir, gpt2_dir, val_text):
-    result = train_with_validation(gpt2_dir, val_text, "capped", "--eval-batches", 2)
+    result = train_with_validation(gpt2_dir, val_text, "capped", "--config", eval_batches_config(workdir, 2))
     notes = [line for line in result.output.splitlines() if line.startswith("validation:")]
     assert notes == ["validation: 2 of the 4 validation batches, evenly spaced over the split "
-                     "(--eval-batches 2; raise it to validate on more)"], result.output
+                     "(train.eval_batches: 2; raise it in a --config file to validate on more)"], result.output
     checkpoint = workdir / "runs/capped/checkpoint-000002"
     blocks = val_blocks(checkpoint, val_text)
     picked = blocks[0:4] + blocks[8:12]  # batches 0 and 2 of 4, not the first two
