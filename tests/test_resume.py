@@ -417,3 +417,21 @@ def test_settings_changed_on_resume_take_effect(workdir, gpt2_dir, stopped_run, 
         assert lr_changed[4] == lr_changed[5] == 1e-4 and lr_plain[5] < lr_plain[4] < 1e-4
     a, b = weights(plain / "checkpoint-000006"), weights(changed / "checkpoint-000006")
     assert any(not a[key].equal(b[key]) for key in a), "the changed setting had no effect on the weights"
+
+
+def test_default_run_names_differ_per_data_format(workdir, gpt2_dir):
+    """notes.csv and notes.jsonl are two runs (the second used to be refused: 'contents changed')."""
+    import csv
+    import json
+
+    texts = [line for line in SAMPLE.read_text().split("\n\n") if line.strip()][:40]
+    with open(workdir / "notes.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["text"], *[[t] for t in texts]])
+    (workdir / "notes.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in reversed(texts)))
+    (workdir / "notes.txt").write_text("\n\n".join(texts))
+    for name in ("notes.csv", "notes.jsonl", "notes.txt"):
+        args = train_args(gpt2_dir, "unused", 1, 1)
+        args[1] = name
+        del args[4:6]  # no --run-name: the default
+        run_cli(*args, "--val-fraction", 0)
+    assert sorted(p.name for p in (workdir / "runs").iterdir()) == ["notes", "notes-csv", "notes-jsonl"]
