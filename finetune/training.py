@@ -225,8 +225,8 @@ def evaluate(model, loader, max_batches: int, accelerator) -> float:
             mine = first + rank
             batch = _val_batch(loader, picked[min(mine, len(picked) - 1)], accelerator.device)
             loss = forward_loss(model, batch).detach().double()
-            if mine < len(picked):
-                count = _predicted_tokens(batch)
+            count = _predicted_tokens(batch) if mine < len(picked) else 0
+            if count:  # a batch with no predicted token has a NaN mean loss: it adds nothing
                 totals += torch.stack([loss * count, torch.tensor(float(count), dtype=torch.float64, device=loss.device)])
     model.train()
     if world > 1:

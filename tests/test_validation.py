@@ -79,3 +79,20 @@ def test_capped_validation_covers_the_split_evenly_and_says_so(workdir, gpt2_dir
     picked = blocks[0:4] + blocks[8:12]  # batches 0 and 2 of 4, not the first two
     total, count = summed_loss(checkpoint, picked)
     assert abs(logged_val_loss(workdir / "runs/capped") - total / count) < 1e-5
+
+
+@pytest.mark.slow
+def test_validation_under_two_processes_adds_sums_and_counts(workdir, gpt2_dir, val_text):
+    """2 gloo processes share the 4 batches (one of them short): the loss is still the token-weighted mean."""
+    import subprocess
+    import sys
+
+    args = ["train", SAMPLE, "--model", gpt2_dir, "--run-name", "two", "--val-file", val_text, "--steps", 2,
+            "--block-size", 16, "--batch-size", 4, "--eval-every", 2, "--sample-every", 0, "--save-every", 2,
+            "--num-processes", 2]
+    result = subprocess.run([sys.executable, "-m", "finetune", *map(str, args)], cwd=workdir, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = workdir / "runs/two/checkpoint-000002"
+    total, count = summed_loss(checkpoint, val_blocks(checkpoint, val_text))
+    assert abs(logged_val_loss(workdir / "runs/two") - total / count) < 1e-5
