@@ -399,7 +399,8 @@ def stopped_run(tmp_path_factory, gpt2_dir):
     return root / "runs" / "run"
 
 
-@pytest.mark.parametrize("change", [("--lr", "3e-4"), ("--weight-decay", "0.5"), ("--schedule", "constant")])
+@pytest.mark.parametrize("change", [("--lr", "3e-4"), ("--weight-decay", "0.5"), ("--schedule", "constant"),
+                                    ("--warmup", "0.9"), ("--max-grad-norm", "0.01")])
 def test_settings_changed_on_resume_take_effect(workdir, gpt2_dir, stopped_run, change):
     import shutil
 
@@ -415,6 +416,8 @@ def test_settings_changed_on_resume_take_effect(workdir, gpt2_dir, stopped_run, 
         assert all(abs(lr_changed[s] - 3 * lr_plain[s]) < 1e-12 for s in (4, 5)), (lr_plain, lr_changed)
     elif change[0] == "--schedule":
         assert lr_changed[4] == lr_changed[5] == 1e-4 and lr_plain[5] < lr_plain[4] < 1e-4
+    elif change[0] == "--warmup":  # 5 of 6 steps of warmup: the LR still rises after step 3
+        assert lr_changed[4] < lr_changed[5] and lr_plain[5] < lr_plain[4], (lr_plain, lr_changed)
     a, b = weights(plain / "checkpoint-000006"), weights(changed / "checkpoint-000006")
     assert any(not a[key].equal(b[key]) for key in a), "the changed setting had no effect on the weights"
 
