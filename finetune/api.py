@@ -39,6 +39,15 @@ def overrides_from_keywords(values: dict[str, Any]) -> dict[str, dict[str, Any]]
     return layer
 
 
+def train_config(data: Union[str, list[str], None], config: Optional[str], options: dict):
+    """The run's configuration from a config file, the data and keyword options (as `train` takes them)."""
+    options = dict(options)
+    if data is not None:
+        options["data"] = [data] if isinstance(data, (str, Path)) else [str(d) for d in data]
+        options["data"] = [str(d) for d in options["data"]]
+    return resolve_run_config(config, overrides_from_keywords(options))
+
+
 def train(data: Union[str, list[str], None] = None, *, config: Optional[str] = None, log=print,
           command: Optional[str] = None, dry_run: bool = False, **options):
     """Fine-tune a model on text files; returns a TrainResult (run_dir, checkpoint, step, val_loss).
@@ -47,10 +56,7 @@ def train(data: Union[str, list[str], None] = None, *, config: Optional[str] = N
     """
     from finetune.training import train as run_training
 
-    if data is not None:
-        options["data"] = [data] if isinstance(data, (str, Path)) else [str(d) for d in data]
-        options["data"] = [str(d) for d in options["data"]]
-    cfg = resolve_run_config(config, overrides_from_keywords(options))
+    cfg = train_config(data, config, options)
     if dry_run:
         from finetune.planner import dry_run as plan_run
 

@@ -223,12 +223,23 @@ def verify_checkpoint(checkpoint: Path, for_resume: bool) -> None:
                 raise FinetuneError(f"checkpoint {checkpoint} lacks {STATE_DIR}/{name}, so it cannot be resumed{hint}")
 
 
+STATE_KEYS = {"step": int, "tokens_seen": int, "epoch": int, "batches_in_epoch": int, "config": dict, "data_key": dict}
+
+
 def read_training_state(checkpoint: Path) -> dict:
+    """state.json, checked to hold every key resuming reads, each of the right type."""
+    from finetune import files
+
     path = checkpoint / STATE_DIR / "state.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise FinetuneError(f"checkpoint file {path} is missing or corrupt; resume from an earlier checkpoint with --resume DIR") from None
+    fix = f"resume from an earlier checkpoint with --resume {checkpoint.parent}/checkpoint-NNNNNN"
+    state = files.read_json(path, "checkpoint file", fix, expect=dict, required=tuple(STATE_KEYS))
+    for key, kind in STATE_KEYS.items():
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise FinetuneError(f"checkpoint file {path} holds {key!r} as a JSON {type(state[key]).__name__}, "
+                                f"expected {'an object' if kind is dict else 'an integer'}; {fix}")
+    if not all(isinstance(state["config"].get(section), dict) for section in ("model", "data", "train")):
+        raise FinetuneError(f"checkpoint file {path} lacks the model, data and train sections of its 'config'; {fix}")
+    return state
 
 
 def save_torch_file(obj, path: Path) -> None:
@@ -317,16 +328,31 @@ DATA_KEY_NAMES = {
     "val_fraction": "--val-fraction",
     "eos_string": "EOS string",
 }
+# Settings a resume cannot honour: the checkpoint carries the old value with it.
+REFUSED_ON_RESUME = {
+    ("train", "optimizer"): ("--optimizer", "the checkpoint's optimizer state belongs to the optimizer it was saved with"),
+    ("model", "lora_alpha"): ("--lora-alpha", "the adapter keeps the scale it was saved with"),
+    ("model", "lora_dropout"): ("--lora-dropout", "the adapter keeps the dropout it was saved with"),
+    ("train", "freeze_layers"): ("--freeze-layers", "the checkpoint's optimizer state covers the parameters trained so far"),
+    ("train", "train_only_blocks"): ("--train-only-blocks", "the checkpoint's optimizer state covers the parameters trained so far"),
+}
 IGNORED_ON_RESUME = {("train", "overwrite"), ("train", "resume"), ("train", "run_name"), ("data", "paths"), ("data", "cache_dir")}
 
 
 def compare_for_resume(saved: dict, current: dict, saved_data_key: dict, data_key: dict) -> list[str]:
-    """Raise naming the first experiment-defining difference; return the harmless ones as text."""
-    for (section, key), label in EXPERIMENT_KEYS.items():
+    """Raise naming the first difference a resume cannot take; return the accepted ones as text.
+
+    Every accepted change takes effect from the resume point (training.py applies --lr, --warmup,
+    --schedule, --steps and --weight-decay to the restored optimizer and schedule; the rest is read
+    each step), so listing it as changed is true.
+    """
+    refused = {key: (label, "") for key, label in EXPERIMENT_KEYS.items()} | REFUSED_ON_RESUME
+    for (section, key), (label, reason) in refused.items():
         before, after = saved[section].get(key), current[section].get(key)
         if before != after:
             raise FinetuneError(
-                f"cannot resume: {label} changed ({before!r} -> {after!r}) since the checkpoint; "
+                f"cannot resume: {label} changed ({before!r} -> {after!r}) since the checkpoint"
+                f"{'; ' + reason if reason else ''}; "
                 f"use a new --run-name for a new experiment, or --overwrite to restart this one"
             )
     for key, label in DATA_KEY_NAMES.items():
@@ -339,7 +365,7 @@ def compare_for_resume(saved: dict, current: dict, saved_data_key: dict, data_ke
     for section, values in current.items():
         for key, after in values.items():
             before = saved.get(section, {}).get(key)
-            if (section, key) not in IGNORED_ON_RESUME and (section, key) not in EXPERIMENT_KEYS and before != after:
+            if (section, key) not in IGNORED_ON_RESUME and (section, key) not in refused and before != after:
                 changes.append(f"{section}.{key} {before!r} -> {after!r}")
     return changes
 

@@ -206,9 +206,14 @@ def train(data, config_file, dry_run, num_processes, accelerate_config, **flags)
     options = {key: value for key, value in flags.items() if value is not None}
     command = _command_line("train", list(data), {"config": config_file, **options})
     if num_processes is not None or accelerate_config:
+        from finetune.api import train_config
         from finetune.launch import launch_training
+        from finetune.training import launcher_lock
 
-        sys.exit(launch_training(shlex.split(command)[1:], num_processes, accelerate_config))
+        # The launcher holds the run's lock for the processes it starts (training.run_lock).
+        with launcher_lock(train_config(list(data) or None, config_file, options)):
+            code = launch_training(shlex.split(command)[1:], num_processes, accelerate_config)
+        sys.exit(code)
     from finetune.api import train as api_train
 
     if data:

@@ -356,4 +356,6 @@ def validate_generate_config(cfg: GenerateConfig) -> None:
 def dump_yaml(cfg: RunConfig, path: Path) -> None:
     import yaml
 
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    from finetune.files import write_atomic
+
+    write_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "run config")

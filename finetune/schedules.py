@@ -40,3 +40,45 @@ def lr_schedule(optimizer, name: str, warmup_steps: int, total_steps: int):
     from torch.optim.lr_scheduler import LambdaLR
 
     return LambdaLR(optimizer, partial(SCHEDULES[name], warmup=warmup_steps, total=total_steps))
+
+
+def warmup_length(warmup: float, steps: int) -> int:
+    """--warmup: a fraction of `steps` if < 1, else a step count."""
+    return int(warmup * steps) if warmup < 1 else int(warmup)
+
+
+def segment(name: str, warmup: float, start: int, end: int) -> dict:
+    """The schedule of steps start+1..end: warmup from `start`, then decay to `end` (saved in state.json).
+
+    A run has one segment from step 0; extending a finished run adds a fresh one over the added steps.
+    """
+    return {"name": name, "start": start, "end": end, "warmup_steps": warmup_length(warmup, end - start)}
+
+
+def is_segment(value) -> bool:
+    """Whether a value read back from state.json is a segment() (an older or damaged file may lack it)."""
+    return (isinstance(value, dict) and value.get("name") in SCHEDULES
+            and all(isinstance(value.get(key), int) for key in ("start", "end", "warmup_steps")))
+
+
+def multiplier(seg: dict, step: int) -> float:
+    """The LR at absolute optimizer step `step`, as a fraction of the peak LR."""
+    return SCHEDULES[seg["name"]](step - seg["start"], warmup=seg["warmup_steps"], total=seg["end"] - seg["start"])
+
+
+def _shifted(seg: dict, offset: int, k: int) -> float:
+    return multiplier(seg, offset + k)
+
+
+def scheduler_from(optimizer, seg: dict, peak_lr: float, step: int):
+    """A LambdaLR at `step` of `seg` with the peak LR `peak_lr`, whatever the optimizer held before.
+
+    Built fresh on resume instead of loading the saved scheduler, so a changed --lr, --warmup,
+    --schedule or --steps drives the rest of the run; with none changed it gives the same LR at
+    every step as the uninterrupted run (the same formula at the same absolute step).
+    """
+    from torch.optim.lr_scheduler import LambdaLR
+
+    for group in optimizer.param_groups:  # a restored optimizer holds the LR it was saved with
+        group["lr"] = group["initial_lr"] = peak_lr
+    return LambdaLR(optimizer, partial(_shifted, seg, step))

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import signal
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
 from finetune import checkpoint as ckpt
 from finetune import data as data_lib
-from finetune import cpu_speed, modeling, optimizer_state, schedules, speed
+from finetune import cpu_speed, files, modeling, optimizer_state, schedules, speed
 from finetune.config import GenerateConfig, RunConfig, dump_yaml
 from finetune.errors import FinetuneError, install_hint
 
@@ -42,10 +43,18 @@ class TrainResult:
         return {"SIGINT": 130, "SIGTERM": 143}.get(self.interrupted_by or "", 0)
 
 
+PLAIN_TEXT_SUFFIXES = {".txt", ".md", ""}
+
+
 def default_run_name(paths: list[str]) -> str:
-    """Named after the first data file ('stories.txt' -> 'stories'), like a user would name it."""
+    """Named after the first data file: 'stories.txt' -> 'stories', 'notes.csv' -> 'notes-csv'.
+
+    Plain text keeps its stem, like a user would name it; other formats add their extension, so
+    notes.csv and notes.jsonl beside each other are two runs, not one run whose data "changed".
+    """
     first = Path(paths[0].rstrip("/"))
-    stem = first.stem if first.suffix else first.name
+    suffix = first.suffix.lower()
+    stem = first.stem if suffix in PLAIN_TEXT_SUFFIXES else f"{first.stem}-{suffix.lstrip('.')}"
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.")
     return name or "run1"
 
@@ -138,8 +147,7 @@ def peak_memory_bytes(baseline_rss: int) -> int:
 
 
 def _log_to(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
+    files.append_line(path, json.dumps(record), "metrics file")
 
 
 def _batches(loader, sampler, epoch: int, skip: int, accelerator):
@@ -149,8 +157,15 @@ def _batches(loader, sampler, epoch: int, skip: int, accelerator):
     continues with exactly the batch the interrupted run would have seen next.
     """
     while True:
-        sampler.set_epoch(epoch)
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        # The prepared loader (accelerate's DataLoaderShard) sets the sampler's epoch from its own
+        # pass counter at the start of every pass, overriding sampler.set_epoch: a resumed run's
+        # counter starts at 0, so its second pass would repeat the first one's order. Setting the
+        # epoch on the loader itself sets both.
+        if hasattr(epoch_loader, "set_epoch"):
+            epoch_loader.set_epoch(epoch)
+        else:
+            sampler.set_epoch(epoch)
         for index, batch in enumerate(epoch_loader, start=skip):
             yield epoch, index + 1, batch
         epoch, skip = epoch + 1, 0
@@ -167,21 +182,68 @@ def _num_tokens(batch) -> int:
     return batch["input_ids"].numel() if isinstance(batch, dict) else batch.numel()
 
 
+def _predicted_tokens(batch) -> int:
+    """Tokens whose next-token loss is counted: each row's labels after the first (the model
+    shifts them), except masked (-100) ones."""
+    if isinstance(batch, dict):
+        return int((batch["labels"][:, 1:] != -100).sum())
+    return batch.shape[0] * (batch.shape[1] - 1)
+
+
+def eval_batch_indices(available: int, cap: int) -> list[int]:
+    """All batches, or `cap` of them evenly spaced over the split (not only its beginning)."""
+    if available <= cap:
+        return list(range(available))
+    return [i * available // cap for i in range(cap)]
+
+
+def _val_batch(loader, index: int, device):
+    """Batch `index` of an unshuffled loader, built directly (batches are read out of order)."""
+    from accelerate.utils import send_to_device
+
+    start = index * loader.batch_size
+    items = [loader.dataset[i] for i in range(start, min(start + loader.batch_size, len(loader.dataset)))]
+    return send_to_device(loader.collate_fn(items), device)
+
+
 def evaluate(model, loader, max_batches: int, accelerator) -> float:
+    """Mean loss per predicted token over the validation batches eval_batch_indices picks.
+
+    Weighted by tokens (a mean of per-batch means would weigh a short last batch like a full one).
+    Each process takes every n-th batch, and the processes add up their loss sums and token
+    counts. Every process runs as many forward passes (one repeats a batch, counted zero times),
+    because under FSDP a forward pass needs all of them.
+    """
     import torch
 
+    picked = eval_batch_indices(len(loader), max_batches)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     model.eval()
-    total, count = 0.0, 0
     with torch.no_grad():
-        for i, batch in enumerate(loader):
-            if i >= max_batches:
-                break
-            loss = forward_loss(model, batch).detach().float().reshape(1)
-            gathered = accelerator.gather_for_metrics(loss)
-            total += gathered.sum().item()
-            count += gathered.numel()
+        for first in range(0, len(picked), world):
+            mine = first + rank
+            batch = _val_batch(loader, picked[min(mine, len(picked) - 1)], accelerator.device)
+            loss = forward_loss(model, batch).detach().double()
+            count = _predicted_tokens(batch) if mine < len(picked) else 0
+            if count:  # a batch with no predicted token has a NaN mean loss: it adds nothing
+                totals += torch.stack([loss * count, torch.tensor(float(count), dtype=torch.float64, device=loss.device)])
     model.train()
-    return total / max(count, 1)
+    if world > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def _require_finite_weights(model, checkpoint: Path) -> None:
+    """A checkpoint holding NaN/inf weights (written by another tool or an older version) cannot be resumed."""
+    import torch
+
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            earlier = [p for p in ckpt.list_checkpoints(checkpoint.parent) if p.name < checkpoint.name]
+            fix = (f"resume from an earlier checkpoint with --resume {earlier[-1]}" if earlier
+                   else "start over with --overwrite")
+            raise FinetuneError(f"checkpoint {checkpoint} holds NaN/inf weights ({name}), so it cannot be resumed; {fix}")
 
 
 def _resume_point(run_dir: Path, resume: str, overwrite: bool) -> Optional[Path]:
@@ -204,24 +266,72 @@ def _resume_point(run_dir: Path, resume: str, overwrite: bool) -> Optional[Path]
     return path
 
 
+def run_dir_for(cfg: RunConfig) -> Path:
+    t = cfg.train
+    run_name = t.run_name or default_run_name(cfg.data.paths or [name.split("/")[-1] for name in cfg.data.datasets])
+    return Path(t.runs_dir) / run_name
+
+
+# Set by `finetune train --num-processes N` for the processes it launches: the launcher holds the
+# run's lock for them (the value is the run directory it locked).
+LOCK_HELD_ENV = "FINETUNE_RUN_LOCK_HELD_BY_LAUNCHER"
+
+
+def run_lock(run_dir: Path):
+    """The run's lock, for the whole training process; taken before anything in the run is read or touched.
+
+    Under several processes the ranks share one run: rank 0 holds the lock for all of them (the
+    others must not ask for it, they would find it taken). When `finetune train --num-processes`
+    launched us, the launcher already holds it.
+    """
+    from finetune import locking
+
+    if os.environ.get("RANK", "0") != "0":
+        return nullcontext()
+    if os.environ.get(LOCK_HELD_ENV) == str(run_dir.resolve()) and locking.holder_pid(run_dir) is not None:
+        return nullcontext()
+    return locking.exclusive(run_dir, f"run '{run_dir.name}'", "use another --run-name")
+
+
+@contextmanager
+def launcher_lock(cfg: RunConfig):
+    """Hold the run's lock while `finetune train --num-processes N` runs its processes."""
+    run_dir = run_dir_for(cfg)
+    with run_lock(run_dir):
+        previous = os.environ.get(LOCK_HELD_ENV)
+        os.environ[LOCK_HELD_ENV] = str(run_dir.resolve())
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(LOCK_HELD_ENV, None)
+            else:
+                os.environ[LOCK_HELD_ENV] = previous
+
+
 def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[str] = None) -> TrainResult:
     """Run training as configured; returns where the run and its last checkpoint are."""
+    run_dir = run_dir_for(cfg)
+    with run_lock(run_dir):
+        return _train_locked(cfg, run_dir, log, command)
+
+
+def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], command: Optional[str]) -> TrainResult:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     t = cfg.train
-    files = data_lib.resolve_files(cfg.data.paths)
+    data_files = data_lib.resolve_files(cfg.data.paths)
     val_files = data_lib.resolve_files([cfg.data.val_file]) if cfg.data.val_file else None
     hub = tuple((name, cfg.data.split) for name in cfg.data.datasets)
-    run_name = t.run_name or default_run_name(cfg.data.paths or [name.split("/")[-1] for name in cfg.data.datasets])
-    run_dir = Path(t.runs_dir) / run_name
+    run_name = run_dir.name
     resume_from = _resume_point(run_dir, t.resume, t.overwrite)
     saved_state: Optional[dict] = None
     if resume_from is not None:
+        saved_state = ckpt.read_training_state(resume_from)  # first: verify_checkpoint reads it unguarded
         ckpt.verify_checkpoint(resume_from, for_resume=True)
-        saved_state = ckpt.read_training_state(resume_from)
 
     # cpu=True on a machine without CUDA is what lets `accelerate launch` start gloo (MULTI_CPU) processes.
     from accelerate import DataLoaderConfiguration
@@ -240,13 +350,13 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
     # else the model's own.
     scratch = modeling.is_scratch_preset(cfg.model.name)
     with accelerator.main_process_first():
-        prepared_dir = files[0] if len(files) == 1 and data_lib.is_prepared_dir(files[0]) else None
+        prepared_dir = data_files[0] if len(data_files) == 1 and data_lib.is_prepared_dir(data_files[0]) else None
         if resume_from is not None:
             tokenizer = modeling.load_tokenizer(str(resume_from))
         elif prepared_dir is not None and scratch:
             tokenizer = modeling.load_tokenizer(str(prepared_dir / "tokenizer"))
         elif scratch:
-            tokenizer = modeling.tokenizer_from_data(cfg, files)
+            tokenizer = modeling.tokenizer_from_data(cfg, data_files)
         else:
             tokenizer = modeling.load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     adapter = cfg.model.lora
@@ -264,20 +374,16 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
 
     with accelerator.main_process_first():
         prepared = data_lib.load_prepared(prepared_dir, tokenizer, cfg.data.block_size, log=say) if prepared_dir else data_lib.prepare_data(
-            files, tokenizer, block_size,
+            data_files, tokenizer, block_size,
             line_by_line=cfg.data.line_by_line, val_fraction=cfg.data.val_fraction, val_files=val_files,
             eos_string=cfg.data.eos_string, encoding=cfg.data.encoding, cache_dir=cfg.data.cache_dir,
             text_field=cfg.data.text_field, data_format=cfg.data.format, skip_bad_rows=cfg.data.skip_bad_rows,
             hub=hub, log=say,
         )
     resolved = replace(cfg, train=replace(t, run_name=run_name), data=replace(cfg.data, block_size=prepared.block_size))
+    changes: list[str] = []
     if saved_state is not None:
         changes = ckpt.compare_for_resume(saved_state["config"], resolved.to_dict(), saved_state["data_key"], prepared.key)
-        say(f"resuming run '{run_name}' from {resume_from.name} (step {saved_state['step']})"
-            + (f"; changed: {', '.join(changes)}" if changes else ""))
-        if saved_state.get("num_processes", 1) != accelerator.num_processes:
-            say(f"warning: the run was saved with {saved_state['num_processes']} processes and resumes with "
-                f"{accelerator.num_processes}; the data order after this point differs from an uninterrupted run")
 
     baseline_rss = _current_rss()
     if scratch and resume_from is None:
@@ -304,6 +410,8 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
         else:
             model = lora.wrap_with_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout,
                                         cfg.model.lora_targets, t.gradient_checkpointing)
+    if resume_from is not None:
+        _require_finite_weights(model, resume_from)
     # Fast paths (speed.py): each on by default with CUDA, off on CPU, each with a flag.
     cuda = accelerator.device.type == "cuda"
     if cuda and t.tf32:
@@ -335,50 +443,58 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
         data_lib.make_dataloader(prepared.val, t.batch_size, t.seed, shuffle=False, pad_id=pad) if prepared.val is not None else None
     )
     optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay, cuda=cuda)
+    # The validation loader stays unprepared: evaluate() splits its batches over the processes
+    # itself, without the repeated samples accelerate pads the last batch with.
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    if val_loader is not None:
-        val_loader = accelerator.prepare(val_loader)
+    if val_loader is not None and len(val_loader) > t.eval_batches:
+        say(f"validation: {t.eval_batches} of the {len(val_loader)} validation batches, evenly spaced over the split "
+            f"(train.eval_batches: {t.eval_batches}; raise it in a --config file to validate on more)")
 
     steps_per_epoch = max(1, math.ceil(len(train_loader) / t.grad_accum))
     total_steps = t.steps or (math.ceil(t.epochs * steps_per_epoch) if t.epochs else DEFAULT_STEPS)
-    warmup_steps = int(t.warmup * total_steps) if t.warmup < 1 else int(t.warmup)
-    # The scheduler is stepped by hand once per optimizer step (not prepared by accelerate, which
-    # would step it once per process), so the schedule counts optimizer steps.
-    scheduler = schedules.lr_schedule(optimizer, t.schedule, warmup_steps, total_steps)
+    schedule = schedules.segment(t.schedule, t.warmup, 0, total_steps)
 
     world = accelerator.num_processes
     step, tokens_seen, epoch, batches_in_epoch = 0, 0, 0, 0
     val_loss: Optional[float] = None
+    rng_state = None
     if saved_state is not None:
         state_dir = resume_from / ckpt.STATE_DIR
         if not saved_state.get("optimizer_saved", True):
             say("warning: this checkpoint has no optimizer state (saved under DeepSpeed); the optimizer starts afresh")
         elif saved_state.get("optimizer_format") == optimizer_state.FORMAT:
+            for group in optimizer.param_groups:  # saved groups hold the scheduler's key: the load matches keys
+                group.setdefault("initial_lr", group["lr"])
             optimizer_state.restore_from_file(
                 model, optimizer, state_dir / "optimizer.pt", world > 1, is_main,
                 to_local=lambda state: optimizer_state.localized(state, wrapper_prefix, padded_rows, vocab_size))
         else:  # written before optimizer_format existed: optimizer.state_dict() of a single process or DDP
             optimizer.load_state_dict(ckpt.load_torch_file(state_dir / "optimizer.pt"))
-        scheduler.load_state_dict(ckpt.load_torch_file(state_dir / "scheduler.pt"))
+        # The restored optimizer holds the saved settings: this run's --weight-decay applies from here
+        # (its --lr through the scheduler below). Group 0 holds the decayed weights (build_optimizer).
+        optimizer.param_groups[0]["weight_decay"] = t.weight_decay
         if accelerator.scaler is not None and (state_dir / "scaler.pt").is_file():
             accelerator.scaler.load_state_dict(ckpt.load_torch_file(state_dir / "scaler.pt"))
+        rng_state = ckpt.load_torch_file(state_dir / "rng.pt")  # read now, restored last (below)
         step, tokens_seen = saved_state["step"], saved_state["tokens_seen"]
         epoch, batches_in_epoch = saved_state["epoch"], saved_state["batches_in_epoch"]
         val_loss = saved_state.get("val_loss")
-        if step >= total_steps:
-            say(f"run '{run_name}' already reached step {step} of {total_steps}; pass a larger --steps to train further")
+        schedule, plan = resumed_schedule(saved_state, t, step, total_steps)
+        say(f"resuming run '{run_name}' from {resume_from.name} (step {step})"
+            + (f"; changed: {', '.join(changes)}" if changes else "") + plan)
+        if saved_state.get("num_processes", 1) != world:
+            say(f"warning: the run was saved with {saved_state['num_processes']} processes and resumes with "
+                f"{world}; the data order after this point differs from an uninterrupted run")
+    # The scheduler is stepped by hand once per optimizer step (not prepared by accelerate, which
+    # would step it once per process), so the schedule counts optimizer steps.
+    scheduler = schedules.scheduler_from(optimizer, schedule, t.lr, step)
 
+    # Every check has passed (config, data, tokenizer, checkpoint files): only now does the run
+    # directory change, so a refused start leaves it as it was.
     metrics_path = run_dir / "metrics.jsonl"
     if is_main:
-        if t.overwrite and run_dir.exists():
-            shutil.rmtree(run_dir)
-        try:
-            (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-            ckpt.remove_leftovers(run_dir)
-            dump_yaml(resolved, run_dir / "config.yaml")
-            _truncate_metrics(metrics_path, after_step=step)
-        except OSError as exc:
-            raise FinetuneError(f"cannot write to run directory {run_dir}: {exc.strerror or exc}; choose a writable --runs-dir") from None
+        kept_metrics = None if t.overwrite else _metrics_until(metrics_path, step)
+        _prepare_run_dir(run_dir, resolved, t.overwrite, kept_metrics)
     accelerator.wait_for_everyone()
 
     n_params = modeling.count_parameters(model)
@@ -395,9 +511,9 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
     last_checkpoint: Optional[Path] = resume_from
     nonfinite_streak = 0
     batches = _batches(train_loader, train_sampler, epoch, batches_in_epoch, accelerator)
-    if saved_state is not None:
+    if rng_state is not None:
         # Last, so nothing above (model loading, iterator set-up) draws from the restored streams.
-        ckpt.restore_rng_state(ckpt.load_torch_file(resume_from / ckpt.STATE_DIR / "rng.pt"))
+        ckpt.restore_rng_state(rng_state)
 
     # DeepSpeed's ZeRO optimizer keeps its partitions in its own checkpoint format, which
     # torch.distributed.checkpoint cannot gather: its checkpoints hold the weights only.
@@ -425,6 +541,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
             "command": command or "finetune.train(...) (Python API)",
             "data_mode": prepared.mode, "chat": prepared.chat,
             "optimizer_saved": optimizer_saved, "optimizer_format": optimizer_state.FORMAT,
+            "schedule": schedule,
         }
         # Collective under FSDP (every rank gives its shard); only rank 0 writes the result.
         full_optimizer = optimizer_state.gather(model, optimizer, world > 1) if optimizer_saved else None
@@ -476,7 +593,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
         model.train()
         if is_main:
             body = f"\n{'=' * 20}\n".join(texts)
-            (run_dir / "samples" / f"samples-{step:06d}.txt").write_text(body + "\n", encoding="utf-8")
+            files.write_atomic(run_dir / "samples" / f"samples-{step:06d}.txt", body + "\n", "training samples", durable=False)
 
     pending_losses: list = []
     train_loss = float("nan")
@@ -485,7 +602,8 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
     bar = tqdm(total=total_steps, initial=min(step, total_steps), disable=not is_main, dynamic_ncols=True, desc="training")
     model.train()
     window_start, window_tokens = time.perf_counter(), 0
-    with StopSignals() as signals:
+    # The bar is closed however the loop ends, so an error's message starts on its own line.
+    with bar, StopSignals() as signals:
         while step < total_steps and not signals.received:
             loss_sum = torch.zeros((), device=accelerator.device)
             for micro in range(t.grad_accum):
@@ -508,7 +626,6 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
                 nonfinite_streak += 1
                 optimizer.zero_grad(set_to_none=True)
                 if nonfinite_streak >= MAX_NONFINITE_STEPS:
-                    bar.close()
                     kept = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
                     raise FinetuneError(
                         f"the loss was not finite for {MAX_NONFINITE_STEPS} steps in a row (at step {step + 1}); "
@@ -525,7 +642,6 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
                 values = torch.stack(pending_losses).float().tolist()
                 pending_losses.clear()
                 if not all(math.isfinite(v) for v in values):
-                    bar.close()
                     raise FinetuneError(
                         f"the loss was not finite between steps {step - len(values) + 1} and {step}; lower --lr or use "
                         f"--precision fp32/bf16 (the last good checkpoint is kept; --loss-sync-every 1 skips bad steps instead)"
@@ -562,7 +678,6 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
                 last_checkpoint = save()
         if signals.received and step > 0 and (last_checkpoint is None or last_checkpoint.name != ckpt.checkpoint_name(step)):
             last_checkpoint = save()  # a signal before the first step completed
-    bar.close()
 
     if signals.received:
         say(
@@ -575,9 +690,54 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
     return TrainResult(run_dir, last_checkpoint, step, val_loss, signals.received)
 
 
-def _truncate_metrics(path: Path, after_step: int) -> None:
-    """Drop metrics logged after the checkpoint being resumed (those steps are trained again)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("step", 0) <= after_step]
-    ckpt.write_text_atomic(path, "".join(line + "\n" for line in kept))
+def resumed_schedule(saved_state: dict, t, step: int, total_steps: int) -> tuple[dict, str]:
+    """The LR schedule from the resume point on, and what the resume line says about it.
+
+    - The run had not finished its schedule: the schedule continues, with this run's --schedule,
+      --warmup and end (--steps); unchanged, it gives every step the LR of an uninterrupted run.
+    - It had finished (it reached its --steps) and --steps is larger now: the added steps get a
+      schedule of their own, a fresh warmup to --lr then the decay to the new end, as if they were
+      a new run started from these weights (a decay stretched to the new end would leave them ~0).
+    """
+    saved_cfg = saved_state["config"]["train"]
+    saved = saved_state.get("schedule")
+    if not schedules.is_segment(saved):  # a checkpoint written before "schedule" existed
+        saved = schedules.segment(saved_cfg.get("schedule", t.schedule), saved_cfg.get("warmup", t.warmup), 0,
+                                  saved_cfg.get("steps") or total_steps)
+    if step >= total_steps:
+        return saved, f"; it already reached step {step} of {total_steps}: pass a larger --steps to train further"
+    if step >= saved["end"]:
+        fresh = schedules.segment(t.schedule, t.warmup, step, total_steps)
+        return fresh, (f"; the {total_steps - step} added steps get their own LR schedule: {fresh['warmup_steps']} warmup "
+                       f"steps to --lr {t.lr:g}, then {t.schedule} decay to step {total_steps}")
+    current = schedules.segment(t.schedule, t.warmup, saved["start"], total_steps)
+    if current == saved and saved_cfg.get("lr") == t.lr:
+        return current, ""
+    return current, (f"; the LR from step {step + 1} on follows the new settings ({t.schedule} schedule from step "
+                     f"{current['start']} to {total_steps}, {current['warmup_steps']} warmup steps, peak --lr {t.lr:g})")
+
+
+def _metrics_until(path: Path, step: int) -> Optional[list[dict]]:
+    """metrics.jsonl's records up to `step` (later steps are trained again), or None when nothing is to drop.
+
+    A last line cut short by a crash is dropped (files.read_jsonl), never an error.
+    """
+    if not path.exists():
+        return None
+    text = files.read_text(path, "metrics file", "delete its damaged lines, or the file")
+    records = files.read_jsonl(path, "metrics file", "delete its damaged lines, or the file")
+    kept = [r for r in records if r.get("step", 0) <= step]
+    whole = len(kept) == len([line for line in text.splitlines() if line.strip()]) and text.endswith("\n")
+    return None if whole else kept
+
+
+def _prepare_run_dir(run_dir: Path, resolved: RunConfig, overwrite: bool, kept_metrics: Optional[list[dict]]) -> None:
+    """The run directory's first changes, made once every check has passed."""
+    with files.writing(run_dir, "run directory"):
+        if overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        ckpt.remove_leftovers(run_dir)
+    dump_yaml(resolved, run_dir / "config.yaml")
+    if kept_metrics is not None:
+        files.write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept_metrics), "metrics file")

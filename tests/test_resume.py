@@ -223,8 +223,7 @@ def test_read_only_run_directory(workdir, gpt2_dir):
         result = run_cli(*args, expect=2)
     finally:
         make_writable(run_dir)
-    assert "error:" in result.output and "Traceback" not in result.output
-    assert "make the run directory writable" in result.output or "choose a writable --runs-dir" in result.output
+    assert_one_error_line(result, "cannot write run config runs/ro/", "make the directory writable or choose another location")
     ckpt.verify_checkpoint(run_dir / "checkpoint-000001", for_resume=True)
 
 
@@ -271,3 +270,171 @@ def test_ctrl_c_saves_and_a_second_ctrl_c_aborts(workdir, gpt2_dir):
     err = stderr_of(proc)
     assert proc.returncode == 130 and "aborted" in err and "Traceback" not in err
     assert ckpt.latest_checkpoint(workdir / "runs" / "int") == saved  # the half-written save never became latest
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file and directory under `root`, with a hash of each file's bytes."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+def assert_one_error_line(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "unexpected" not in result.output, result.output
+    errors = [line for line in result.output.split("\n") if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: "), result.output  # on its own line, not the bar's
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory, gpt2_dir):
+    """A finished 2-step run (checkpoints 1 and 2), copied by each test that damages it."""
+    root = tmp_path_factory.mktemp("two-step")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        run_cli(*train_args(gpt2_dir, "run", 2, 1))
+    finally:
+        os.chdir(cwd)
+    return root / "runs" / "run"
+
+
+def copy_run(source: Path, workdir: Path) -> Path:
+    import shutil
+
+    target = workdir / "runs" / "run"
+    shutil.copytree(source, target)
+    return target
+
+
+STATE = "checkpoint-000002/training_state/state.json"
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ({"state.json": "{not json"}, "is not valid JSON"),
+    ({"state.json": "[1, 2]"}, "holds a JSON list, expected an object"),
+    ({"state.json": '{"step": 2}'}, "lacks 'tokens_seen'"),
+    ({"rng.pt": "garbage"}, "rng.pt is corrupt"),
+    ({"optimizer.pt": "garbage"}, "optimizer.pt is corrupt"),
+    ({"--seed": "7"}, "cannot resume: --seed changed (42 -> 7)"),
+    ({"--optimizer": "sgd"}, "cannot resume: --optimizer changed ('adamw' -> 'sgd') since the checkpoint; "
+                             "the checkpoint's optimizer state belongs to the optimizer it was saved with"),
+], ids=["state-not-json", "state-list", "state-missing-key", "rng", "optimizer", "seed", "optimizer-name"])
+def test_a_refused_resume_changes_nothing_in_the_run(workdir, gpt2_dir, two_step_run, damage, expected):
+    run_dir = copy_run(two_step_run, workdir)
+    extra = []
+    for what, value in damage.items():
+        if what.startswith("--"):
+            extra += [what, value]
+        else:
+            (run_dir / "checkpoint-000002/training_state" / what).write_text(value)
+    (run_dir / ".tmp-checkpoint-000003").mkdir()  # a crash's leftover: removed only by a resume that goes ahead
+    before = snapshot(run_dir)
+    result = run_cli(*train_args(gpt2_dir, "run", 4, 1), *extra, expect=None)
+    assert_one_error_line(result, expected)
+    assert snapshot(run_dir) == before
+
+
+def test_a_torn_metrics_line_does_not_block_resume(workdir, gpt2_dir, two_step_run):
+    run_dir = copy_run(two_step_run, workdir)
+    with open(run_dir / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 3, "loss": 6.')  # a crash in the middle of a write
+    run_cli(*train_args(gpt2_dir, "run", 3, 1))
+    assert sorted(losses(run_dir)) == [1, 2, 3]
+
+
+def test_nan_weights_in_a_checkpoint_are_named_and_an_earlier_one_offered(workdir, gpt2_dir, two_step_run):
+    from safetensors.torch import save_file
+
+    run_dir = copy_run(two_step_run, workdir)
+    path = run_dir / "checkpoint-000002/model.safetensors"
+    tensors = weights(run_dir / "checkpoint-000002")
+    tensors["transformer.h.0.mlp.c_fc.weight"][0, 0] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
+    before = snapshot(run_dir)
+    result = run_cli(*train_args(gpt2_dir, "run", 4, 1), expect=None)
+    assert_one_error_line(result, "checkpoint runs/run/checkpoint-000002 holds NaN/inf weights",
+                          "resume from an earlier checkpoint with --resume runs/run/checkpoint-000001")
+    assert snapshot(run_dir) == before
+    run_cli(*train_args(gpt2_dir, "run", 3, 1), "--resume", "runs/run/checkpoint-000001")
+
+
+def test_full_disk_while_logging_metrics_is_one_line_after_the_bar(workdir, gpt2_dir, monkeypatch):
+    import errno
+
+    from finetune import files
+
+    real_open = open
+
+    def full_disk_open(path, mode="r", *args, **kwargs):
+        if str(path).endswith("metrics.jsonl") and "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(files, "open", full_disk_open, raising=False)
+    result = run_cli(*train_args(gpt2_dir, "full", 2, 1), expect=None)
+    assert_one_error_line(result, "cannot write metrics file runs/full/metrics.jsonl: the disk is full")
+
+
+def test_extending_a_finished_run_gives_the_added_steps_a_schedule(workdir, gpt2_dir, two_step_run):
+    """2 steps done; --steps 6 adds 4 steps: 2 warmup steps (--warmup 0.5) to --lr, then cosine decay to 0."""
+    run_dir = copy_run(two_step_run, workdir)
+    result = run_cli(*train_args(gpt2_dir, "run", 6, 1), "--warmup", 0.5, "--lr", 2e-4)
+    assert ("the 4 added steps get their own LR schedule: 2 warmup steps to --lr 0.0002, then cosine decay to step 6"
+            in result.output)
+    # metrics.jsonl logs after each step the LR the next step uses
+    logged = {m["step"]: m["lr"] for m in read_metrics(run_dir) if "lr" in m}
+    expected = {3: 1e-4, 4: 2e-4, 5: 1e-4, 6: 0.0}
+    assert all(abs(logged[step] - lr) < 1e-12 for step, lr in expected.items()), logged
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory, gpt2_dir):
+    """A run of 6 steps killed after its checkpoint at step 3: it has not finished its schedule."""
+    root = tmp_path_factory.mktemp("stopped")
+    wait_for_pause(start(train_args(gpt2_dir, "run", 6, 3), root, pause_at="pruned@3"))
+    return root / "runs" / "run"
+
+
+@pytest.mark.parametrize("change", [("--lr", "3e-4"), ("--weight-decay", "0.5"), ("--schedule", "constant"),
+                                    ("--warmup", "0.9"), ("--max-grad-norm", "0.01")])
+def test_settings_changed_on_resume_take_effect(workdir, gpt2_dir, stopped_run, change):
+    import shutil
+
+    plain, changed = workdir / "runs" / "plain", workdir / "runs" / "changed"
+    shutil.copytree(stopped_run, plain)
+    shutil.copytree(stopped_run, changed)
+    run_cli(*train_args(gpt2_dir, "plain", 6, 3))
+    result = run_cli(*train_args(gpt2_dir, "changed", 6, 3), *change)
+    assert "changed: train." + change[0][2:].replace("-", "_") in result.output
+    lr_plain = {m["step"]: m["lr"] for m in read_metrics(plain) if "lr" in m}
+    lr_changed = {m["step"]: m["lr"] for m in read_metrics(changed) if "lr" in m}
+    if change[0] == "--lr":  # the new peak drives the rest of the same schedule
+        assert all(abs(lr_changed[s] - 3 * lr_plain[s]) < 1e-12 for s in (4, 5)), (lr_plain, lr_changed)
+    elif change[0] == "--schedule":
+        assert lr_changed[4] == lr_changed[5] == 1e-4 and lr_plain[5] < lr_plain[4] < 1e-4
+    elif change[0] == "--warmup":  # 5 of 6 steps of warmup: the LR still rises after step 3
+        assert lr_changed[4] < lr_changed[5] and lr_plain[5] < lr_plain[4], (lr_plain, lr_changed)
+    a, b = weights(plain / "checkpoint-000006"), weights(changed / "checkpoint-000006")
+    assert any(not a[key].equal(b[key]) for key in a), "the changed setting had no effect on the weights"
+
+
+def test_default_run_names_differ_per_data_format(workdir, gpt2_dir):
+    """notes.csv and notes.jsonl are two runs (the second used to be refused: 'contents changed')."""
+    import csv
+    import json
+
+    texts = [line for line in SAMPLE.read_text().split("\n\n") if line.strip()][:40]
+    with open(workdir / "notes.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["text"], *[[t] for t in texts]])
+    (workdir / "notes.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in reversed(texts)))
+    (workdir / "notes.txt").write_text("\n\n".join(texts))
+    for name in ("notes.csv", "notes.jsonl", "notes.txt"):
+        args = train_args(gpt2_dir, "unused", 1, 1)
+        args[1] = name
+        del args[4:6]  # no --run-name: the default
+        run_cli(*args, "--val-fraction", 0)
+    assert sorted(p.name for p in (workdir / "runs").iterdir()) == ["notes", "notes-csv", "notes-jsonl"]
