@@ -54,7 +54,9 @@ def os_error_reason(exc: OSError, writing: bool = False) -> tuple[str, str]:
 def os_error(path: Union[str, Path, None], exc: OSError, what: str = "file", writing: bool = False) -> FinetuneError:
     """One line for a failed read or write: the file (as the OS reported it), the cause and the fix."""
     cause, fix = os_error_reason(exc, writing)
-    where = exc.filename if exc.filename is not None else path
+    # A write names the file the caller meant (not the temporary file it went through); a read names
+    # the file the OS failed on, which may lie inside the directory a library was asked to load.
+    where = path if (writing and path is not None) or exc.filename is None else exc.filename
     verb = "cannot write" if writing else "cannot read"
     return FinetuneError(f"{verb} {what} {where}: {cause}; {fix}")
 
