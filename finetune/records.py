@@ -26,6 +26,7 @@ SUFFIX_FORMATS = {
 }
 # The first bytes of the binary formats: a text file given one of their names is caught up front.
 SIGNATURES = {"parquet": (b"PAR1",), "arrow": (b"ARROW1", b"\xff\xff\xff\xff")}  # Arrow file, Arrow stream
+FORMAT_NAMES = {"parquet": "a Parquet", "arrow": "an Arrow"}
 ARROW_FIX = "pass a directory written by datasets' save_to_disk (or an .arrow file from one)"
 
 
@@ -61,7 +62,7 @@ def check_signature(path: Path, data_format: str) -> None:
     if not head.startswith(signatures):
         kind = "text" if _looks_like_text(head) else "some other format"
         raise FinetuneError(
-            f"data file {path} is not a {data_format.title()} file (it looks like {kind}); rename it to match its "
+            f"data file {path} is not {FORMAT_NAMES[data_format]} file (it looks like {kind}); rename it to match its "
             f"contents (.txt, .jsonl, .csv...) or pass --format"
         )
 
