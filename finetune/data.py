@@ -338,10 +338,12 @@ def documents_key(files: list[Path], hub, data_format: Optional[str], text_field
     The format is the one each file is read as, not only --format: the same bytes named .txt and
     .jsonl are different documents. The encoding is the codec's canonical name ('UTF8' = 'utf-8').
     """
+    encoding = check_encoding(encoding)  # first: a typo fails at once, before the data is hashed
+    formats = file_formats(files, data_format)
     return {
         "train": files_digest(files),
-        "formats": file_formats(files, data_format),
-        "encoding": check_encoding(encoding),
+        "formats": formats,
+        "encoding": encoding,
         "text_field": text_field,
         "eos_string": eos_string,
         "line_by_line": line_by_line,
@@ -424,21 +426,22 @@ def prepare_data(
     encoding = key["encoding"]
     root = cache_root(cache_dir) / "data"
     target = root / fingerprint(key)
-    entry = _cached_entry(target, key, log)
-    from_cache = entry is not None
-    if not from_cache:
-        def fill(out: Path) -> None:
-            meta = _build_cache(files, val_files, tokenizer, block_size, line_by_line, val_fraction, eos_string, encoding,
-                                dtype, out, text_field, data_format, skip_bad_rows, hub)
-            (out / "meta.json").write_text(json.dumps({**meta, "key": key}, indent=1))
 
-        try:
+    def fill(out: Path) -> None:
+        meta = _build_cache(files, val_files, tokenizer, block_size, line_by_line, val_fraction, eos_string, encoding,
+                            dtype, out, text_field, data_format, skip_bad_rows, hub)
+        (out / "meta.json").write_text(json.dumps({**meta, "key": key}, indent=1))
+
+    try:
+        entry = _cached_entry(target, key, log)
+        from_cache = entry is not None
+        if not from_cache:
             write_entry(target, fill)
-        except OSError as exc:
-            if exc.filename is not None and not str(exc.filename).startswith(str(root)):
-                raise os_error(exc.filename, exc, DATA_FILE) from None  # reading the data, not writing the cache
-            raise write_error(root, exc, "the token cache", "--cache-dir") from None
-        entry = _read_entry(target, CACHE_FILE, "delete it; the next run rebuilds it")
+            entry = _read_entry(target, CACHE_FILE, "delete it; the next run rebuilds it")
+    except OSError as exc:
+        if exc.filename is not None and not str(exc.filename).startswith(str(root)):
+            raise os_error(exc.filename, exc, DATA_FILE) from None  # reading the data, not the cache
+        raise write_error(root, exc, "the token cache", "--cache-dir") from None
     prepared = _announce(target, *entry, from_cache=from_cache, log=log)
     if prepared.chat:
         sft.ensure_chat_template(tokenizer)  # also on a cache hit: checkpoints must carry the template
@@ -447,7 +450,7 @@ def prepare_data(
 
 def _cached_entry(target: Path, key: dict, log):
     """The entry named `target` when it is whole and holds `key`; a damaged one is removed (and rebuilt)."""
-    if not target.exists():
+    if not os.path.lexists(target):
         return None
     try:
         entry = _read_entry(target, CACHE_FILE, "it is rebuilt")

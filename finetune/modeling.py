@@ -131,18 +131,19 @@ def train_scratch_tokenizer(preset: str, texts: Iterable[str], digest: str, cach
     from transformers import AutoTokenizer
 
     from finetune import data
+    from finetune.files import short
 
     vocab_size = SCRATCH_MODELS[preset]["vocab_size"]
     key = hashlib.sha256(f"{preset}:{vocab_size}:{LEARNER_VERSION}:{digest}".encode()).hexdigest()[:24]
     target = cache_dir / "tokenizers" / key
     say = log or (lambda message: print(message, file=sys.stderr))
-    if target.exists():
-        try:
-            return finish_tokenizer(AutoTokenizer.from_pretrained(target))
-        except Exception as exc:  # a damaged entry (a crash, a full disk, a hand edit): learn it again
-            say(f"warning: the cached tokenizer {target} is unreadable ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); learning it again")
-            data.discard(target)
     try:
+        if os.path.lexists(target):
+            try:
+                return finish_tokenizer(AutoTokenizer.from_pretrained(target))
+            except Exception as exc:  # a damaged entry (a crash, a full disk, a hand edit): learn it again
+                say(f"warning: the cached tokenizer {target} is unreadable ({short(exc)}); learning it again")
+                data.discard(target)
         data.write_entry(target, lambda tmp: _learn_tokenizer(texts, vocab_size, size).save_pretrained(tmp))
     except OSError as exc:
         raise data.write_error(target.parent, exc, "the tokenizer cache", "--cache-dir") from None
