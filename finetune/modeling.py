@@ -156,18 +156,19 @@ def _learn_tokenizer(texts: Iterable[str], vocab_size: int, size: int):
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from finetune.data import progress_bar
+    from finetune.data import PROGRESS_MIN_BYTES, progress_bar
     from finetune.reading import bounded_runs
 
-    def counted(items):
+    def counted(items):  # the learner pulls texts as it counts their words: this bar follows it
         with progress_bar(size, "learning the tokenizer", size) as bar:
             for text in items:
                 bar.update(min(len(text), bar.total - bar.n))
                 yield text
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(bounded_runs(counted(texts)), vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
-                            show_progress=False)
+    # show_progress: the learner's own bars (on a terminal) for the merges that follow the counting
+    bpe.train_from_iterator(counted(bounded_runs(texts)), vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
+                            show_progress=size >= PROGRESS_MIN_BYTES)
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS)
 
 

@@ -26,7 +26,12 @@ SAFE_CUT = re.compile(r"\n(?=\S)")
 # grows worse than quadratically with a word's length (a 128 KB run without whitespace: 50 s; 20 MB:
 # hours), and no useful token is longer: base64 blobs and hashes are cut, ordinary words are not.
 LEARN_RUN_CHARS = 64
-_LONG_RUN = re.compile(r"\S{%d,}|\s{%d,}" % (LEARN_RUN_CHARS + 1, LEARN_RUN_CHARS + 1))
+def _long_runs(limit: int) -> re.Pattern:
+    """Runs of non-space, or of space, longer than `limit` characters."""
+    return re.compile(rf"\S{{{limit + 1},}}|\s{{{limit + 1},}}")
+
+
+_LONG_RUN = _long_runs(LEARN_RUN_CHARS)
 
 
 @dataclass
@@ -55,7 +60,7 @@ def bounded_runs(texts: Iterable[str], limit: int = LEARN_RUN_CHARS) -> Iterator
 
     Each piece reaches the learner as its own text, so no word spans a cut and nothing is invented.
     """
-    pattern = _LONG_RUN if limit == LEARN_RUN_CHARS else re.compile(r"\S{%d,}|\s{%d,}" % (limit + 1, limit + 1))
+    pattern = _LONG_RUN if limit == LEARN_RUN_CHARS else _long_runs(limit)
     for text in texts:
         start = 0
         for match in pattern.finditer(text):

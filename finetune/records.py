@@ -56,9 +56,8 @@ def check_signature(path: Path, data_format: str) -> None:
     signatures = SIGNATURES.get(data_format)
     if signatures is None or path.is_dir():
         return
-    with reading(path, "data file", "check the file"):
-        with open(path, "rb") as fh:
-            head = fh.read(8)
+    with reading(path, "data file", "check the file"), open(path, "rb") as fh:
+        head = fh.read(8)
     if not head.startswith(signatures):
         kind = "text" if _looks_like_text(head) else "some other format"
         raise FinetuneError(

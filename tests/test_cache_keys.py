@@ -103,9 +103,8 @@ def test_another_encoding_decodes_again(data, gpt2_dir):
     prepare("euro.txt", "--model", gpt2_dir, "--output", "latin", "--encoding", "latin-1", "--block-size", 16)
     result = prepare("euro.txt", "--model", gpt2_dir, "--output", "cp", "--encoding", "cp1252", "--block-size", 16)
     assert "data (tokenized)" in result.output, result.output
-    from transformers import AutoTokenizer
-
     import numpy as np
+    from transformers import AutoTokenizer
 
     tokens = np.fromfile(data / "cp" / "tokens.bin", dtype=np.uint16).tolist()
     assert "\u20ac" in AutoTokenizer.from_pretrained(gpt2_dir).decode(tokens)  # not latin-1's control character
