@@ -171,11 +171,13 @@ def prepare(data: Union[str, list[str], None] = None, *, output: str, config: Op
     """
     from finetune import data as data_lib
     from finetune.locking import exclusive
+    from finetune.reading import check_encoding
 
     if data is not None:
         options["data"] = [str(data)] if isinstance(data, (str, Path)) else [str(d) for d in data]
     cfg = resolve_run_config(config, overrides_from_keywords(options))
     files = data_lib.resolve_files(cfg.data.paths)
+    check_encoding(cfg.data.encoding)  # before the output is taken and the tokenizer loaded
     if len(files) == 1 and data_lib.is_prepared_dir(files[0]):
         raise FinetuneError(f"{files[0]} is already prepared; train on it with `finetune train {files[0]}`")
     target = Path(output)

@@ -472,6 +472,7 @@ def write_entry(target: Path, fill) -> None:
     try:
         tmp.mkdir()
         fill(tmp)
+        _fsync_files(tmp)
         try:
             os.replace(tmp, target)
         except OSError:
@@ -481,6 +482,17 @@ def write_entry(target: Path, fill) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fsync_files(directory: Path) -> None:
+    """On disk before the rename: after a power cut an entry is whole or absent, never zero-filled."""
+    for dirpath, _, names in os.walk(directory):
+        for name in names:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def _sources(files: list[Path], hub: list[tuple[str, str]], data_format: Optional[str]) -> list[Source]:

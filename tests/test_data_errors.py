@@ -283,3 +283,11 @@ def test_two_prepares_into_one_output(text, gpt2_dir):
     assert not (text.parent / "out").exists()
     run_cli("prepare", "a.txt", "--model", gpt2_dir, "--output", "out")
     assert not (text.parent / ".out.lock").exists()
+
+
+def test_a_failed_prepare_leaves_nothing(text, gpt2_dir):
+    fails("prepare", "a.txt", "--model", gpt2_dir, "--output", "out/prep", "--encoding", "nope",
+          message="unknown text encoding 'nope' (--encoding)")
+    fails("prepare", "a.txt", "--model", gpt2_dir, "--output", "out/prep", "--text-field", "x", "--format", "jsonl",
+          message="a.txt:1: not valid JSON")
+    assert not (text.parent / "out").exists()
