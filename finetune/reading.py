@@ -26,6 +26,8 @@ SAFE_CUT = re.compile(r"\n(?=\S)")
 # grows worse than quadratically with a word's length (a 128 KB run without whitespace: 50 s; 20 MB:
 # hours), and no useful token is longer: base64 blobs and hashes are cut, ordinary words are not.
 LEARN_RUN_CHARS = 64
+
+
 def _long_runs(limit: int) -> re.Pattern:
     """Runs of non-space, or of space, longer than `limit` characters."""
     return re.compile(rf"\S{{{limit + 1},}}|\s{{{limit + 1},}}")

@@ -9,6 +9,7 @@ is then one of three kinds, told apart by its fields:
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import sys
@@ -67,8 +68,8 @@ def check_signature(path: Path, data_format: str) -> None:
 
 
 def _looks_like_text(head: bytes) -> bool:
-    try:
-        head.decode("utf-8")
+    try:  # incremental: the first bytes may end inside a character
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
     except UnicodeDecodeError:
         return False
     return b"\x00" not in head
