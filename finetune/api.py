@@ -175,16 +175,36 @@ def prepare(data: Union[str, list[str], None] = None, *, output: str, config: Op
 
     >>> finetune.prepare("chats.jsonl", model="gpt2", output="prepared/chats")
     """
-    from finetune import checkpoint as ckpt
     from finetune import data as data_lib
-    from finetune import modeling
+    from finetune.locking import exclusive
+    from finetune.reading import check_encoding
 
     if data is not None:
         options["data"] = [str(data)] if isinstance(data, (str, Path)) else [str(d) for d in data]
     cfg = resolve_run_config(config, overrides_from_keywords(options))
     files = data_lib.resolve_files(cfg.data.paths)
-    # A taken --output fails before any tokenizing; the result appears only when complete.
-    tmp = ckpt.start_output_dir(Path(output), offer_overwrite=False)
+    check_encoding(cfg.data.encoding)  # before the output is taken and the tokenizer loaded
+    if len(files) == 1 and data_lib.is_prepared_dir(files[0]):
+        raise FinetuneError(f"{files[0]} is already prepared; train on it with `finetune train {files[0]}`")
+    target = Path(output)
+    # One process at a time per output directory, for prepare's whole life: two would overwrite
+    # each other's temporary directory.
+    with exclusive(target, f"output directory {output}", "choose another --output"):
+        prepared = _prepare_into(cfg, files, target, log)
+    log(f"wrote {output}: train on it with `finetune train {output} --model {cfg.model.name}`")
+    return prepared
+
+
+def _prepare_into(cfg, files: list[Path], output: Path, log):
+    """Tokenize into a temporary directory beside `output`, renamed into place only when complete."""
+    from finetune import checkpoint as ckpt
+    from finetune import data as data_lib
+    from finetune import modeling
+
+    try:  # a taken --output fails before any tokenizing
+        tmp = ckpt.start_output_dir(output, offer_overwrite=False)
+    except OSError as exc:
+        raise data_lib.write_error(output, exc, "output directory", "--output") from None
     try:
         if modeling.is_scratch_preset(cfg.model.name):
             tokenizer = modeling.tokenizer_from_data(cfg, files)
@@ -198,10 +218,12 @@ def prepare(data: Union[str, list[str], None] = None, *, output: str, config: Op
             text_field=cfg.data.text_field, data_format=cfg.data.format, skip_bad_rows=cfg.data.skip_bad_rows,
             hub=tuple((name, cfg.data.split) for name in cfg.data.datasets), log=log,
         )
-        data_lib.write_prepared(prepared, tokenizer, tmp, cfg.model.name)
-        ckpt.finish_output_dir(tmp, Path(output))
+        try:
+            data_lib.write_prepared(prepared, tokenizer, tmp, cfg.model.name)
+            ckpt.finish_output_dir(tmp, output)
+        except OSError as exc:
+            raise data_lib.write_error(output, exc, "prepared data", "--output") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"wrote {output}: train on it with `finetune train {output} --model {cfg.model.name}`")
     return prepared

@@ -9,12 +9,15 @@ text is streamed in and ids are streamed out.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
 import os
 import shutil
+import stat
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -23,14 +26,19 @@ import numpy as np
 
 from finetune import examples as sft
 from finetune.errors import FinetuneError
-from finetune.reading import Piece, iter_pieces
-from finetune.records import SUFFIX_FORMATS, BadRows, Source, detect_format, is_saved_dataset, iter_rows, record_kind, validate_messages
+from finetune.files import os_error, os_error_reason, read_json, reading, require_regular_file
+from finetune.reading import RULES_VERSION as READING_RULES
+from finetune.reading import Piece, check_encoding, iter_pieces
+from finetune.records import (
+    SUFFIX_FORMATS, BadRows, Source, check_signature, detect_format, is_saved_dataset, iter_rows, record_kind, validate_messages,
+)
 
 PREPARED_MANIFEST = "finetune_prepared.json"  # marks a `finetune prepare` output directory
-CACHE_VERSION = 2  # bump when the cache layout or the tokenization rules change
+CACHE_VERSION = 3  # bump when the cache layout or the tokenization rules change (3: keyed by format and encoding too)
 BATCH_PIECES = 2048  # pieces per tokenizer call
 BATCH_CHARS = 2 << 20  # ... or this many characters, whichever comes first
 PARALLEL_MIN_BYTES = 8 << 20  # below this, worker start-up costs more than it saves
+PROGRESS_MIN_BYTES = 4 << 20  # data smaller than this is read in seconds: no progress bar
 
 
 def is_prepared_dir(path: Path) -> bool:
@@ -49,33 +57,102 @@ def cache_root(configured: Optional[str]) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
+DATA_FILE = "data file"
+
+
 def resolve_files(paths: Iterable[str]) -> list[Path]:
-    """Expand files, directories (recursively, text files only) and globs, in a stable order."""
-    files: list[Path] = []
-    for raw in paths:
-        path = Path(raw).expanduser()
-        if any(ch in raw for ch in "*?["):
-            matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True))
-            matches = [m for m in matches if m.is_file()]
-            if not matches:
-                raise FinetuneError(f"no files match '{raw}'; check the pattern (quote it so the shell does not expand it)")
-            files.extend(matches)
-        elif is_saved_dataset(path) or is_prepared_dir(path):
-            files.append(path)  # a datasets.save_to_disk / `finetune prepare` directory is one input
-        elif path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIX_FORMATS)
-            if not found:
-                raise FinetuneError(f"directory '{raw}' holds no data files ({', '.join(sorted(SUFFIX_FORMATS))}); point at your files")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FinetuneError(f"data file '{raw}' does not exist; check the path")
+    """Expand files, directories (recursively, data files only) and globs, in a stable order.
+
+    Every file is checked here, before any work: a missing, unreadable or special file (a FIFO, a
+    device, a directory where a file should be) is one error naming it.
+    """
+    files = [file for raw in paths for file in _expand(raw)]
     unique = list(dict.fromkeys(p.resolve() for p in files))
     for path in unique:
         if path.is_file() and path.stat().st_size == 0:
             raise FinetuneError(f"data file '{path}' is empty; add text to it or leave it out")
+    prepared = [p for p in unique if is_prepared_dir(p)]
+    if prepared and len(unique) > 1:
+        raise FinetuneError(f"{prepared[0]} is a `finetune prepare` directory: train on it alone, or prepare all the data together")
     return unique
+
+
+def _expand(raw: str) -> list[Path]:
+    path = Path(raw).expanduser()
+    if any(ch in raw for ch in "*?["):
+        matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True))
+        matches = [m for m in matches if not m.is_dir()]
+        if not matches:
+            raise FinetuneError(f"no files match '{raw}'; check the pattern (quote it so the shell does not expand it)")
+        for match in matches:
+            require_regular_file(match, DATA_FILE)
+        return matches
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FinetuneError(f"data file '{raw}' does not exist; check the path") from None
+    except OSError as exc:  # a name too long, a path through a file, a directory we may not enter
+        raise os_error(raw, exc, DATA_FILE) from None
+    if not stat.S_ISDIR(mode):
+        require_regular_file(path, DATA_FILE)  # a FIFO or a device is named as such, not read forever
+        return [path]
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise os_error(raw, PermissionError(errno.EACCES, "Permission denied", raw), "data directory")
+    if is_prepared_dir(path):
+        check_prepared(path)
+        return [path]
+    if is_saved_dataset(path):
+        return [path]  # a datasets.save_to_disk directory is one input
+    return _data_files_in(path, raw)
+
+
+def _data_files_in(directory: Path, raw: str) -> list[Path]:
+    """The files under `directory` whose suffix names a data format, sorted; links followed once."""
+    def fail(exc: OSError):
+        raise os_error(exc.filename, exc, "data directory")
+
+    found, seen = [], set()
+    for root, dirs, names in os.walk(directory, onerror=fail, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [Path(root, name) for name in names if Path(name).suffix.lower() in SUFFIX_FORMATS]
+    if not found:
+        raise FinetuneError(f"directory '{raw}' holds no data files ({', '.join(sorted(SUFFIX_FORMATS))}); point at your files")
+    found.sort()
+    for path in found:
+        require_regular_file(path, DATA_FILE)
+    return found
+
+
+def describe_files(files: list[Path], limit: int = 6) -> Optional[str]:
+    """'data: 12 files in docs/ (.txt 10, .md 2)', naming them when few; None for a single input.
+
+    A directory is read whole (every file with a data suffix, a README.md included), so say what was taken.
+    """
+    if len(files) < 2:
+        return None
+    common = Path(os.path.commonpath([str(f) for f in files]))
+    try:
+        shown = common.relative_to(Path.cwd())
+    except ValueError:
+        shown = common
+    suffixes = Counter(f.suffix.lower() or "(none)" for f in files)
+    counts = ", ".join(f"{suffix} {n}" for suffix, n in suffixes.most_common())
+    line = f"data: {len(files)} files in {shown}{os.sep} ({counts})"
+    if len(files) <= limit:
+        line += ": " + ", ".join(str(f.relative_to(common)) for f in files)
+    return line
+
+
+def file_formats(files: list[Path], data_format: Optional[str]) -> list[str]:
+    """The format each file is read as (--format, else its suffix), checked against its first bytes."""
+    formats = [detect_format(p, data_format) for p in files]
+    for path, fmt in zip(files, formats):
+        check_signature(path, fmt)
+    return formats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,20 +279,35 @@ def _split(flat: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
     return np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
 
+def data_bytes(files: list[Path]) -> int:
+    return sum(p.stat().st_size for p in files if p.is_file())
+
+
 def default_workers(files: list[Path]) -> int:
-    total = sum(p.stat().st_size for p in files if p.is_file())
-    return min(os.cpu_count() or 1, 8) if total >= PARALLEL_MIN_BYTES else 1
+    return min(os.cpu_count() or 1, 8) if data_bytes(files) >= PARALLEL_MIN_BYTES else 1
 
 
-def tokenize_to_file(pieces: Iterable[Piece], tokenizer, out_path: Path, dtype, workers: int = 1) -> tuple[int, int]:
-    """Stream document pieces through the tokenizer into a raw binary file of ids; returns (documents, tokens)."""
+def progress_bar(total: Optional[int], desc: str, size: int, unit: str = "B"):
+    """A tqdm bar on stderr for a step over `size` bytes of data; none when that takes only seconds."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=False, dynamic_ncols=True,
+                disable=size < PROGRESS_MIN_BYTES)
+
+
+def tokenize_to_file(pieces: Iterable[Piece], tokenizer, out_path: Path, dtype, workers: int = 1,
+                     size: int = 0) -> tuple[int, int]:
+    """Stream document pieces through the tokenizer into a raw binary file of ids; returns (documents, tokens).
+
+    `size`, the data's bytes, sizes the progress bar (characters read stand in for bytes)."""
     eos = tokenizer.eos_token_id
     bos = tokenizer.bos_token_id
     # Llama-style tokenizers expect a BOS at the start of each document; GPT-2's BOS is its EOS.
     prefix = [bos] if bos is not None and bos != eos else []
     n_docs = n_tokens = 0
-    with open(out_path, "wb") as fh:
+    with open(out_path, "wb") as fh, progress_bar(size, "tokenizing", size) as bar:
         for batch, ids in _encoded_batches(_batches(pieces), tokenizer, workers):
+            bar.update(min(sum(len(p.text) for p in batch), bar.total - bar.n))
             parts = []
             for piece, piece_ids in zip(batch, ids):
                 if piece.starts_document:
@@ -239,6 +331,71 @@ def _val_block_indices(n_blocks: int, val_fraction: float) -> np.ndarray:
     return np.floor((np.arange(n_val) + 0.5) * stride).astype(np.int64)
 
 
+def documents_key(files: list[Path], hub, data_format: Optional[str], text_field: str, eos_string: str,
+                  line_by_line: bool, encoding: str) -> dict:
+    """Everything that decides the documents read from the data (so also a tokenizer learned from them).
+
+    The format is the one each file is read as, not only --format: the same bytes named .txt and
+    .jsonl are different documents. The encoding is the codec's canonical name ('UTF8' = 'utf-8').
+    """
+    encoding = check_encoding(encoding)  # first: a typo fails at once, before the data is hashed
+    formats = file_formats(files, data_format)
+    return {
+        "train": files_digest(files),
+        "formats": formats,
+        "encoding": encoding,
+        "text_field": text_field,
+        "eos_string": eos_string,
+        "line_by_line": line_by_line,
+        "hub": [list(h) for h in hub],
+        "reading": READING_RULES,
+    }
+
+
+def cache_key(files: list[Path], tokenizer, block_size: int, *, line_by_line: bool = False, val_fraction: float = 0.05,
+              val_files: Optional[list[Path]] = None, eos_string: str = "<|endoftext|>", encoding: str = "utf-8",
+              text_field: str = "text", data_format: Optional[str] = None, skip_bad_rows: bool = False,
+              hub: tuple = ()) -> dict:
+    """What the token cache entry is named by: the documents, the tokenizer and the way they are cut.
+
+    The names of checkpoint.DATA_KEY_NAMES keep their meaning, so a run resumes across versions.
+    """
+    return {
+        "version": CACHE_VERSION,
+        **documents_key(files, hub, data_format, text_field, eos_string, line_by_line, encoding),
+        "val": files_digest(val_files) if val_files else None,
+        "val_formats": file_formats(val_files, data_format) if val_files else None,
+        "tokenizer": tokenizer_digest(tokenizer),
+        "block_size": block_size,
+        "val_fraction": None if val_files else val_fraction,
+        "skip_bad_rows": skip_bad_rows,
+    }
+
+
+def fingerprint(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def write_error(path: Path, exc: OSError, what: str, option: str) -> FinetuneError:
+    """One line for a failed write into a directory the user chose with `option` (--cache-dir, --output)."""
+    cause, _ = os_error_reason(exc, writing=True)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"free disk space or choose another {option}"
+    else:
+        fix = f"make it writable or choose another {option}"
+    return FinetuneError(f"cannot write {what} {path}: {cause}; {fix}")
+
+
+def discard(path: Path) -> None:
+    """Remove a damaged cache entry: renamed aside first, so no reader ever sees it half-deleted."""
+    aside = path.with_name(f".discard-{path.name}-{os.getpid()}")
+    try:
+        os.replace(path, aside)
+    except OSError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def prepare_data(
     files: list[Path],
     tokenizer,
@@ -259,46 +416,83 @@ def prepare_data(
     """Tokenize (or load from the cache) and split into train/validation blocks."""
     if tokenizer.eos_token_id is None:
         raise FinetuneError("the tokenizer has no EOS token, so documents cannot be separated; use a tokenizer with one")
+    summary = describe_files(files)
+    if summary:
+        log(summary)
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
-    key = {
-        "version": CACHE_VERSION,
-        "train": files_digest(files),
-        "val": files_digest(val_files) if val_files else None,
-        "tokenizer": tokenizer_digest(tokenizer),
-        "block_size": block_size,
-        "line_by_line": line_by_line,
-        "val_fraction": None if val_files else val_fraction,
-        "eos_string": eos_string,
-        "text_field": text_field,
-        "format": data_format,
-        "skip_bad_rows": skip_bad_rows,
-        "hub": [list(h) for h in hub],
-    }
-    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    key = cache_key(files, tokenizer, block_size, line_by_line=line_by_line, val_fraction=val_fraction, val_files=val_files,
+                    eos_string=eos_string, encoding=encoding, text_field=text_field, data_format=data_format,
+                    skip_bad_rows=skip_bad_rows, hub=hub)
+    encoding = key["encoding"]
     root = cache_root(cache_dir) / "data"
-    target = root / fingerprint
-    from_cache = (target / "meta.json").is_file()
-    if not from_cache:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".tmp-{fingerprint}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            meta = _build_cache(files, val_files, tokenizer, block_size, line_by_line, val_fraction, eos_string, encoding,
-                                dtype, tmp, text_field, data_format, skip_bad_rows, hub)
-            meta["key"] = key
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            try:
-                os.replace(tmp, target)
-            except OSError:  # another process finished the same cache first
-                shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    prepared = _load_cache(target, from_cache, log)
+    target = root / fingerprint(key)
+
+    def fill(out: Path) -> None:
+        meta = _build_cache(files, val_files, tokenizer, block_size, line_by_line, val_fraction, eos_string, encoding,
+                            dtype, out, text_field, data_format, skip_bad_rows, hub)
+        (out / "meta.json").write_text(json.dumps({**meta, "key": key}, indent=1))
+
+    try:
+        entry = _cached_entry(target, key, log)
+        from_cache = entry is not None
+        if not from_cache:
+            write_entry(target, fill)
+            entry = _read_entry(target, CACHE_FILE, "delete it; the next run rebuilds it")
+    except OSError as exc:
+        if exc.filename is not None and not str(exc.filename).startswith(str(root)):
+            raise os_error(exc.filename, exc, DATA_FILE) from None  # reading the data, not the cache
+        raise write_error(root, exc, "the token cache", "--cache-dir") from None
+    prepared = _announce(target, *entry, from_cache=from_cache, log=log)
     if prepared.chat:
         sft.ensure_chat_template(tokenizer)  # also on a cache hit: checkpoints must carry the template
     return prepared
+
+
+def _cached_entry(target: Path, key: dict, log):
+    """The entry named `target` when it is whole and holds `key`; a damaged one is removed (and rebuilt)."""
+    if not os.path.lexists(target):
+        return None
+    try:
+        entry = _read_entry(target, CACHE_FILE, "it is rebuilt")
+        if entry[0].get("key") != key:
+            raise FinetuneError(f"{CACHE_FILE} {target / 'meta.json'} was written for other data")
+    except FinetuneError as exc:
+        log(f"warning: {str(exc).split('; ')[0]}; rebuilding it")
+        discard(target)
+        return None
+    return entry
+
+
+def write_entry(target: Path, fill) -> None:
+    """Fill a temporary directory beside `target` with `fill(tmp)`, then rename it into place: a cache
+    entry exists whole or not at all, whatever fails (a full disk, Ctrl-C, a bad row)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        fill(tmp)
+        _fsync_files(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not target.is_dir():  # else another process finished the same entry first
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_files(directory: Path) -> None:
+    """On disk before the rename: after a power cut an entry is whole or absent, never zero-filled."""
+    for dirpath, _, names in os.walk(directory):
+        for name in names:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def _sources(files: list[Path], hub: list[tuple[str, str]], data_format: Optional[str]) -> list[Source]:
@@ -373,8 +567,11 @@ def training_texts(files: list[Path], hub: list[tuple[str, str]], data_format: O
 
 def _build_supervised(sources, opts, tokenizer, block_size, val_fraction, dtype, out: Path, bad: BadRows) -> dict:
     offsets, truncated, emptied, n_tokens, n_learned = [0], 0, 0, 0, 0
-    with open(out / "tokens.bin", "wb") as tokens, open(out / "mask.bin", "wb") as masks:
+    size = data_bytes([Path(s.path) for s in sources])
+    with open(out / "tokens.bin", "wb") as tokens, open(out / "mask.bin", "wb") as masks, \
+            progress_bar(None, "tokenizing", size, unit=" examples") as bar:
         for ids, mask in _examples(sources, opts, tokenizer, bad):
+            bar.update()
             if len(ids) > block_size:  # never dropped silently: counted and reported
                 ids, mask = ids[:block_size], mask[:block_size]
                 truncated += 1
@@ -414,7 +611,7 @@ def _build_cache(files, val_files, tokenizer, block_size, line_by_line, val_frac
         return meta
     split_long = _is_byte_level(tokenizer)
     n_docs, n_tokens = tokenize_to_file(_pieces(sources, opts, split_long, bad), tokenizer, out / "tokens.bin", dtype,
-                                        workers=default_workers(files))
+                                        workers=default_workers(files), size=data_bytes(files))
     if n_tokens < 2:
         raise FinetuneError("the training data holds fewer than 2 tokens; add more text")
     effective_block = block_size
@@ -446,24 +643,108 @@ def _build_cache(files, val_files, tokenizer, block_size, line_by_line, val_frac
     return meta
 
 
-def _load_supervised(target: Path, meta: dict, from_cache: bool, log) -> PreparedData:
+# ---------------------------------------------------------------------------------------------
+# Reading an entry back: our cache, or a `finetune prepare` directory
+# ---------------------------------------------------------------------------------------------
+
+CACHE_FILE = "token cache file"
+PREPARED_FILE = "prepared data file"
+PREPARED_FIX = "prepare the data again with `finetune prepare`"
+META_KEYS = ("mode", "dtype", "num_documents", "num_tokens", "block_size", "num_blocks", "key")
+SUPERVISED_KEYS = ("learned_tokens", "truncated", "chat")
+PACKED_KEYS = ("requested_block_size",)
+
+
+def _read_meta(target: Path, what: str, fix: str) -> dict:
+    path = target / "meta.json"
+    meta = read_json(path, what, fix, required=META_KEYS)
+    mode = meta["mode"]
+    required = SUPERVISED_KEYS if mode == "supervised" else PACKED_KEYS
+    missing = [k for k in required if k not in meta]
+    counts = [meta[k] for k in ("num_documents", "num_tokens", "block_size", "num_blocks")]
+    if (mode not in ("packed", "supervised") or missing or meta["dtype"] not in ("uint16", "uint32")
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts)):
+        raise FinetuneError(f"{what} {path} is damaged (bad or missing fields); {fix}")
+    return meta
+
+
+def _token_file(path: Path, dtype, count: int, what: str, fix: str) -> np.ndarray:
+    """`count` items of `dtype`, memory-mapped; a file of another size (cut short by a crash or a full
+    disk) is an error, not blocks of garbage."""
+    with reading(path, what, fix):
+        require_regular_file(path, what)
+        size = path.stat().st_size
+        if size != count * np.dtype(dtype).itemsize:
+            raise FinetuneError(f"{what} {path} holds {size:,} bytes, expected {count * np.dtype(dtype).itemsize:,} (cut short?); {fix}")
+        return np.memmap(path, dtype=dtype, mode="r") if count else np.zeros(0, dtype=dtype)
+
+
+def _index_file(path: Path, limit: int, what: str, fix: str) -> np.ndarray:
+    """Block or example numbers, each below `limit`."""
+    with reading(path, what, fix):
+        require_regular_file(path, what)
+        values = np.load(path, allow_pickle=False)
+    if values.ndim != 1 or (values.size and (values.dtype.kind not in "iu" or values.min() < 0 or values.max() >= limit)):
+        raise FinetuneError(f"{what} {path} holds bad block numbers; {fix}")
+    return values.astype(np.int64, copy=False)
+
+
+def _read_entry(target: Path, what: str, fix: str) -> tuple[dict, object, object]:
+    """(meta, train, val) of a cache entry or prepared directory, every file checked against meta.json."""
+    meta = _read_meta(target, what, fix)
     dtype = np.dtype(meta["dtype"])
-    tokens = np.memmap(target / "tokens.bin", dtype=dtype, mode="r")
-    masks = np.memmap(target / "mask.bin", dtype=np.uint8, mode="r")
-    offsets = np.load(target / "offsets.npy")
-    train = sft.Examples(tokens, masks, offsets, np.load(target / "train_index.npy"))
-    val_idx = np.load(target / "val_index.npy")
-    val = sft.Examples(tokens, masks, offsets, val_idx) if len(val_idx) else None
+    tokens = _token_file(target / "tokens.bin", dtype, meta["num_tokens"], what, fix)
+    if meta["mode"] == "supervised":
+        masks = _token_file(target / "mask.bin", np.uint8, meta["num_tokens"], what, fix)
+        with reading(target / "offsets.npy", what, fix):
+            offsets = np.load(target / "offsets.npy", allow_pickle=False)
+        if offsets.shape != (meta["num_documents"] + 1,) or offsets[-1] != meta["num_tokens"] or np.any(np.diff(offsets) < 0):
+            raise FinetuneError(f"{what} {target / 'offsets.npy'} does not match {target / 'meta.json'}; {fix}")
+        n = meta["num_documents"]
+        val_idx = _index_file(target / "val_index.npy", n, what, fix)
+        train = sft.Examples(tokens, masks, offsets, _index_file(target / "train_index.npy", n, what, fix))
+        return meta, train, (sft.Examples(tokens, masks, offsets, val_idx) if len(val_idx) else None)
+    block = meta["block_size"]
+    if block < 1 or meta["num_blocks"] * block > meta["num_tokens"]:
+        raise FinetuneError(f"{what} {target / 'meta.json'} is damaged (block size and counts disagree); {fix}")
+    train = TokenBlocks(tokens, block, _index_file(target / "train_index.npy", meta["num_blocks"], what, fix))
+    if meta.get("val_num_tokens") is not None:
+        val_tokens = _token_file(target / "val_tokens.bin", dtype, meta["val_num_tokens"], what, fix)
+        n_val_blocks = len(val_tokens) // block
+        return meta, train, (TokenBlocks(val_tokens, block, np.arange(n_val_blocks, dtype=np.int64)) if n_val_blocks else None)
+    val_idx = _index_file(target / "val_index.npy", meta["num_blocks"], what, fix)
+    return meta, train, (TokenBlocks(tokens, block, val_idx) if len(val_idx) else None)
+
+
+def _announce(target: Path, meta: dict, train, val, from_cache: bool, log) -> PreparedData:
+    """Warn about small corpora, say what the data is, and hand it over."""
     source = "cache" if from_cache else "tokenized"
+    skipped = f"; {meta['bad_rows']} bad rows skipped" if meta.get("bad_rows") else ""
+    if meta["mode"] == "supervised":
+        log(
+            f"data ({source}): {meta['num_documents']} examples ({'chat' if meta['chat'] else 'prompt/completion'}), "
+            f"{meta['num_tokens']:,} tokens of which {meta['learned_tokens']:,} are learned; {len(train)} train"
+            + (f", {len(val)} validation" if val else "") + f"; {meta['truncated']} truncated to {meta['block_size']} tokens"
+            + (f", {meta['emptied']} left out because truncation removed every learned token (raise --block-size)"
+               if meta.get("emptied") else "")
+            + skipped
+        )
+        return PreparedData(train, val, meta["block_size"], meta["num_documents"], target, from_cache, meta["key"], "supervised", meta["chat"])
+    block = meta["block_size"]
+    if meta.get("val_num_tokens") is not None and val is None:
+        warnings.warn("the validation file is shorter than one block; validation is skipped")
+    if block < meta["requested_block_size"]:
+        warnings.warn(
+            f"the corpus has only {meta['num_tokens']} tokens, fewer than one block of "
+            f"{meta['requested_block_size']}; training on a single block of {block} tokens (add more text for a better model)"
+        )
+    if val is None and meta.get("val_num_tokens") is None and meta["num_blocks"] < 2:
+        warnings.warn("the corpus is too small for a validation split; validation is skipped")
     log(
-        f"data ({source}): {meta['num_documents']} examples ({'chat' if meta['chat'] else 'prompt/completion'}), "
-        f"{meta['num_tokens']:,} tokens of which {meta['learned_tokens']:,} are learned; {len(train)} train"
-        + (f", {len(val)} validation" if val else "") + f"; {meta['truncated']} truncated to {meta['block_size']} tokens"
-        + (f", {meta['emptied']} left out because truncation removed every learned token (raise --block-size)"
-           if meta.get("emptied") else "")
-        + (f"; {meta['bad_rows']} bad rows skipped" if meta.get("bad_rows") else "")
+        f"data ({source}): {meta['num_documents']} documents, {meta['num_tokens']:,} tokens, "
+        f"{len(train)} train blocks" + (f", {len(val)} validation blocks" if val else "") + f" of {block} tokens" + skipped
     )
-    return PreparedData(train, val, meta["block_size"], meta["num_documents"], target, from_cache, meta["key"], "supervised", meta["chat"])
+    return PreparedData(train, val, block, meta["num_documents"], target, from_cache, meta["key"])
 
 
 def write_prepared(prepared: PreparedData, tokenizer, tmp: Path, model_name: str) -> None:
@@ -474,9 +755,35 @@ def write_prepared(prepared: PreparedData, tokenizer, tmp: Path, model_name: str
     (tmp / PREPARED_MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
+def read_manifest(directory: Path) -> dict:
+    """A prepared directory's manifest: the model it was tokenized for, the tokenizer's digest, the block size."""
+    path = directory / PREPARED_MANIFEST
+    manifest = read_json(path, PREPARED_FILE, PREPARED_FIX, required=("model", "tokenizer", "block_size"))
+    block = manifest["block_size"]
+    if not (isinstance(block, int) and not isinstance(block, bool) and block > 0) or not isinstance(manifest["tokenizer"], str):
+        raise FinetuneError(f"{PREPARED_FILE} {path} is damaged (bad block_size or tokenizer); {PREPARED_FIX}")
+    return manifest
+
+
+def check_prepared(directory: Path) -> None:
+    """Every file of a prepared directory is whole, so a damaged one is named before training starts."""
+    read_manifest(directory)
+    _read_entry(directory, PREPARED_FILE, PREPARED_FIX)
+    tokenizer_dir = directory / "tokenizer"
+    config = tokenizer_dir / "tokenizer_config.json"
+    read_json(config, PREPARED_FILE, PREPARED_FIX)
+    spec = tokenizer_dir / "tokenizer.json"
+    if spec.exists():
+        from tokenizers import Tokenizer
+
+        with reading(spec, PREPARED_FILE, PREPARED_FIX):
+            require_regular_file(spec, PREPARED_FILE)
+            Tokenizer.from_file(str(spec))
+
+
 def load_prepared(directory: Path, tokenizer, block_size: Optional[int], log=print) -> PreparedData:
     """A `finetune prepare` directory, checked against the tokenizer and block size of this run."""
-    manifest = json.loads((directory / PREPARED_MANIFEST).read_text())
+    manifest = read_manifest(directory)
     if tokenizer_digest(tokenizer) != manifest["tokenizer"]:
         raise FinetuneError(
             f"{directory} was prepared with the tokenizer of '{manifest['model']}', not this model's; "
@@ -484,46 +791,10 @@ def load_prepared(directory: Path, tokenizer, block_size: Optional[int], log=pri
         )
     if block_size is not None and block_size != manifest["block_size"]:
         raise FinetuneError(f"{directory} was prepared with --block-size {manifest['block_size']}; use that, or prepare again")
-    prepared = _load_cache(directory, True, log)
+    prepared = _announce(directory, *_read_entry(directory, PREPARED_FILE, PREPARED_FIX), from_cache=True, log=log)
     if prepared.chat:
         sft.ensure_chat_template(tokenizer)
     return prepared
-
-
-def _load_cache(target: Path, from_cache: bool, log) -> PreparedData:
-    meta = json.loads((target / "meta.json").read_text())
-    if meta.get("mode") == "supervised":
-        return _load_supervised(target, meta, from_cache, log)
-    dtype = np.dtype(meta["dtype"])
-    block = meta["block_size"]
-    tokens = np.memmap(target / "tokens.bin", dtype=dtype, mode="r")
-    train = TokenBlocks(tokens, block, np.load(target / "train_index.npy"))
-    val: Optional[TokenBlocks] = None
-    if (target / "val_tokens.bin").is_file():
-        val_tokens = np.memmap(target / "val_tokens.bin", dtype=dtype, mode="r")
-        n_val_blocks = len(val_tokens) // block
-        if n_val_blocks == 0:
-            warnings.warn("the validation file is shorter than one block; validation is skipped")
-        else:
-            val = TokenBlocks(val_tokens, block, np.arange(n_val_blocks, dtype=np.int64))
-    else:
-        val_idx = np.load(target / "val_index.npy")
-        if len(val_idx):
-            val = TokenBlocks(tokens, block, val_idx)
-    if block < meta["requested_block_size"]:
-        warnings.warn(
-            f"the corpus has only {meta['num_tokens']} tokens, fewer than one block of "
-            f"{meta['requested_block_size']}; training on a single block of {block} tokens (add more text for a better model)"
-        )
-    if val is None and meta.get("val_num_tokens") is None and meta["num_blocks"] < 2:
-        warnings.warn("the corpus is too small for a validation split; validation is skipped")
-    source = "cache" if from_cache else "tokenized"
-    log(
-        f"data ({source}): {meta['num_documents']} documents, {meta['num_tokens']:,} tokens, "
-        f"{len(train)} train blocks" + (f", {len(val)} validation blocks" if val else "") + f" of {block} tokens"
-        + (f"; {meta['bad_rows']} bad rows skipped" if meta.get("bad_rows") else "")
-    )
-    return PreparedData(train, val, block, meta["num_documents"], target, from_cache, meta["key"])
 
 
 # ---------------------------------------------------------------------------------------------

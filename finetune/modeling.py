@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import socket
+import sys
 from pathlib import Path
 from typing import Iterable
 from urllib.parse import urlparse
@@ -118,41 +118,73 @@ def scratch_config(preset: str, vocab_size: int, eos_id: int = 0):
     return AutoConfig.for_model(model_type, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, **spec)
 
 
-def train_scratch_tokenizer(preset: str, texts: Iterable[str], digest: str, cache_dir: Path):
+LEARNER_VERSION = 2  # bump when the way a tokenizer is learned changes (2: long runs cut, reading.bounded_runs)
+
+
+def train_scratch_tokenizer(preset: str, texts: Iterable[str], digest: str, cache_dir: Path, size: int = 0, log=None):
     """A byte-level BPE tokenizer learned from the training data, cached by the data's digest.
 
     Byte-level BPE (GPT-2's scheme) can encode any text, so prompts with unseen characters still work.
+    `digest` names everything that decides the texts (data.documents_key); `size`, the data's bytes,
+    sizes the progress bar.
     """
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
+
+    from finetune import data
+    from finetune.files import short
 
     vocab_size = SCRATCH_MODELS[preset]["vocab_size"]
-    key = hashlib.sha256(f"{preset}:{vocab_size}:{digest}".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{preset}:{vocab_size}:{LEARNER_VERSION}:{digest}".encode()).hexdigest()[:24]
     target = cache_dir / "tokenizers" / key
-    if not (target / "tokenizer.json").is_file():
-        bpe = ByteLevelBPETokenizer()
-        bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS], show_progress=False)
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS)
-        tmp = target.with_name(f".tmp-{key}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tokenizer.save_pretrained(tmp)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # a concurrent run wrote it first
-            shutil.rmtree(tmp, ignore_errors=True)
+    say = log or (lambda message: print(message, file=sys.stderr))
+    try:
+        if os.path.lexists(target):
+            try:
+                return finish_tokenizer(AutoTokenizer.from_pretrained(target))
+            except Exception as exc:  # a damaged entry (a crash, a full disk, a hand edit): learn it again
+                say(f"warning: the cached tokenizer {target} is unreadable ({short(exc)}); learning it again")
+                data.discard(target)
+        data.write_entry(target, lambda tmp: _learn_tokenizer(texts, vocab_size, size).save_pretrained(tmp))
+    except OSError as exc:
+        raise data.write_error(target.parent, exc, "the tokenizer cache", "--cache-dir") from None
     return finish_tokenizer(AutoTokenizer.from_pretrained(target))
 
 
+def _learn_tokenizer(texts: Iterable[str], vocab_size: int, size: int):
+    """Byte-level BPE learned from `texts`, each run of non-space cut to reading.LEARN_RUN_CHARS first:
+    the learner's time grows worse than quadratically with a word's length."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from finetune.data import PROGRESS_MIN_BYTES, progress_bar
+    from finetune.reading import bounded_runs
+
+    def counted(items):  # the learner pulls texts as it counts their words: this bar follows it
+        with progress_bar(size, "learning the tokenizer", size) as bar:
+            for text in items:
+                bar.update(min(len(text), bar.total - bar.n))
+                yield text
+
+    bpe = ByteLevelBPETokenizer()
+    # show_progress: the learner's own bars (on a terminal) for the merges that follow the counting
+    bpe.train_from_iterator(counted(bounded_runs(texts)), vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
+                            show_progress=size >= PROGRESS_MIN_BYTES)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS)
+
+
 def tokenizer_from_data(cfg, files: list[Path]):
-    """The from-scratch preset's tokenizer, learned from (and cached by) this run's data."""
+    """The from-scratch preset's tokenizer, learned from this run's data and cached by everything that
+    decides the texts it learns from (contents, each file's format, encoding, text field...)."""
+    import json
+
     from finetune import data
 
     hub = [(name, cfg.data.split) for name in cfg.data.datasets]
-    texts = data.training_texts(files, hub, cfg.data.format, cfg.data.text_field, cfg.data.eos_string,
-                                cfg.data.line_by_line, cfg.data.encoding)
-    digest = data.files_digest(files) + repr(hub)
-    return train_scratch_tokenizer(cfg.model.name, texts, digest, data.cache_root(cfg.data.cache_dir))
+    d = cfg.data
+    key = data.documents_key(files, hub, d.format, d.text_field, d.eos_string, d.line_by_line, d.encoding)
+    texts = data.training_texts(files, hub, d.format, d.text_field, d.eos_string, d.line_by_line, key["encoding"])
+    return train_scratch_tokenizer(cfg.model.name, texts, json.dumps(key, sort_keys=True), data.cache_root(d.cache_dir),
+                                   size=data.data_bytes(files))
 
 
 def build_scratch_model(preset: str, tokenizer, seed: int):

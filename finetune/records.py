@@ -9,6 +9,7 @@ is then one of three kinds, told apart by its fields:
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import sys
@@ -17,12 +18,17 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from finetune.errors import FinetuneError
+from finetune.files import reading
 
 FORMATS = ("text", "csv", "tsv", "jsonl", "json", "parquet", "arrow")
 SUFFIX_FORMATS = {
     ".txt": "text", ".text": "text", ".md": "text", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl",
-    ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
+    ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow",
 }
+# The first bytes of the binary formats: a text file given one of their names is caught up front.
+SIGNATURES = {"parquet": (b"PAR1",), "arrow": (b"ARROW1", b"\xff\xff\xff\xff")}  # Arrow file, Arrow stream
+FORMAT_NAMES = {"parquet": "a Parquet", "arrow": "an Arrow"}
+ARROW_FIX = "pass a directory written by datasets' save_to_disk (or an .arrow file from one)"
 
 
 @dataclass
@@ -44,6 +50,29 @@ def detect_format(path: Path, override: Optional[str]) -> str:
     if is_saved_dataset(path):
         return "arrow"
     return SUFFIX_FORMATS.get(path.suffix.lower(), "text")
+
+
+def check_signature(path: Path, data_format: str) -> None:
+    """A Parquet or Arrow file must start with its format's signature; name a mislabelled file."""
+    signatures = SIGNATURES.get(data_format)
+    if signatures is None or path.is_dir():
+        return
+    with reading(path, "data file", "check the file"), open(path, "rb") as fh:
+        head = fh.read(8)
+    if not head.startswith(signatures):
+        kind = "text" if _looks_like_text(head) else "some other format"
+        raise FinetuneError(
+            f"data file {path} is not {FORMAT_NAMES[data_format]} file (it looks like {kind}); rename it to match its "
+            f"contents (.txt, .jsonl, .csv...) or pass --format"
+        )
+
+
+def _looks_like_text(head: bytes) -> bool:
+    try:  # incremental: the first bytes may end inside a character
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    return b"\x00" not in head
 
 
 class BadRows:
@@ -129,15 +158,28 @@ def _dataset_rows(dataset, where: str) -> Iterator[tuple[str, dict]]:
 def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
     import pyarrow.parquet as pq
 
-    try:
+    # pyarrow's own error types, on opening or on a damaged batch deep in the file
+    with reading(path, "Parquet data file", "write it again, or convert it to .jsonl"):
         table = pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow's own error types
-        raise FinetuneError(f"{path} is not a readable Parquet file ({str(exc).splitlines()[0]})") from None
-    row = 0
-    for batch in table.iter_batches(batch_size=4096):
-        for record in batch.to_pylist():
-            yield f"{path}[row {row}]", record
-            row += 1
+        row = 0
+        for batch in table.iter_batches(batch_size=4096):
+            for record in batch.to_pylist():
+                yield f"{path}[row {row}]", record
+                row += 1
+
+
+def _load_arrow(path: Path, split: Optional[str]):
+    """A save_to_disk directory (a Dataset or a DatasetDict's split), or one .arrow file of one."""
+    import datasets
+
+    with reading(path, "Arrow data", ARROW_FIX):
+        loaded = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.Dataset.from_file(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        name = split or "train"
+        if name not in loaded:
+            raise FinetuneError(f"{path} has no split '{name}'; choose one of {', '.join(loaded)} with --split")
+        loaded = loaded[name]
+    return loaded
 
 
 def iter_rows(source: Source, encoding: str, bad: BadRows) -> Iterator[tuple[str, dict]]:
@@ -153,12 +195,7 @@ def iter_rows(source: Source, encoding: str, bad: BadRows) -> Iterator[tuple[str
     elif source.format == "parquet":
         yield from _parquet_rows(path)
     elif source.format == "arrow":
-        import datasets
-
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            loaded = loaded[source.split or "train"]
-        yield from _dataset_rows(loaded, str(path))
+        yield from _dataset_rows(_load_arrow(path, source.split), str(path))
     elif source.format == "hub":
         yield from _dataset_rows(load_hub_dataset(source.path, source.split or "train"), source.path)
     else:

@@ -50,7 +50,7 @@ def files(workdir):
 @pytest.mark.parametrize(
     "name, extra",
     [("recipes.csv", ["--text-column", "body"]), ("recipes.tsv", []), ("recipes.jsonl", []), ("recipes.json", []),
-     ("recipes.parquet", []), ("saved", [])],
+     ("recipes.parquet", []), ("saved", []), ("saved/data-00000-of-00001.arrow", [])],
 )
 def test_each_format_trains(files, gpt2_dir, name, extra):
     result = train([name], gpt2_dir, "fmt", *extra)
