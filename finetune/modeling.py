@@ -116,13 +116,13 @@ def _hub_kwargs(name: str, trust_remote_code: bool) -> dict:
 
 
 def _load_error(name: str, exc: Exception) -> FinetuneError:
+    if is_scratch_preset(name):
+        return FinetuneError(f"'{name}' is a from-scratch preset for `finetune train`, with no trained weights; "
+                             f"sample from a trained run with --run NAME, or pass a model directory")
     if Path(name).exists():
         return FinetuneError(f"'{name}' is not a loadable model directory ({short(exc)}); it needs config.json and weights")
     if name.startswith((".", "/", "~")) or os.sep in name.rstrip("/") and name.count("/") > 1:
         return FinetuneError(f"model directory '{name}' does not exist; check the path")
-    if name in SCRATCH_MODELS:
-        return FinetuneError(f"'{name}' is a from-scratch preset for `finetune train`, with no trained weights; "
-                             f"sample from a trained run with --run NAME, or pass a model directory")
     return FinetuneError(
         f"could not load model '{name}' from the Hugging Face Hub (no network, or no such model) "
         f"and it is not in the local cache; pass a local directory with --model PATH, or --model tiny to train from scratch"

@@ -67,15 +67,16 @@ class OnnxCausalLM:
         model_file = directory / self.manifest["file"]
         if not model_file.is_file():
             raise FinetuneError(f"ONNX model file {model_file} is missing; {EXPORT_AGAIN}")
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-        with reading(model_file, "ONNX model", EXPORT_AGAIN):  # onnxruntime raises its own exception types for a bad file
-            self.session = ort.InferenceSession(str(model_file), providers=providers)
-        self.model_file = model_file
         tokenizer_file = directory / "tokenizer.json"
+        read_json(tokenizer_file, "tokenizer file", EXPORT_AGAIN, required=("model",))
         with reading(tokenizer_file, "tokenizer file", EXPORT_AGAIN):
             self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         if self.tokenizer.get_vocab_size() == 0:
             raise FinetuneError(f"tokenizer file {tokenizer_file} has no tokens; {EXPORT_AGAIN}")
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        with reading(model_file, "ONNX model", EXPORT_AGAIN):  # onnxruntime raises its own exception types for a bad file
+            self.session = ort.InferenceSession(str(model_file), providers=providers)
+        self.model_file = model_file
         self.float_type = np.float16 if self.manifest["dtype"] == "fp16" else np.float32
         self.past_specs = self.manifest["inputs"][3:]
         self.input_names = [spec["name"] for spec in self.manifest["inputs"]]
