@@ -237,8 +237,9 @@ def _load_local_tokenizer(directory: Path, trust_remote_code: bool):
             Tokenizer.from_file(str(directory / "tokenizer.json"))
     with reading(directory, f"tokenizer ({_tokenizer_files(directory)}) in", fix):
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
-    if len(tokenizer) == 0:  # transformers builds an empty tokenizer rather than fail on some bad files
-        raise FinetuneError(f"the tokenizer in {directory} ({_tokenizer_files(directory)}) has no tokens; {fix}")
+    if not tokenizer("a", add_special_tokens=False)["input_ids"]:
+        # transformers builds an empty tokenizer rather than fail on some bad files: every text encodes to nothing
+        raise FinetuneError(f"the tokenizer in {directory} ({_tokenizer_files(directory)}) has no vocabulary; {fix}")
     return tokenizer
 
 
@@ -362,9 +363,9 @@ def load_pretrained_model(name: str, trust_remote_code: bool = False, dtype=None
     directory = local_model_dir(name)
     if directory is not None:
         fix = require_model_files(directory)
-        config = load_model_config(name, trust_remote_code)
-        kwargs = {"trust_remote_code": trust_remote_code, "config": config}
+        kwargs = {"trust_remote_code": trust_remote_code, "config": load_model_config(name, trust_remote_code)}
     else:
+        fix = "pass another --model"
         kwargs = _hub_kwargs(name, trust_remote_code)
     if load_in_4bit:
         kwargs["quantization_config"] = _four_bit_config()
@@ -374,18 +375,14 @@ def load_pretrained_model(name: str, trust_remote_code: bool = False, dtype=None
                                                            ignore_mismatched_sizes=not load_in_4bit, **kwargs)
     except FinetuneError:
         raise
-    except (OSError, ValueError) as exc:
-        if directory is None:
+    except Exception as exc:  # a library's complaint about the files or their contents
+        if directory is None and isinstance(exc, (OSError, ValueError)):
             raise _load_error(name, exc) from None
-        raise FinetuneError(f"the weights in {directory} cannot be loaded ({short(exc)}); {fix}") from None
-    except Exception as exc:  # a library's complaint about the files' contents
-        if directory is None:
-            raise FinetuneError(f"model '{name}' cannot be loaded ({short(exc)}); pass another --model") from None
-        raise FinetuneError(f"the weights in {directory} cannot be loaded ({short(exc)}); {fix}") from None
+        raise FinetuneError(f"the weights of {directory or name} cannot be loaded ({short(exc)}); {fix}") from None
     where = directory if directory is not None else name
     if not load_in_4bit:
-        _require_weights_match_config(info, where, fix if directory is not None else "pass another --model")
-    require_finite(model, where, fix if directory is not None else "pass another --model")
+        _require_weights_match_config(info, where, fix)
+    require_finite(model, where, fix)
     return model
 
 
@@ -405,6 +402,11 @@ def load_model_and_tokenizer(source: str, dtype=None, trust_remote_code: bool = 
         model = lora.load_merged(directory, dtype, trust_remote_code)
     else:
         model = load_pretrained_model(source, trust_remote_code, dtype=dtype)
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:  # token ids past the embedding table crash sampling with an IndexError
+        where = directory if directory is not None else source
+        raise FinetuneError(f"the tokenizer of {where} has {len(tokenizer)} tokens but the model only {rows} embeddings: "
+                            f"they do not belong together; restore the tokenizer files saved with these weights")
     return model, tokenizer
 
 
@@ -423,7 +425,8 @@ def _require_weights_match_config(info: dict, where, fix: str) -> None:
     if unexpected:
         problems.append(f"{len(unexpected)} tensor(s) in the weights have no place in the config ({unexpected[0]}, ...)")
     if problems:
-        raise FinetuneError(f"the weights and config.json in {where} disagree: {problems[0]}; "
+        config = Path(where) / "config.json" if Path(where).is_dir() else f"the config of {where}"
+        raise FinetuneError(f"the weights and {config} disagree: {problems[0]}; "
                             f"restore the config.json saved with these weights, or {fix}")
 
 

@@ -41,6 +41,14 @@ def fake_run(root: Path, model_dir: Path, name: str = "r", **state) -> Path:
     return checkpoint
 
 
+def empty_vocabulary(path: Path) -> None:
+    """A well-formed tokenizer.json that knows no tokens (transformers loads it, and every text encodes to [])."""
+    tokenizer = json.loads(path.read_text())
+    tokenizer["model"].update(vocab={}, merges=[])
+    tokenizer["added_tokens"] = []
+    path.write_text(json.dumps(tokenizer))
+
+
 def edit_json(path: Path, **values) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
 
@@ -81,6 +89,7 @@ DAMAGE = {
     "tokenizer-garbage": (lambda d: (d / "tokenizer.json").write_text("garbage"), "tokenizer.json", "not valid JSON"),
     "tokenizer-not-a-tokenizer": (lambda d: (d / "tokenizer.json").write_text('{"model": {}}'), "tokenizer.json", "corrupt"),
     "tokenizer-missing": (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json", "has no tokenizer"),
+    "tokenizer-empty": (lambda d: empty_vocabulary(d / "tokenizer.json"), "tokenizer.json", "has no vocabulary"),
     "tokenizer-config": (lambda d: (d / "tokenizer_config.json").write_text("[]"), "tokenizer_config.json", "holds a JSON list"),
     "adapter-config": (lambda d: (d / "adapter_config.json").write_text("{oops"), "adapter_config.json", "not valid JSON"),
     "state-garbage": (lambda d: (d / "training_state" / "state.json").write_text("garbage"), "state.json", "not valid JSON"),
