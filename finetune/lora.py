@@ -75,7 +75,14 @@ def load_merged(checkpoint: Path, dtype, trust_remote_code: bool = False):
     base_name = read_json(config_path, "LoRA adapter config", fix, required=("base_model_name_or_path",))["base_model_name_or_path"]
     if not isinstance(base_name, str) or not base_name:
         raise FinetuneError(f"LoRA adapter config {config_path} names no base model (base_model_name_or_path); {fix}")
-    base = modeling.load_pretrained_model(base_name, trust_remote_code, dtype=dtype)
+    try:
+        base = modeling.load_pretrained_model(base_name, trust_remote_code, dtype=dtype)
+    except FinetuneError as exc:
+        if modeling.local_model_dir(base_name) is not None:
+            raise  # the base directory's own bad file, already named
+        raise FinetuneError(f"the base model '{base_name}' of LoRA checkpoint {checkpoint} is neither a local directory nor "
+                            f"loadable from the Hugging Face Hub or its cache ({str(exc).split(';')[0]}); make it available, "
+                            f"or point base_model_name_or_path in {config_path} at a local copy") from None
     weights = checkpoint / "adapter_model.safetensors"
     with reading(weights, "LoRA adapter", fix):
         model = peft.PeftModel.from_pretrained(base, str(checkpoint))

@@ -125,7 +125,8 @@ def _load_error(name: str, exc: Exception) -> FinetuneError:
         return FinetuneError(f"model directory '{name}' does not exist; check the path")
     return FinetuneError(
         f"could not load model '{name}' from the Hugging Face Hub (no network, or no such model) "
-        f"and it is not in the local cache; pass a local directory with --model PATH, or --model tiny to train from scratch"
+        f"and it is not in the local cache; pass a local model directory (--model PATH), or train the from-scratch "
+        f"preset offline: `finetune train DATA --model tiny`"
     )
 
 

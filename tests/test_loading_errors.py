@@ -283,3 +283,13 @@ def test_a_damaged_onnx_export_is_named(workdir, gpt2_dir, change, words):
     change(directory)
     result = run_cli("generate", "--onnx", directory, "--prompt", "Title:", expect=None)
     assert_one_clear_line(result, *words, "export it again")
+
+
+def test_a_lora_checkpoint_whose_base_model_is_gone(workdir, gpt2_dir):
+    checkpoint = fake_run(workdir, gpt2_dir)
+    (checkpoint / "model.safetensors").rename(checkpoint / "adapter_model.safetensors")
+    (checkpoint / "config.json").unlink()
+    (checkpoint / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "models/deleted-base", "peft_type": "LORA"}))
+    result = run_cli("generate", "--checkpoint", checkpoint, "--prompt", "Title:", expect=None)
+    assert_one_clear_line(result, "the base model 'models/deleted-base'", "adapter_config.json")
+    assert "--model" not in result.output
