@@ -216,10 +216,13 @@ def generate_texts(model, tokenizer, cfg: GenerateConfig, write: Optional[Callab
 
 def append_samples(path: Path, texts: list[str]) -> None:
     """Append samples to a file, each followed by the delimiter line."""
-    from finetune.files import writing
+    from finetune.files import os_error_reason
 
-    with writing(path, "samples file"):
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as fh:
             for text in texts:
                 fh.write(text.rstrip("\n") + "\n" + SAMPLE_DELIMITER + "\n")
+    except OSError as exc:
+        cause, _fix = os_error_reason(exc, writing=True)
+        raise FinetuneError(f"cannot write samples to {path}: {cause}; choose another --output path") from None

@@ -47,8 +47,9 @@ NOISY_MODULES = r"(torch|accelerate|onnxscript|onnx_ir|onnxruntime|transformers|
 def quiet_libraries() -> Iterator[None]:
     """For the Python API: the CLI's quiet (no library warnings, no progress bars) for one call.
 
-    Warning filters are restored afterwards. transformers is quieted only once imported, so the
-    ONNX path never imports it; its verbosity is restored too.
+    Library warnings are ignored inside the block only. transformers is not imported here (the ONNX
+    path runs without it): its logging drops to errors when a model loads (quiet_transformers), and
+    a level the caller had set before the call is restored after it.
     """
     import sys
     import warnings
@@ -125,8 +126,7 @@ def _load_error(name: str, exc: Exception) -> FinetuneError:
         return FinetuneError(f"model directory '{name}' does not exist; check the path")
     return FinetuneError(
         f"could not load model '{name}' from the Hugging Face Hub (no network, or no such model) "
-        f"and it is not in the local cache; pass a local model directory (--model PATH), or train the from-scratch "
-        f"preset offline: `finetune train DATA --model tiny`"
+        f"and it is not in the local cache; pass a local directory with --model PATH, or --model tiny to train from scratch"
     )
 
 
