@@ -120,7 +120,10 @@ def finish_output_dir(tmp: Path, output: Path) -> None:
             if old.exists():
                 os.replace(old, output)
             raise
-    shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -130,6 +133,7 @@ def is_run_dir(path: Path) -> bool:
 
 
 def is_checkpoint_dir(path: Path) -> bool:
+    """A checkpoint: it holds training_state/, or is a checkpoint-NNNNNN directory of a run."""
     return (path / STATE_DIR).is_dir() or (CHECKPOINT_RE.match(path.name) is not None and is_run_dir(path.parent))
 
 

@@ -293,3 +293,12 @@ def test_a_lora_checkpoint_whose_base_model_is_gone(workdir, gpt2_dir):
     result = run_cli("generate", "--checkpoint", checkpoint, "--prompt", "Title:", expect=None)
     assert_one_clear_line(result, "the base model 'models/deleted-base'", "adapter_config.json")
     assert "--model" not in result.output
+
+
+def test_overwrite_replaces_an_export_whole(workdir, gpt2_dir):
+    output = workdir / "out"
+    output.mkdir()
+    (output / "stale.txt").write_text("from an earlier export")
+    run_cli(*export_args(gpt2_dir, output, "--overwrite"))
+    assert not (output / "stale.txt").exists() and (output / "model.safetensors").is_file()
+    assert sorted(p.name for p in workdir.iterdir()) == ["out"]  # no set-aside copy, no lock file
