@@ -64,20 +64,46 @@ def train(data: Union[str, list[str], None] = None, *, config: Optional[str] = N
     return run_training(cfg, log=log, command=command)
 
 
-def resolve_generation_source(run: Optional[str], checkpoint: Optional[str], model: Optional[str], runs_dir: str) -> str:
-    """The directory or hub id to sample from: --checkpoint, --model, or a run's latest checkpoint."""
+def resolve_generation_source(run: Optional[str], checkpoint: Optional[str], model: Optional[str], runs_dir: str,
+                              log=None) -> str:
+    """The directory or hub id to sample from: --checkpoint, --model, or a run's latest checkpoint.
+
+    Without any of them the most recent run is used, and `log` says which (sampling from an
+    unexpected run would otherwise look like a bad model).
+    """
     from finetune import checkpoint as ckpt
 
     given = [x for x in (run, checkpoint, model) if x]
     if len(given) > 1:
         raise FinetuneError("pass only one of --run, --checkpoint and --model")
     if checkpoint:
-        if not Path(checkpoint).is_dir():
-            raise FinetuneError(f"checkpoint directory '{checkpoint}' does not exist; check the path")
-        return checkpoint
+        return str(_checkpoint_dir(checkpoint))
     if model:
         return model
-    return str(ckpt.checkpoint_for_run(ckpt.find_run(runs_dir, run)))
+    run_dir = ckpt.find_run(runs_dir, run, other_sources="pass --checkpoint DIR or --model NAME_OR_DIR")
+    source = ckpt.checkpoint_for_run(run_dir)
+    if not run and log:
+        log(f"sampling from run '{run_dir.name}' ({source}), the most recent in {runs_dir}/; pass --run NAME to choose")
+    return str(source)
+
+
+def _checkpoint_dir(checkpoint: str) -> Path:
+    """--checkpoint DIR: an existing directory, and not a run directory (whose checkpoints are inside it)."""
+    from finetune import checkpoint as ckpt
+
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise FinetuneError(f"checkpoint directory '{checkpoint}' does not exist; check the path")
+    problem = ckpt.misplaced_run_dir(path)
+    if problem:
+        raise FinetuneError(problem)
+    return path
+
+
+def _stderr(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr)
 
 
 def generate(
@@ -90,14 +116,18 @@ def generate(
     runs_dir: str = "runs",
     trust_remote_code: bool = False,
     write=None,
+    log=_stderr,
     **options,
 ) -> list[str]:
     """Sample text from a run (its latest checkpoint), a checkpoint directory, a model id, or an ONNX export.
 
+    Notes (which run was used, samples that came out empty) go to `log`, stderr by default.
+
     >>> finetune.generate("Title:", run="recipes", n=3, seed=1)
     >>> finetune.generate("Title:", onnx="exports/recipes-onnx")   # ONNX Runtime, no torch needed
     """
-    from finetune.generation import append_samples
+    from finetune.generation import append_samples, warn_empty_samples
+    from finetune.modeling import quiet_libraries
 
     if prompt is not None:
         options["prompts"] = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -107,20 +137,21 @@ def generate(
         raise FinetuneError(f"unknown option(s) {', '.join(unknown)}; options are: {', '.join(sorted(known))}")
     cfg = GenerateConfig(**options)
     validate_generate_config(cfg)
-    if onnx:
-        if run or checkpoint or model:
-            raise FinetuneError("pass --onnx alone, not with --run, --checkpoint or --model")
-        from finetune.onnx_generation import OnnxCausalLM, generate_texts_onnx
+    source = None
+    with quiet_libraries():
+        if onnx:
+            if run or checkpoint or model:
+                raise FinetuneError("pass --onnx alone, not with --run, --checkpoint or --model")
+            from finetune.onnx_generation import OnnxCausalLM, generate_texts_onnx
 
-        texts = generate_texts_onnx(OnnxCausalLM(onnx), cfg, write=write)
-    else:
-        from finetune.generation import generate_texts, load_for_generation
+            texts = generate_texts_onnx(OnnxCausalLM(onnx), cfg, write=write)
+        else:
+            from finetune.generation import generate_texts, is_chat_checkpoint, load_for_generation
 
-        from finetune.generation import is_chat_checkpoint
-
-        source = resolve_generation_source(run, checkpoint, model, runs_dir)
-        lm, tokenizer = load_for_generation(source, trust_remote_code)
-        texts = generate_texts(lm, tokenizer, cfg, write=write, chat=is_chat_checkpoint(source))
+            source = resolve_generation_source(run, checkpoint, model, runs_dir, log=log)
+            lm, tokenizer = load_for_generation(source, trust_remote_code)
+            texts = generate_texts(lm, tokenizer, cfg, write=write, chat=is_chat_checkpoint(source))
+    warn_empty_samples(cfg, texts, source, log)
     if cfg.output:
         append_samples(Path(cfg.output), texts)
     return texts
@@ -146,6 +177,8 @@ def export(
     """
     from finetune import checkpoint as ckpt
     from finetune import exporting as exporter
+    from finetune.locking import exclusive
+    from finetune.modeling import quiet_libraries
 
     if format not in ("safetensors", "onnx"):
         raise FinetuneError(f"unknown export format '{format}'; use safetensors or onnx")
@@ -155,19 +188,21 @@ def export(
         raise FinetuneError(f"unknown --quantize '{quantize}'; only int8 is supported")
     if quantize and format != "onnx":
         raise FinetuneError("--quantize int8 applies to --format onnx only")
+    if run and checkpoint:
+        raise FinetuneError("pass only one of --run and --checkpoint")
     if checkpoint:
-        source = Path(checkpoint)
-        if not source.is_dir():
-            raise FinetuneError(f"checkpoint directory '{checkpoint}' does not exist; check the path")
-        run_dir = source.parent if (source.parent / "config.yaml").is_file() else None
+        source = _checkpoint_dir(checkpoint)
+        run_dir = source.parent if ckpt.is_run_dir(source.parent) else None
     else:
         run_dir = ckpt.find_run(runs_dir, run)
         source = ckpt.checkpoint_for_run(run_dir)
     suffix = "-".join(x for x in (format, quantize or (dtype if dtype != "fp32" else None)) if x)
     target = Path(output) if output else Path("exports") / f"{run_dir.name if run_dir else source.name}-{suffix}"
-    if format == "onnx":
-        return exporter.export_onnx(source, target, run_dir, dtype, quantize, overwrite, verify, log, optimize)
-    return exporter.export_safetensors(source, target, run_dir, dtype, overwrite, verify, log)
+    exporter.refuse_training_output(target, source, run_dir, Path(runs_dir))
+    with exclusive(target, f"export output {target}", "choose another --output"), quiet_libraries():
+        if format == "onnx":
+            return exporter.export_onnx(source, target, run_dir, dtype, quantize, overwrite, verify, log, optimize)
+        return exporter.export_safetensors(source, target, run_dir, dtype, overwrite, verify, log)
 
 
 def prepare(data: Union[str, list[str], None] = None, *, output: str, config: Optional[str] = None, log=print, **options):

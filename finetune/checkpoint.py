@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from finetune.errors import FinetuneError
+from finetune.files import fix_modes, read_json, writing
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{6,})$")
 TMP_PREFIX = ".tmp-"
@@ -97,19 +98,64 @@ def start_output_dir(output: Path, overwrite: bool = False, offer_overwrite: boo
     if occupied and not overwrite:
         hint = " or pass --overwrite" if offer_overwrite else ""
         raise FinetuneError(f"output directory {output} already exists and is not empty; choose another --output{hint}")
-    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f"{TMP_PREFIX}{output.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    with writing(output, "output directory"):
+        output.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
     return tmp
 
 
 def finish_output_dir(tmp: Path, output: Path) -> None:
-    if output.is_dir():
-        shutil.rmtree(output)
-    elif output.exists():
-        output.unlink()
-    os.replace(tmp, output)
+    """Move a finished `tmp` into place; a replaced `output` is kept aside until the move succeeded."""
+    fix_modes(tmp)  # safetensors writes through a private (0600) temp file: a server user could not read it
+    old = output.with_name(f"{TMP_PREFIX}old-{output.name}")
+    with writing(output, "output directory"):
+        shutil.rmtree(old, ignore_errors=True)
+        if output.exists():
+            os.replace(output, old)
+        try:
+            os.replace(tmp, output)
+        except BaseException:
+            if old.exists():
+                os.replace(old, output)
+            raise
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
+
+
+def is_run_dir(path: Path) -> bool:
+    """A run directory: config.yaml with checkpoints, a `latest` pointer or metrics beside it."""
+    return (path / "config.yaml").is_file() and (
+        (path / "latest").is_file() or (path / "metrics.jsonl").is_file() or bool(list_checkpoints(path)))
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """A checkpoint: it holds training_state/, or is a checkpoint-NNNNNN directory of a run."""
+    return (path / STATE_DIR).is_dir() or (CHECKPOINT_RE.match(path.name) is not None and is_run_dir(path.parent))
+
+
+def is_runs_root(path: Path) -> bool:
+    """A directory holding runs (`runs/`)."""
+    try:
+        return path.is_dir() and any(is_run_dir(child) for child in path.iterdir() if child.is_dir())
+    except OSError:
+        return False
+
+
+def misplaced_run_dir(path: Path) -> Optional[str]:
+    """Why `path`, passed where a model or checkpoint directory is expected, is a run or runs directory."""
+    if path.is_dir() and not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        if is_run_dir(path):
+            latest = latest_checkpoint(path)
+            inside = f", or --checkpoint {latest} for its latest checkpoint" if latest else ""
+            return (f"{path} is a run directory, not a model or checkpoint; pass --run {path.name} "
+                    f"--runs-dir {path.parent}{inside}")
+        if is_runs_root(path):
+            return f"{path} holds runs, it is not a model or checkpoint; pass --runs-dir {path} --run NAME"
+    return None
 
 
 def save_checkpoint(run_dir: Path, step: int, write_contents, keep: int) -> Path:
@@ -131,6 +177,7 @@ def save_checkpoint(run_dir: Path, step: int, write_contents, keep: int) -> Path
         write_contents(tmp)
         _fsync_tree(tmp)
         pause_point("fsynced", step)
+        fix_modes(tmp)  # safetensors writes model.safetensors through a private (0600) temp file
         os.replace(tmp, final)
         _fsync_dir(run_dir)
         pause_point("renamed", step)
@@ -201,11 +248,9 @@ def verify_checkpoint(checkpoint: Path, for_resume: bool) -> None:
     if not config.is_file():
         config = checkpoint / "adapter_config.json"  # a LoRA checkpoint: the adapter, not the base model
     if not config.is_file():
-        raise FinetuneError(f"checkpoint {checkpoint} has no config.json{hint}")
-    try:
-        json.loads(config.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise FinetuneError(f"checkpoint file {config} is corrupt (not valid JSON){hint}") from None
+        problem = misplaced_run_dir(checkpoint)
+        raise FinetuneError(problem or f"checkpoint {checkpoint} has no config.json{hint}")
+    read_json(config, "checkpoint file", hint[2:])
     weights = sorted(checkpoint.glob("*.safetensors"))
     if not weights:
         raise FinetuneError(f"checkpoint {checkpoint} has no .safetensors weights{hint}")
@@ -370,8 +415,11 @@ def compare_for_resume(saved: dict, current: dict, saved_data_key: dict, data_ke
     return changes
 
 
-def find_run(runs_dir: str, name: Optional[str]) -> Path:
-    """A run by name, or the most recently updated run when no name is given."""
+def find_run(runs_dir: str, name: Optional[str], other_sources: str = "pass --checkpoint DIR") -> Path:
+    """A run by name, or the most recently updated run when no name is given.
+
+    other_sources: what else the command accepts, for the hint when there is no run.
+    """
     root = Path(runs_dir)
     if name:
         run_dir = root / name
@@ -382,7 +430,8 @@ def find_run(runs_dir: str, name: Optional[str]) -> Path:
         return run_dir
     runs = [p for p in root.iterdir() if p.is_dir() and list_checkpoints(p)] if root.is_dir() else []
     if not runs:
-        raise FinetuneError(f"no trained runs in {root}/; train one with `finetune train DATA`, or pass --model")
+        raise FinetuneError(f"no trained runs in {root}/; train one with `finetune train DATA`, point --runs-dir at "
+                            f"the directory holding your runs, or {other_sources}")
     return max(runs, key=lambda p: (p / "latest").stat().st_mtime if (p / "latest").exists() else p.stat().st_mtime)
 
 

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 from finetune import checkpoint as ckpt
 from finetune import onnx_optimize
 from finetune.errors import FinetuneError, install_hint
+from finetune.files import writing
 from finetune.onnx_generation import MANIFEST
 
 ONNX_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "gpt_neox")
@@ -50,22 +51,56 @@ def _require_onnx() -> None:
 
 
 def _load_model(source: Path, dtype_name: str):
+    """The checkpoint's model (a LoRA adapter merged into its base) and its tokenizer, every file checked."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.modeling import quiet_transformers
-
-    quiet_transformers()
-    ckpt.verify_checkpoint(source, for_resume=False)
-    from finetune import lora
+    from finetune.modeling import load_model_and_tokenizer
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
-    if lora.is_adapter_checkpoint(source):
-        model = lora.load_merged(source, dtype).eval()  # LoRA: the adapter folded into the base weights
-    else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    return model, tokenizer
+    model, tokenizer = load_model_and_tokenizer(str(source), dtype, finish=False)  # the tokenizer exported as trained
+    return model.eval(), tokenizer
+
+
+def refuse_training_output(output: Path, source: Path, run_dir: Optional[Path], runs_dir: Path) -> None:
+    """An export never writes over, into or around a checkpoint, a run or the runs directory.
+
+    --overwrite deletes the output directory first: pointed at a checkpoint, it would delete the
+    weights and training state being exported.
+    """
+    out = output.resolve()
+    guarded = [("checkpoint", source.resolve())]
+    if run_dir is not None:
+        guarded.append(("run directory", run_dir.resolve()))
+    if runs_dir.is_dir():
+        guarded.append(("runs directory", runs_dir.resolve()))
+    for parent in (out, *out.parents):  # any other run or checkpoint the output would sit in
+        if ckpt.is_checkpoint_dir(parent):
+            guarded.append(("checkpoint", parent))
+        elif ckpt.is_run_dir(parent):
+            guarded.append(("run directory", parent))
+    inside = _training_dir_inside(out)
+    if inside is not None:
+        guarded.append(("checkpoint" if ckpt.is_checkpoint_dir(inside) else "run directory", inside))
+    for kind, path in guarded:
+        relation = "is" if out == path else "lies inside" if path in out.parents else "contains" if out in path.parents else None
+        if relation:
+            raise FinetuneError(f"--output {output} {relation} the {kind} {path}, which an export must not write over; "
+                                f"choose an output outside your runs, e.g. --output exports/NAME")
+
+
+def _training_dir_inside(root: Path, depth: int = 3) -> Optional[Path]:
+    """A checkpoint or run directory within `depth` levels under `root` (which --overwrite would delete)."""
+    import os
+
+    if not root.is_dir():
+        return None
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if ckpt.STATE_DIR in dirnames or ("config.yaml" in filenames and ckpt.is_run_dir(here)):
+            return here
+        if len(here.relative_to(root).parts) >= depth:
+            dirnames[:] = []
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,16 +110,18 @@ def _load_model(source: Path, dtype_name: str):
 
 def model_card(run_dir: Optional[Path], source: Path, fmt: str, dtype: str, fused: bool = False) -> str:
     """README.md for the export: what it was trained from and on, how well, and how to load it."""
-    state_path = source / ckpt.STATE_DIR / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    config = state.get("config") or {}
+    from finetune.generation import training_state
+
+    state = training_state(str(source))
+    config = state.get("config") if isinstance(state.get("config"), dict) else {}
     if not config and run_dir is not None and (run_dir / "config.yaml").is_file():
         from finetune.config import load_yaml
 
         config = load_yaml(run_dir / "config.yaml")
-    base = config.get("model", {}).get("name", "unknown")
-    data = config.get("data", {})
-    val_loss = state.get("val_loss")
+    base = _field(config, "model").get("name", "unknown")
+    data = _field(config, "data")
+    val_loss = state.get("val_loss") if isinstance(state.get("val_loss"), (int, float)) else None
+    paths = data.get("paths") if isinstance(data.get("paths"), list) else []
     lines = [
         f"# {run_dir.name if run_dir else source.name}",
         "",
@@ -93,7 +130,7 @@ def model_card(run_dir: Optional[Path], source: Path, fmt: str, dtype: str, fuse
         "| | |",
         "| --- | --- |",
         f"| base model | `{base}` |",
-        f"| training data | {', '.join(f'`{Path(p).name}`' for p in data.get('paths', [])) or 'unknown'} |",
+        f"| training data | {', '.join(f'`{Path(str(p)).name}`' for p in paths) or 'unknown'} |",
         f"| block size | {data.get('block_size', 'unknown')} tokens |",
         f"| steps | {state.get('step', 'unknown')} |",
         f"| tokens seen | {state.get('tokens_seen', 'unknown'):,} |" if isinstance(state.get("tokens_seen"), int) else "| tokens seen | unknown |",
@@ -129,6 +166,12 @@ def model_card(run_dir: Optional[Path], source: Path, fmt: str, dtype: str, fuse
     return "\n".join(lines) + "\n"
 
 
+def _field(config: dict, section: str) -> dict:
+    """A section of a run's config, {} where a hand-edited file holds something else."""
+    value = config.get(section) if isinstance(config, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
 def export_safetensors(source: Path, output: Path, run_dir: Optional[Path], dtype: str = "fp32",
                        overwrite: bool = False, verify: bool = True, log: Callable[[str], None] = print) -> ExportResult:
     import torch
@@ -137,20 +180,21 @@ def export_safetensors(source: Path, output: Path, run_dir: Optional[Path], dtyp
     model, tokenizer = _load_model(source, dtype)
     tmp = ckpt.start_output_dir(output, overwrite)
     try:
-        model.save_pretrained(tmp, max_shard_size="2GB")
-        tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(run_dir, source, "safetensors", dtype), encoding="utf-8")
-        report = None
-        if verify:
-            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=model.dtype).eval()
-            ids = torch.tensor([tokenizer(VERIFY_PROMPTS[0])["input_ids"]])
-            with torch.no_grad():
-                diff = (model(ids).logits - reloaded(ids).logits).abs().max().item()
-            report = {"format": "safetensors", "dtype": dtype, "max_abs_logit_diff": diff, "passed": diff == 0.0}
-            (tmp / "verification.json").write_text(json.dumps(report, indent=1))
-            if diff != 0.0:
-                raise FinetuneError(f"the exported weights do not reproduce the checkpoint (max logit diff {diff:.2e}); please report this")
-        ckpt.finish_output_dir(tmp, output)
+        with writing(output, "export"):  # a full disk: one line, and the temporary directory goes
+            model.save_pretrained(tmp, max_shard_size="2GB")
+            tokenizer.save_pretrained(tmp)
+            (tmp / "README.md").write_text(model_card(run_dir, source, "safetensors", dtype), encoding="utf-8")
+            report = None
+            if verify:
+                reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=model.dtype).eval()
+                ids = torch.tensor([tokenizer(VERIFY_PROMPTS[0])["input_ids"]])
+                with torch.no_grad():
+                    diff = (model(ids).logits - reloaded(ids).logits).abs().max().item()
+                report = {"format": "safetensors", "dtype": dtype, "max_abs_logit_diff": diff, "passed": diff == 0.0}
+                (tmp / "verification.json").write_text(json.dumps(report, indent=1))
+                if diff != 0.0:
+                    raise FinetuneError(f"the exported weights do not reproduce the checkpoint (max logit diff {diff:.2e}); please report this")
+            ckpt.finish_output_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -397,62 +441,65 @@ def _export_onnx(source: Path, output: Path, run_dir: Optional[Path], dtype: str
     external = size > EXTERNAL_DATA_BYTES
     tmp = ckpt.start_output_dir(output, overwrite)
     try:
-        started = time.perf_counter()
-        log(f"exporting {source} ({model_type}, {size / 1e6:.0f} MB of weights) to ONNX ...")
-        graph = tmp / "staging" / "plain" / ONNX_FILE
-        graph.parent.mkdir(parents=True)
-        _export_graph(model, graph, layout, external)
-        fusions: dict[str, int] = {}
-        if optimize:
-            fused = tmp / "staging" / "fused" / ONNX_FILE
-            fused.parent.mkdir()
-            try:
-                fusions = onnx_optimize.fuse(graph, fused, external)
-                graph = fused
-                log("ONNX Runtime fusions: " + ", ".join(f"{name} x{count}" for name, count in fusions.items()))
-            except Exception as exc:  # the plain graph is correct, only slower: keep it and say why
-                log(f"ONNX Runtime fusions not applied ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
-                    f"the graph keeps standard ONNX operators")
-        quantization = None
-        if quantize and fusions:
-            onnx_optimize.quantize_int8_blocks(graph, tmp / ONNX_FILE, external)
-            quantization = onnx_optimize.INT8_BLOCKS_DESCRIPTION
-        elif quantize:
-            onnx_optimize.quantize_int8_dynamic(graph, tmp / ONNX_FILE, external)
-            quantization = onnx_optimize.INT8_DYNAMIC_DESCRIPTION
-        else:
-            onnx_optimize.move_graph(graph, tmp)
-        shutil.rmtree(tmp / "staging")
-        seconds = time.perf_counter() - started
-        tokenizer.save_pretrained(tmp)
-        model.generation_config.save_pretrained(tmp)
-        model.config.save_pretrained(tmp)
-        manifest = _manifest(model, tokenizer, layout, dtype, quantize)
-        manifest.update(onnxruntime_fusions=fusions, quantization=quantization)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        (tmp / "README.md").write_text(model_card(run_dir, source, "ONNX" + (" int8" if quantize else ""), dtype, fused=bool(fusions)), encoding="utf-8")
-        report = None
-        if verify:
-            del model  # verify against the checkpoint as transformers loads it, without the export's module swaps
-            reference, _ = _load_model(source, dtype)
-            report = _verify_onnx(reference, tokenizer, tmp, dtype, quantize)
-            report["export_seconds"] = round(seconds, 2)
-            (tmp / "verification.json").write_text(json.dumps(report, indent=1))
-            log(
-                f"verification: logits max |diff| {report['prompt_max_abs_logit_diff']:.2e} (prompt), "
-                f"{report['decode_step_max_abs_logit_diff']:.2e} (decode step); top-1 agreement "
-                f"{report['prompt_top1_agreement']:.1%}; greedy {GREEDY_STEPS} tokens x 2 (left-padded) agreement "
-                f"{report['greedy_token_agreement']:.1%}"
-            )
-            if not report["passed"]:
-                if fusions:
-                    raise _FusedGraphMismatch()
-                raise FinetuneError(
-                    f"the ONNX export does not match PyTorch closely enough (see the numbers above; "
-                    f"thresholds: {LOGIT_TOLERANCE[quantize or dtype]} logits, {MIN_TOP1_AGREEMENT[quantize or dtype]:.0%} top-1); "
-                    f"pass --no-verify to keep it anyway"
+        with writing(output, "export"):  # a full disk: one line, and the temporary directory goes
+            started = time.perf_counter()
+            log(f"exporting {source} ({model_type}, {size / 1e6:.0f} MB of weights) to ONNX ...")
+            graph = tmp / "staging" / "plain" / ONNX_FILE
+            graph.parent.mkdir(parents=True)
+            _export_graph(model, graph, layout, external)
+            fusions: dict[str, int] = {}
+            if optimize:
+                fused = tmp / "staging" / "fused" / ONNX_FILE
+                fused.parent.mkdir()
+                try:
+                    fusions = onnx_optimize.fuse(graph, fused, external)
+                    graph = fused
+                    log("ONNX Runtime fusions: " + ", ".join(f"{name} x{count}" for name, count in fusions.items()))
+                except OSError:  # a full disk is not a fusion problem
+                    raise
+                except Exception as exc:  # the plain graph is correct, only slower: keep it and say why
+                    log(f"ONNX Runtime fusions not applied ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                        f"the graph keeps standard ONNX operators")
+            quantization = None
+            if quantize and fusions:
+                onnx_optimize.quantize_int8_blocks(graph, tmp / ONNX_FILE, external)
+                quantization = onnx_optimize.INT8_BLOCKS_DESCRIPTION
+            elif quantize:
+                onnx_optimize.quantize_int8_dynamic(graph, tmp / ONNX_FILE, external)
+                quantization = onnx_optimize.INT8_DYNAMIC_DESCRIPTION
+            else:
+                onnx_optimize.move_graph(graph, tmp)
+            shutil.rmtree(tmp / "staging")
+            seconds = time.perf_counter() - started
+            tokenizer.save_pretrained(tmp)
+            model.generation_config.save_pretrained(tmp)
+            model.config.save_pretrained(tmp)
+            manifest = _manifest(model, tokenizer, layout, dtype, quantize)
+            manifest.update(onnxruntime_fusions=fusions, quantization=quantization)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            (tmp / "README.md").write_text(model_card(run_dir, source, "ONNX" + (" int8" if quantize else ""), dtype, fused=bool(fusions)), encoding="utf-8")
+            report = None
+            if verify:
+                del model  # verify against the checkpoint as transformers loads it, without the export's module swaps
+                reference, _ = _load_model(source, dtype)
+                report = _verify_onnx(reference, tokenizer, tmp, dtype, quantize)
+                report["export_seconds"] = round(seconds, 2)
+                (tmp / "verification.json").write_text(json.dumps(report, indent=1))
+                log(
+                    f"verification: logits max |diff| {report['prompt_max_abs_logit_diff']:.2e} (prompt), "
+                    f"{report['decode_step_max_abs_logit_diff']:.2e} (decode step); top-1 agreement "
+                    f"{report['prompt_top1_agreement']:.1%}; greedy {GREEDY_STEPS} tokens x 2 (left-padded) agreement "
+                    f"{report['greedy_token_agreement']:.1%}"
                 )
-        ckpt.finish_output_dir(tmp, output)
+                if not report["passed"]:
+                    if fusions:
+                        raise _FusedGraphMismatch()
+                    raise FinetuneError(
+                        f"the ONNX export does not match PyTorch closely enough (see the numbers above; "
+                        f"thresholds: {LOGIT_TOLERANCE[quantize or dtype]} logits, {MIN_TOP1_AGREEMENT[quantize or dtype]:.0%} top-1); "
+                        f"pass --no-verify to keep it anyway"
+                    )
+            ckpt.finish_output_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

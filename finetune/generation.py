@@ -36,18 +36,10 @@ def pick_device_and_dtype():
 
 def load_for_generation(source: str, trust_remote_code: bool = False):
     """Model and tokenizer from a checkpoint directory or hub id, ready for sampling."""
-    from finetune import checkpoint, modeling
+    from finetune import modeling
 
-    if Path(source).is_dir():
-        checkpoint.verify_checkpoint(Path(source), for_resume=False)
     device, dtype = pick_device_and_dtype()
-    tokenizer = modeling.load_tokenizer(source, trust_remote_code)
-    from finetune import lora
-
-    if lora.is_adapter_checkpoint(Path(source)):
-        model = lora.load_merged(Path(source), dtype)  # base + adapter, merged: plain fast inference
-    else:
-        model = modeling.load_pretrained_model(source, trust_remote_code, dtype=dtype)
+    model, tokenizer = modeling.load_model_and_tokenizer(source, dtype, trust_remote_code)
     model.to(device).eval()
     return model, tokenizer
 
@@ -94,14 +86,39 @@ class StopAwareStreamer:
         self._emit(final=True)
 
 
+def training_state(source: Optional[str]) -> dict:
+    """A checkpoint's training_state/state.json ({} for a model directory or hub id)."""
+    from finetune.checkpoint import STATE_DIR
+    from finetune.files import read_json
+    from finetune.modeling import file_fix
+
+    if source is None:
+        return {}
+    state = Path(source) / STATE_DIR / "state.json"
+    if not state.is_file():
+        return {}
+    return read_json(state, "checkpoint file", file_fix(Path(source)))
+
+
 def is_chat_checkpoint(source: str) -> bool:
     """A checkpoint trained on chat data (its prompts get the chat template)."""
-    import json
+    return bool(training_state(source).get("chat"))
 
-    from finetune.checkpoint import STATE_DIR
 
-    state = Path(source) / STATE_DIR / "state.json"
-    return state.is_file() and bool(json.loads(state.read_text()).get("chat"))
+def warn_empty_samples(cfg: GenerateConfig, texts: list[str], source: Optional[str], log: Callable[[str], None]) -> None:
+    """Never hand back empty samples silently: say so, and why when the run expects a prompt."""
+    jobs = [prompt for prompt in cfg.prompts for _ in range(cfg.n)]
+    empty = sum(1 for prompt, text in zip(jobs, texts)
+                if not (text[len(prompt):] if cfg.include_prompt and text.startswith(prompt) else text).strip())
+    if not empty:
+        return
+    message = f"warning: the model produced no text for {empty} of {len(texts)} sample(s) (it ended them at once)"
+    state = training_state(source)
+    if state.get("chat") or state.get("data_mode") == "supervised":
+        kind = "chat conversations" if state.get("chat") else "prompt/completion examples"
+        if not any(p.strip() for p in cfg.prompts):
+            message += f"; this run was trained on {kind}, so it expects a prompt: pass --prompt TEXT"
+    log(message)
 
 
 def _encode_prompts(tokenizer, prompts: list[str], chat: bool = False) -> list[list[int]]:
@@ -199,10 +216,13 @@ def generate_texts(model, tokenizer, cfg: GenerateConfig, write: Optional[Callab
 
 def append_samples(path: Path, texts: list[str]) -> None:
     """Append samples to a file, each followed by the delimiter line."""
+    from finetune.files import os_error_reason
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as fh:
             for text in texts:
                 fh.write(text.rstrip("\n") + "\n" + SAMPLE_DELIMITER + "\n")
     except OSError as exc:
-        raise FinetuneError(f"cannot write samples to {path}: {exc.strerror or exc}; choose another --output path") from None
+        cause, _fix = os_error_reason(exc, writing=True)
+        raise FinetuneError(f"cannot write samples to {path}: {cause}; choose another --output path") from None

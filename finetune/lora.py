@@ -61,8 +61,31 @@ def load_adapter_for_training(base_model, checkpoint: Path):
     return peft.PeftModel.from_pretrained(base_model, str(checkpoint), is_trainable=True)
 
 
-def load_merged(checkpoint: Path, dtype):
-    """The base model with the adapter folded into its weights: a plain transformers model."""
+def load_merged(checkpoint: Path, dtype, trust_remote_code: bool = False):
+    """The base model with the adapter folded into its weights: a plain transformers model.
+
+    The base is loaded (and checked) like any model; then the adapter, whose bad file is named.
+    """
+    from finetune import modeling
+    from finetune.files import read_json, reading
+
     peft = _peft()
-    model = peft.AutoPeftModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype)
+    fix = modeling.file_fix(checkpoint)
+    config_path = checkpoint / ADAPTER_CONFIG
+    base_name = read_json(config_path, "LoRA adapter config", fix, required=("base_model_name_or_path",))["base_model_name_or_path"]
+    if not isinstance(base_name, str) or not base_name:
+        raise FinetuneError(f"LoRA adapter config {config_path} names no base model (base_model_name_or_path); {fix}")
+    try:
+        base = modeling.load_pretrained_model(base_name, trust_remote_code, dtype=dtype)
+    except FinetuneError as exc:
+        if modeling.local_model_dir(base_name) is not None:
+            raise  # the base directory's own bad file, already named
+        raise FinetuneError(f"the base model '{base_name}' of LoRA checkpoint {checkpoint} is neither a local directory nor "
+                            f"loadable from the Hugging Face Hub or its cache ({str(exc).split(';')[0]}); make it available, "
+                            f"or point base_model_name_or_path in {config_path} at a local copy") from None
+    weights = checkpoint / "adapter_model.safetensors"
+    with reading(weights, "LoRA adapter", fix):
+        model = peft.PeftModel.from_pretrained(base, str(checkpoint))
+    # A NaN in the adapter is the checkpoint's fault; one in the base weights, the base model's.
+    modeling.require_finite(model, checkpoint, fix, weights_file=lambda name: str(weights) if "lora_" in name else base_name)
     return model.merge_and_unload()

@@ -6,11 +6,13 @@ import hashlib
 import os
 import socket
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator, Optional
 from urllib.parse import urlparse
 
 from finetune.errors import FinetuneError, install_hint
+from finetune.files import read_json, reading, short
 
 EOS = "<|endoftext|>"
 
@@ -37,8 +39,62 @@ def quiet_transformers() -> None:
     transformers.logging.disable_progress_bar()
 
 
+# Libraries whose warnings a user of `finetune` cannot act on (the CLI ignores them the same way).
+NOISY_MODULES = r"(torch|accelerate|onnxscript|onnx_ir|onnxruntime|transformers|peft)(\..*)?"
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """For the Python API: the CLI's quiet (no library warnings, no progress bars) for one call.
+
+    Library warnings are ignored inside the block only. transformers is not imported here (the ONNX
+    path runs without it): its logging drops to errors when a model loads (quiet_transformers), and
+    a level the caller had set before the call is restored after it.
+    """
+    import sys
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=NOISY_MODULES)
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*treespec.*")
+        previous = os.environ.get("TRANSFORMERS_VERBOSITY")
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"  # read when transformers is first imported
+        transformers = sys.modules.get("transformers")
+        verbosity = transformers.logging.get_verbosity() if transformers else None
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop("TRANSFORMERS_VERBOSITY", None)
+            else:
+                os.environ["TRANSFORMERS_VERBOSITY"] = previous
+            if verbosity is not None:
+                transformers.logging.set_verbosity(verbosity)
+
+
 def is_scratch_preset(name: str) -> bool:
-    return name in SCRATCH_MODELS and not Path(name).exists()
+    """`--model tiny` names the from-scratch preset unless ./tiny is a model directory (holds config.json).
+
+    A path (`./tiny`, `/models/tiny`) is always a directory: preset names have no slash. When a
+    directory shares a preset's name, a warning says which one was used and how to pick the other.
+    """
+    if name not in SCRATCH_MODELS:
+        return False
+    here = Path(name)
+    if (here / "config.json").is_file():
+        _warn_once(f"--model {name}: using the model directory ./{name} (it holds config.json), not the from-scratch "
+                   f"preset '{name}'; rename the directory to train the preset")
+        return False
+    if here.exists():
+        _warn_once(f"--model {name}: using the from-scratch preset '{name}'; ./{name} is not a model directory "
+                   f"(no config.json)")
+    return True
+
+
+def _warn_once(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, UserWarning, stacklevel=3)  # shown once per message; the CLI prints it as one line
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -61,8 +117,11 @@ def _hub_kwargs(name: str, trust_remote_code: bool) -> dict:
 
 
 def _load_error(name: str, exc: Exception) -> FinetuneError:
+    if is_scratch_preset(name):
+        return FinetuneError(f"'{name}' is a from-scratch preset for `finetune train`, with no trained weights; "
+                             f"sample from a trained run with --run NAME, or pass a model directory")
     if Path(name).exists():
-        return FinetuneError(f"'{name}' is not a loadable model directory ({str(exc).splitlines()[0]}); it needs config.json and weights")
+        return FinetuneError(f"'{name}' is not a loadable model directory ({short(exc)}); it needs config.json and weights")
     if name.startswith((".", "/", "~")) or os.sep in name.rstrip("/") and name.count("/") > 1:
         return FinetuneError(f"model directory '{name}' does not exist; check the path")
     return FinetuneError(
@@ -71,15 +130,134 @@ def _load_error(name: str, exc: Exception) -> FinetuneError:
     )
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False):
+# ---------------------------------------------------------------------------------------------
+# A local model directory, checked file by file before transformers reads it
+# ---------------------------------------------------------------------------------------------
+# transformers reports a bad file as a bare JSONDecodeError, KeyError or TypeError without its name,
+# or silently falls back to defaults (a garbage generation_config.json is ignored; a config with one
+# layer more than the weights gets a random layer). So every file is read here first, through
+# finetune.files, and what transformers loaded is checked afterwards.
+
+# The JSON files transformers, tokenizers or peft may read: name -> (what it is, keys it must hold).
+MODEL_JSON_FILES = {
+    "config.json": ("model config", ()),
+    "generation_config.json": ("generation config", ()),
+    "adapter_config.json": ("LoRA adapter config", ("base_model_name_or_path",)),
+    "model.safetensors.index.json": ("weights index", ("weight_map",)),
+    "tokenizer.json": ("tokenizer file", ("model",)),
+    "tokenizer_config.json": ("tokenizer file", ()),
+    "special_tokens_map.json": ("tokenizer file", ()),
+    "added_tokens.json": ("tokenizer file", ()),
+    "vocab.json": ("tokenizer file", ()),
+}
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
+PICKLED_WEIGHTS = ("pytorch_model.bin", "adapter_model.bin", "pytorch_model.bin.index.json")
+
+
+def local_model_dir(name: str) -> Optional[Path]:
+    """The directory `name` refers to, or None for a hub id or a from-scratch preset."""
+    path = Path(name).expanduser()
+    if is_scratch_preset(name) or not path.exists():
+        return None
+    if not path.is_dir():
+        raise FinetuneError(f"model path {name} is a file; pass the directory that holds config.json and the weights")
+    return path
+
+
+def file_fix(directory: Path) -> str:
+    """What to do about a bad file, by the kind of directory that holds it."""
+    from finetune.checkpoint import CHECKPOINT_RE, STATE_DIR
+
+    if CHECKPOINT_RE.match(directory.name) or (directory / STATE_DIR).is_dir():
+        return f"use an earlier checkpoint (--checkpoint {directory.parent}/checkpoint-NNNNNN)"
+    return "replace it (download or export the model again)"
+
+
+def check_model_files(directory: Path) -> str:
+    """Parse every JSON file of a local model (or tokenizer) directory; returns the fix to quote.
+
+    A run directory (or the runs directory) passed where a model is expected is named as such.
+    """
+    from finetune.checkpoint import misplaced_run_dir
+
+    problem = misplaced_run_dir(directory)
+    if problem:
+        raise FinetuneError(problem)
+    fix = file_fix(directory)
+    for name, (what, required) in MODEL_JSON_FILES.items():
+        path = directory / name
+        if path.exists():
+            read_json(path, what, fix, required=required)
+    return fix
+
+
+def require_model_files(directory: Path) -> str:
+    """A model directory with a config and safetensors weights (never a pickle); returns the fix to quote."""
+    fix = check_model_files(directory)
+    if not (directory / "config.json").is_file() and not (directory / "adapter_config.json").is_file():
+        raise FinetuneError(f"{directory} has no config.json, so it is not a model directory; pass the directory "
+                            f"that holds config.json and model.safetensors")
+    if not any(directory.glob("*.safetensors")):
+        pickles = [directory / n for n in PICKLED_WEIGHTS if (directory / n).is_file()] + sorted(directory.glob("pytorch_model-*.bin"))
+        if pickles:
+            raise FinetuneError(_pickle_message(directory, pickles[0]))
+        raise FinetuneError(f"{directory} has no weights (model.safetensors); {fix}")
+    return fix
+
+
+def _pickle_message(directory: Path, pickle: Path) -> str:
+    if pickle.name.startswith("adapter"):
+        convert = (f"import torch, safetensors.torch as s; s.save_file(torch.load('{pickle}', weights_only=False), "
+                   f"'{directory / 'adapter_model.safetensors'}')")
+    else:
+        convert = (f"from transformers import AutoModelForCausalLM as M; M.from_pretrained('{directory}', "
+                   f"use_safetensors=False, weights_only=False).save_pretrained('{directory}')")
+    return (f"the weights in {directory} exist only as {pickle.name}, a Python pickle, which finetune does not load "
+            f"(unpickling can run any code); only if you trust the file, convert it to safetensors with: "
+            f"python -c \"{convert}\"")
+
+
+def _tokenizer_files(directory: Path) -> str:
+    names = [n for n in (*TOKENIZER_FILES, "tokenizer_config.json") if (directory / n).is_file()]
+    return ", ".join(names) or "no tokenizer files"
+
+
+def _load_local_tokenizer(directory: Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    fix = check_model_files(directory)
+    if (directory / "config.json").is_file():  # AutoTokenizer reads it too, and would not name it
+        load_model_config(str(directory), trust_remote_code)
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise FinetuneError(f"{directory} has no tokenizer (tokenizer.json); copy the tokenizer files of the model "
+                            f"it was trained from into it, or {fix}")
+    if (directory / "tokenizer.json").is_file():  # parsed by the tokenizers library itself, so its complaint names this file
+        from tokenizers import Tokenizer
+
+        with reading(directory / "tokenizer.json", "tokenizer file", fix):
+            Tokenizer.from_file(str(directory / "tokenizer.json"))
+    with reading(directory, f"tokenizer ({_tokenizer_files(directory)}) in", fix):
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    if not tokenizer("a", add_special_tokens=False)["input_ids"]:
+        # transformers builds an empty tokenizer rather than fail on some bad files: every text encodes to nothing
+        raise FinetuneError(f"the tokenizer in {directory} ({_tokenizer_files(directory)}) has no vocabulary; {fix}")
+    return tokenizer
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False, finish: bool = True):
+    """A model's tokenizer; `finish` readies it for batched generation (left padding, a pad token)."""
     from transformers import AutoTokenizer
 
     quiet_transformers()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **_hub_kwargs(name, trust_remote_code))
-    except (OSError, ValueError) as exc:
-        raise _load_error(name, exc) from None
-    return finish_tokenizer(tokenizer)
+    directory = local_model_dir(name)
+    if directory is not None:
+        tokenizer = _load_local_tokenizer(directory, trust_remote_code)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, **_hub_kwargs(name, trust_remote_code))
+        except (OSError, ValueError) as exc:
+            raise _load_error(name, exc) from None
+    return finish_tokenizer(tokenizer) if finish else tokenizer
 
 
 def finish_tokenizer(tokenizer):
@@ -103,6 +281,20 @@ def load_model_config(name: str, trust_remote_code: bool = False):
 
     if is_scratch_preset(name):
         return scratch_config(name, vocab_size=SCRATCH_MODELS[name]["vocab_size"])
+    directory = local_model_dir(name)
+    if directory is not None:
+        fix = check_model_files(directory)
+        if not (directory / "config.json").is_file():
+            raise FinetuneError(f"{directory} has no config.json, so it is not a model directory; pass the directory "
+                                f"that holds config.json and model.safetensors")
+        try:
+            return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+        except FinetuneError:
+            raise
+        except Exception as exc:  # a field of the wrong type or value: transformers' validation names it
+            detail = " ".join(str(exc).split())
+            raise FinetuneError(f"model config {directory / 'config.json'} is not a valid model config "
+                                f"({detail[:200] or type(exc).__name__}); correct that field, or {fix}") from None
     try:
         return AutoConfig.from_pretrained(name, **_hub_kwargs(name, trust_remote_code))
     except (OSError, ValueError) as exc:
@@ -197,16 +389,102 @@ def build_scratch_model(preset: str, tokenizer, seed: int):
 
 
 def load_pretrained_model(name: str, trust_remote_code: bool = False, dtype=None, load_in_4bit: bool = False):
+    """A pretrained model whose weights match its config and hold only finite numbers."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = _hub_kwargs(name, trust_remote_code)
+    quiet_transformers()
+    directory = local_model_dir(name)
+    if directory is not None:
+        fix = require_model_files(directory)
+        kwargs = {"trust_remote_code": trust_remote_code, "config": load_model_config(name, trust_remote_code)}
+    else:
+        fix = "pass another --model"
+        kwargs = _hub_kwargs(name, trust_remote_code)
     if load_in_4bit:
         kwargs["quantization_config"] = _four_bit_config()
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise _load_error(name, exc) from None
+        # Mismatched shapes are loaded (randomly initialised) and refused below, naming the tensor.
+        model, info = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, output_loading_info=True,
+                                                           ignore_mismatched_sizes=not load_in_4bit, **kwargs)
+    except FinetuneError:
+        raise
+    except Exception as exc:  # a library's complaint about the files or their contents
+        if directory is None and isinstance(exc, (OSError, ValueError)):
+            raise _load_error(name, exc) from None
+        raise FinetuneError(f"the weights of {directory or name} cannot be loaded ({short(exc)}); {fix}") from None
+    where = directory if directory is not None else name
+    if not load_in_4bit:
+        _require_weights_match_config(info, where, fix)
+    require_finite(model, where, fix)
     return model
+
+
+def load_model_and_tokenizer(source: str, dtype=None, trust_remote_code: bool = False, finish: bool = True):
+    """A checkpoint, model directory or hub id for sampling or export, checked file by file.
+
+    A LoRA checkpoint comes back merged into its base model: a plain, fast transformers model.
+    """
+    from finetune import checkpoint, lora
+
+    directory = local_model_dir(source)
+    if directory is not None:
+        require_model_files(directory)
+        checkpoint.verify_checkpoint(directory, for_resume=False)  # truncated safetensors files
+    tokenizer = load_tokenizer(source, trust_remote_code, finish=finish)
+    if directory is not None and lora.is_adapter_checkpoint(directory):
+        model = lora.load_merged(directory, dtype, trust_remote_code)
+    else:
+        model = load_pretrained_model(source, trust_remote_code, dtype=dtype)
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:  # token ids past the embedding table crash sampling with an IndexError
+        where = directory if directory is not None else source
+        raise FinetuneError(f"the tokenizer of {where} has {len(tokenizer)} tokens but the model only {rows} embeddings: "
+                            f"they do not belong together; restore the tokenizer files saved with these weights")
+    return model, tokenizer
+
+
+def _require_weights_match_config(info: dict, where, fix: str) -> None:
+    """Weights missing from the files, or of another shape than config.json says: the two disagree.
+
+    transformers would fill the gaps with random numbers, which samples as fluent nonsense.
+    """
+    problems = []
+    for name, in_weights, by_config in info.get("mismatched_keys") or ():
+        problems.append(f"{name} is {list(in_weights)} in the weights but {list(by_config)} by the config")
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) the config calls for are not in the weights ({missing[0]}, ...)")
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) in the weights have no place in the config ({unexpected[0]}, ...)")
+    if problems:
+        config = Path(where) / "config.json" if Path(where).is_dir() else f"the config of {where}"
+        raise FinetuneError(f"the weights and {config} disagree: {problems[0]}; "
+                            f"restore the config.json saved with these weights, or {fix}")
+
+
+def require_finite(model, where, fix: str, weights_file: Optional[Callable[[str], str]] = None) -> None:
+    """Refuse weights holding NaN or inf: they sample garbage or crash deep inside sampling."""
+    import torch
+
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            file = weights_file(name) if weights_file else _weights_file(where, name)
+            raise FinetuneError(f"the weights in {file} hold NaN/inf (in {name}: training diverged); {fix}")
+
+
+def _weights_file(where, tensor: str) -> str:
+    """The safetensors file of `where` holding `tensor` (the shard, for a sharded model)."""
+    directory = Path(where)
+    if not directory.is_dir():
+        return str(where)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shard = read_json(index, "weights index").get("weight_map", {}).get(tensor)
+        if shard:
+            return str(directory / shard)
+    single = sorted(directory.glob("*.safetensors"))
+    return str(single[0]) if len(single) == 1 else str(directory)
 
 
 def _four_bit_config():

@@ -7,7 +7,6 @@ is token-for-token the same as the torch path.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -15,6 +14,7 @@ import numpy as np
 
 from finetune.config import GenerateConfig
 from finetune.errors import FinetuneError, install_hint
+from finetune.files import read_json, reading, short
 from finetune.generation import StopAwareStreamer, cut_at_stop
 
 MANIFEST = "finetune_onnx.json"
@@ -25,6 +25,29 @@ def position_ids_for(mask: np.ndarray, new_tokens: int) -> np.ndarray:
     positions = np.cumsum(mask, axis=-1) - 1
     positions[mask == 0] = 1
     return positions[:, -new_tokens:].astype(np.int64)
+
+
+EXPORT_AGAIN = "export it again with `finetune export --format onnx`"
+# The manifest entries generation relies on, and the JSON type each must have.
+MANIFEST_FIELDS = {"file": str, "dtype": str, "inputs": list, "eos_token_id": int, "pad_token_id": int}
+
+
+def read_manifest(path: Path) -> dict:
+    """The export's manifest, with every entry generation relies on present and of the right type."""
+    manifest = read_json(path, "ONNX manifest", EXPORT_AGAIN, required=tuple(MANIFEST_FIELDS))
+    for key, kind in MANIFEST_FIELDS.items():
+        if not isinstance(manifest[key], kind) or isinstance(manifest[key], bool):
+            raise FinetuneError(f"ONNX manifest {path}: '{key}' should be a {kind.__name__}, not {manifest[key]!r}; {EXPORT_AGAIN}")
+    for key in ("bos_token_id", "max_positions"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], int):
+            raise FinetuneError(f"ONNX manifest {path}: '{key}' should be an integer, not {manifest[key]!r}; {EXPORT_AGAIN}")
+    inputs = manifest["inputs"]
+    well_formed = len(inputs) >= 3 and all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in inputs) and all(
+        isinstance(s.get("shape"), list) and len(s["shape"]) == 4 and all(isinstance(d, int) for d in s["shape"][1::2])
+        for s in inputs[3:])
+    if not well_formed:
+        raise FinetuneError(f"ONNX manifest {path}: 'inputs' is not a list of named inputs with past key/value shapes; {EXPORT_AGAIN}")
+    return manifest
 
 
 class OnnxCausalLM:
@@ -40,16 +63,20 @@ class OnnxCausalLM:
             from tokenizers import Tokenizer
         except ImportError:
             raise FinetuneError(f"ONNX generation needs onnxruntime and tokenizers; install them with: {install_hint('onnx')}") from None
-        self.manifest = json.loads(manifest_path.read_text())
+        self.manifest = read_manifest(manifest_path)
         model_file = directory / self.manifest["file"]
         if not model_file.is_file():
-            raise FinetuneError(f"ONNX model file {model_file} is missing; export again")
+            raise FinetuneError(f"ONNX model file {model_file} is missing; {EXPORT_AGAIN}")
+        tokenizer_file = directory / "tokenizer.json"
+        read_json(tokenizer_file, "tokenizer file", EXPORT_AGAIN, required=("model",))
+        with reading(tokenizer_file, "tokenizer file", EXPORT_AGAIN):
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        if self.tokenizer.get_vocab_size() == 0:
+            raise FinetuneError(f"tokenizer file {tokenizer_file} has no tokens; {EXPORT_AGAIN}")
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-        try:
+        with reading(model_file, "ONNX model", EXPORT_AGAIN):  # onnxruntime raises its own exception types for a bad file
             self.session = ort.InferenceSession(str(model_file), providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types for a bad file
-            raise FinetuneError(f"ONNX Runtime cannot load {model_file} ({str(exc).splitlines()[0][:150]}); export again") from None
-        self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        self.model_file = model_file
         self.float_type = np.float16 if self.manifest["dtype"] == "fp16" else np.float32
         self.past_specs = self.manifest["inputs"][3:]
         self.input_names = [spec["name"] for spec in self.manifest["inputs"]]
@@ -63,7 +90,14 @@ class OnnxCausalLM:
 
     def forward(self, input_ids, attention_mask, position_ids, past) -> tuple[np.ndarray, list[np.ndarray]]:
         feed = dict(zip(self.input_names, (input_ids, attention_mask, position_ids, *past)))
-        logits, *present = self.session.run(None, feed)
+        try:
+            logits, *present = self.session.run(None, feed)
+        except Exception as exc:  # the manifest's names, types or shapes do not fit the graph
+            raise FinetuneError(f"ONNX model {self.model_file} does not accept the inputs its manifest {MANIFEST} "
+                                f"describes ({short(exc)}); {EXPORT_AGAIN}") from None
+        if not np.isfinite(logits[:, -1]).all():
+            raise FinetuneError(f"ONNX model {self.model_file} computes NaN/inf (its weights hold NaN/inf: training "
+                                f"diverged); export an earlier checkpoint")
         return logits, present
 
     def greedy(self, input_ids: np.ndarray, attention_mask: np.ndarray, steps: int) -> np.ndarray:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -191,6 +193,12 @@ def test_onnx_generation_runs_without_torch(trained_run, trained_onnx):
     assert result.stdout == expected
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_safetensors_export_is_a_clean_hf_directory(trained_run, workdir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -200,6 +208,11 @@ def test_safetensors_export_is_a_clean_hf_directory(trained_run, workdir):
     names = sorted(p.name for p in out.iterdir())
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "README.md"} <= set(names)
     assert "training_state" not in names
+    # Every file readable by a server running as another user, in the export and in the checkpoint
+    # (safetensors writes model.safetensors through a private 0600 temporary file).
+    mode = 0o666 & ~_umask()
+    written = [*out.iterdir(), *(trained_run / "checkpoint-000060").rglob("*")]
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written if p.is_file() and stat.S_IMODE(p.stat().st_mode) != mode} == {}
     card = (out / "README.md").read_text()
     assert "| base model | `tiny` |" in card and "| steps | 60 |" in card and "final validation loss" in card
     assert "recipes.txt" in card and "finetune train" in card and "from_pretrained" in card
