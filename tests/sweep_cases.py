@@ -117,7 +117,7 @@ def _checkpoint_reads(checkpoint: str, resume: bool) -> tuple[tuple[str, str], .
         (f"{checkpoint}/config.json", NEEDED),
         (f"{checkpoint}/model.safetensors", NEEDED),
         (f"{checkpoint}/tokenizer.json", NEEDED),
-        (f"{checkpoint}/tokenizer_config.json", NEEDED),
+        (f"{checkpoint}/tokenizer_config.json", NEEDED),  # the end-of-text token: without it samples never stop
         (f"{checkpoint}/generation_config.json", OPTIONAL),  # transformers makes one from config.json
         # generate and export read state.json for the chat flag and the model card; absent is fine
         (f"{checkpoint}/training_state/state.json", NEEDED if resume else OPTIONAL),
@@ -450,8 +450,14 @@ class Sweep:
             return
         if len(lines) != 1 or not lines[0].startswith("error:"):
             problems.append((MULTILINE, f"{len(lines)} stderr lines: " + " | ".join(line[:120] for line in lines[-3:])))
-        if target.name not in first_error:
+        if not names(first_error, target):
             problems.append((WRONG_NAME, first_error[:300]))
+
+
+def names(line: str, target: Path) -> bool:
+    """Whether an error line names the damaged file or directory: its name, and the directory holding it
+    (so "config.json" in a generic hint about some other file does not count)."""
+    return target.name in line and target.parent.name in line
 
 
 def group(outcomes: list[Outcome]) -> dict[str, list[Outcome]]:

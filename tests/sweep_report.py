@@ -3,6 +3,7 @@
     python tests/sweep_report.py                      # the full sweep (all commands, files, faults)
     python tests/sweep_report.py --command resume     # one command (repeatable)
     python tests/sweep_report.py --default            # only tests/test_sweep.py's DEFAULT_CASES
+    python tests/sweep_report.py --exclude 'resume:checkpoint-000002/*'   # skip cases by id (fnmatch)
     python tests/sweep_report.py --json out.json      # also write every outcome as JSON
 
 Rerun it after a fix to report the counts before and after. It builds its trees in a temporary
@@ -12,6 +13,7 @@ directory, with its own FINETUNE_CACHE, and removes them at the end.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import sys
@@ -27,6 +29,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--command", action="append", help="only this command (repeatable)")
     parser.add_argument("--default", action="store_true", help="only the default suite's cases")
+    parser.add_argument("--exclude", action="append", default=[], help="skip the cases whose id matches this glob")
     parser.add_argument("--json", help="write every outcome to this file")
     args = parser.parse_args()
 
@@ -44,6 +47,7 @@ def main() -> int:
             cases = [case for case in DEFAULT_CASES if not args.command or case.command in args.command]
         else:
             cases = list(all_cases(sweep.trees, args.command))
+        cases = [case for case in cases if not any(fnmatch.fnmatchcase(case.id, glob) for glob in args.exclude)]
         outcomes = []
         for number, case in enumerate(cases, 1):
             outcome = sweep.run(case)
@@ -61,6 +65,9 @@ def main() -> int:
     print("\nfailing cases by cause (a case with several causes is listed under each):")
     for cause, items in groups.items():
         print(f"  {cause}: {len(items)}")
+    print("\nfailing files (causes | command | file | faults):")
+    for line in compact(failing):
+        print(f"  {line}")
     for cause, items in groups.items():
         if items:
             print(f"\n== {cause} ({len(items)})")
@@ -71,6 +78,15 @@ def main() -> int:
             {"case": o.case.id, "expected": o.expected, "exit_code": o.exit_code, "stderr": o.stderr[-2000:],
              "problems": o.problems} for o in outcomes], indent=1))
     return 1 if failing else 0
+
+
+def compact(failing) -> list[str]:
+    """One line per damaged file: its causes, the command, and the faults that fail on it."""
+    faults: dict[tuple[str, str, str], list[str]] = {}
+    for outcome in failing:
+        causes = " + ".join(sorted({cause for cause, _ in outcome.problems}))
+        faults.setdefault((causes, outcome.case.command, outcome.case.relative), []).append(outcome.case.fault)
+    return [f"{causes} | {command} | {relative} | {', '.join(names)}" for (causes, command, relative), names in sorted(faults.items())]
 
 
 if __name__ == "__main__":
