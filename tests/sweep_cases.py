@@ -126,6 +126,7 @@ def _checkpoint_reads(checkpoint: str, resume: bool) -> tuple[tuple[str, str], .
 
 
 def _generate(*source) -> Callable[[Path], list]:
+    """`finetune generate` from `source` (a Path is taken inside the case directory), short and seeded."""
     return lambda case: ["generate", *[case / s if isinstance(s, Path) else s for s in source],
                          "--max-new-tokens", 4, "--seed", 1, "--prompt", "Title:"]
 
