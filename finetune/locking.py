@@ -49,12 +49,45 @@ def exclusive(directory: Path, what: str, hint: str) -> Iterator[None]:
     `what` names the directory for the user ("run 'recipes'"); `hint` says what to do instead.
     """
     directory = Path(directory)
-    path = lock_path(directory)
     created_parent = not directory.parent.exists()
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise os_error(directory.parent, exc, "directory", writing=True) from None
+    try:
+        fd = _acquire(lock_path(directory), what, hint)
+    except BaseException:
+        _remove_if_created(directory.parent, created_parent)
+        raise
+    if fd is None:  # a file system without locks: go on unguarded
+        try:
+            yield
+        finally:
+            _remove_if_created(directory.parent, created_parent)
+        return
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        try:
+            os.unlink(lock_path(directory))
+        except OSError:
+            pass
+        os.close(fd)  # closing releases the lock, after the file is gone
+        _remove_if_created(directory.parent, created_parent)
+
+
+def _remove_if_created(parent: Path, created: bool) -> None:
+    if created:
+        try:
+            parent.rmdir()  # only if nothing else was written there
+        except OSError:
+            pass
+
+
+def _acquire(path: Path, what: str, hint: str) -> Optional[int]:
+    """An open descriptor holding the lock on `path`, or None where the file system has no locks."""
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -69,9 +102,8 @@ def exclusive(directory: Path, what: str, hint: str) -> Iterator[None]:
             raise FinetuneError(f"{what} is in use by another finetune process ({pid}); wait for it to finish or stop it, or {hint}") from None
         except OSError as exc:
             os.close(fd)
-            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP):  # a file system without locks: go on unguarded
-                yield
-                return
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP):
+                return None
             raise
         # The file may have been removed by its previous holder between our open and our lock:
         # then the lock guards nothing, so start again on the file now at `path`.
@@ -80,20 +112,5 @@ def exclusive(directory: Path, what: str, hint: str) -> Iterator[None]:
         except FileNotFoundError:
             same = False
         if same:
-            break
+            return fd
         os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        os.close(fd)  # closing releases the lock, after the file is gone
-        if created_parent:
-            try:
-                directory.parent.rmdir()  # only if nothing else was written there
-            except OSError:
-                pass

@@ -44,6 +44,7 @@ class TrainResult:
 
 
 PLAIN_TEXT_SUFFIXES = {".txt", ".md", ""}
+MAX_DEFAULT_RUN_NAME = 80  # a file name may be longer than a directory name (plus its lock file) can be
 
 
 def default_run_name(paths: list[str]) -> str:
@@ -56,7 +57,7 @@ def default_run_name(paths: list[str]) -> str:
     suffix = first.suffix.lower()
     stem = first.stem if suffix in PLAIN_TEXT_SUFFIXES else f"{first.stem}-{suffix.lstrip('.')}"
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.")
-    return name or "run1"
+    return name[:MAX_DEFAULT_RUN_NAME].rstrip("-.") or "run1"
 
 
 def resolve_precision(requested: str) -> str:
