@@ -40,15 +40,34 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The checkpoint named by `latest`, or the newest complete one if the pointer is missing."""
+def latest_checkpoint(run_dir: Path, strict: bool = True) -> Optional[Path]:
+    """The checkpoint named by `latest`, or the newest complete one if the pointer is missing.
+
+    `latest` is only ever replaced whole (write_atomic), so one that names no checkpoint of this run
+    was damaged or edited: `strict` refuses it rather than silently sampling or resuming from
+    another checkpoint than the user expects.
+    """
+    from finetune import files
+
     pointer = run_dir / "latest"
-    if pointer.is_file():
-        candidate = run_dir / pointer.read_text(encoding="utf-8").strip()
-        if candidate.is_dir() and CHECKPOINT_RE.match(candidate.name):
-            return candidate
     checkpoints = list_checkpoints(run_dir)
-    return checkpoints[-1] if checkpoints else None
+    newest = checkpoints[-1] if checkpoints else None
+    if not pointer.exists() and not pointer.is_symlink():
+        return newest
+    fix = (f"delete it to use the newest checkpoint ({newest.name})" if newest else "delete it") + ", or pass --checkpoint DIR"
+    try:
+        name = files.read_text(pointer, "run file", fix).strip()
+    except FinetuneError:
+        if strict:
+            raise
+        return newest
+    candidate = run_dir / name
+    if CHECKPOINT_RE.match(name) and candidate.is_dir():
+        return candidate
+    if strict:
+        shown = name if len(name) <= 40 and name.isprintable() else name[:40].encode("unicode_escape").decode() + "..."
+        raise FinetuneError(f"run file {pointer} names {shown!r}, which is not a checkpoint directory of this run; {fix}")
+    return newest
 
 
 def remove_leftovers(run_dir: Path) -> None:
@@ -149,7 +168,7 @@ def misplaced_run_dir(path: Path) -> Optional[str]:
     """Why `path`, passed where a model or checkpoint directory is expected, is a run or runs directory."""
     if path.is_dir() and not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         if is_run_dir(path):
-            latest = latest_checkpoint(path)
+            latest = latest_checkpoint(path, strict=False)
             inside = f", or --checkpoint {latest} for its latest checkpoint" if latest else ""
             return (f"{path} is a run directory, not a model or checkpoint; pass --run {path.name} "
                     f"--runs-dir {path.parent}{inside}")
@@ -185,7 +204,7 @@ def save_checkpoint(run_dir: Path, step: int, write_contents, keep: int) -> Path
         pause_point("latest-written", step)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(run_dir)
+        previous = latest_checkpoint(run_dir, strict=False)
         kept = f"; the previous checkpoint {previous.name} is intact" if previous else ""
         raise FinetuneError(
             f"could not write checkpoint {final.name} in {run_dir}: {exc.strerror or exc}{kept}; "
@@ -198,7 +217,7 @@ def save_checkpoint(run_dir: Path, step: int, write_contents, keep: int) -> Path
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     """Keep the newest `keep` checkpoints; never delete the one `latest` names."""
-    latest = latest_checkpoint(run_dir)
+    latest = latest_checkpoint(run_dir, strict=False)
     checkpoints = list_checkpoints(run_dir)
     for path in checkpoints[: max(0, len(checkpoints) - keep)]:
         if path != latest:
@@ -261,11 +280,31 @@ def verify_checkpoint(checkpoint: Path, for_resume: bool) -> None:
     if for_resume:
         required = ["state.json", "scheduler.pt", "rng.pt"]
         state_path = checkpoint / STATE_DIR / "state.json"
-        if not state_path.is_file() or json.loads(state_path.read_text()).get("optimizer_saved", True):
+        if read_json(state_path, "checkpoint file", hint[2:]).get("optimizer_saved", True):
             required.append("optimizer.pt")
         for name in required:
             if not (checkpoint / STATE_DIR / name).is_file():
                 raise FinetuneError(f"checkpoint {checkpoint} lacks {STATE_DIR}/{name}, so it cannot be resumed{hint}")
+            # Checked now, before anything is loaded or printed: the files themselves are read much later.
+            problem = _torch_file_problem(checkpoint / STATE_DIR / name) if name.endswith(".pt") else None
+            if problem:
+                raise FinetuneError(f"checkpoint file {checkpoint / STATE_DIR / name} is corrupt: {problem}{hint}")
+
+
+def _torch_file_problem(path: Path) -> Optional[str]:
+    """Why a torch.save file is unusable (empty, cut off, damaged), or None if its archive is whole.
+
+    torch.save writes a zip archive whose entries carry CRCs: checking them reads the bytes but
+    unpickles nothing.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        return f"it is not a complete torch file ({exc})"
+    return f"its entry {damaged} is damaged" if damaged else None
 
 
 STATE_KEYS = {"step": int, "tokens_seen": int, "epoch": int, "batches_in_epoch": int, "config": dict, "data_key": dict}

@@ -241,6 +241,13 @@ def _load_local_tokenizer(directory: Path, trust_remote_code: bool):
     if not tokenizer("a", add_special_tokens=False)["input_ids"]:
         # transformers builds an empty tokenizer rather than fail on some bad files: every text encodes to nothing
         raise FinetuneError(f"the tokenizer in {directory} ({_tokenizer_files(directory)}) has no vocabulary; {fix}")
+    settings = directory / "tokenizer_config.json"
+    if tokenizer.eos_token_id is None or not settings.is_file():
+        # It names the special tokens: without it transformers guesses them from the model type, and
+        # without an end-of-text token documents cannot be separated and samples never stop.
+        why = "is missing" if not settings.is_file() else "names no eos_token"
+        raise FinetuneError(f"the tokenizer in {directory} is incomplete: {settings} {why} (it names the end-of-text "
+                            f"and other special tokens); {fix}")
     return tokenizer
 
 
@@ -388,17 +395,21 @@ def build_scratch_model(preset: str, tokenizer, seed: int):
     return AutoModelForCausalLM.from_config(config)
 
 
-def load_pretrained_model(name: str, trust_remote_code: bool = False, dtype=None, load_in_4bit: bool = False):
-    """A pretrained model whose weights match its config and hold only finite numbers."""
+def load_pretrained_model(name: str, trust_remote_code: bool = False, dtype=None, load_in_4bit: bool = False,
+                          fix: Optional[str] = None):
+    """A pretrained model whose weights match its config and hold only finite numbers.
+
+    `fix` replaces the advice quoted when the weights are unusable (resuming suggests an earlier checkpoint).
+    """
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
     directory = local_model_dir(name)
     if directory is not None:
-        fix = require_model_files(directory)
+        local_fix = require_model_files(directory)
         kwargs = {"trust_remote_code": trust_remote_code, "config": load_model_config(name, trust_remote_code)}
     else:
-        fix = "pass another --model"
+        local_fix = "pass another --model"
         kwargs = _hub_kwargs(name, trust_remote_code)
     if load_in_4bit:
         kwargs["quantization_config"] = _four_bit_config()
@@ -411,8 +422,9 @@ def load_pretrained_model(name: str, trust_remote_code: bool = False, dtype=None
     except Exception as exc:  # a library's complaint about the files or their contents
         if directory is None and isinstance(exc, (OSError, ValueError)):
             raise _load_error(name, exc) from None
-        raise FinetuneError(f"the weights of {directory or name} cannot be loaded ({short(exc)}); {fix}") from None
+        raise FinetuneError(f"the weights of {directory or name} cannot be loaded ({short(exc)}); {fix or local_fix}") from None
     where = directory if directory is not None else name
+    fix = fix or local_fix
     if not load_in_4bit:
         _require_weights_match_config(info, where, fix)
     require_finite(model, where, fix)

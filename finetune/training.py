@@ -235,16 +235,10 @@ def evaluate(model, loader, max_batches: int, accelerator) -> float:
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-def _require_finite_weights(model, checkpoint: Path) -> None:
-    """A checkpoint holding NaN/inf weights (written by another tool or an older version) cannot be resumed."""
-    import torch
-
-    for name, param in model.named_parameters():
-        if param.is_floating_point() and not torch.isfinite(param).all():
-            earlier = [p for p in ckpt.list_checkpoints(checkpoint.parent) if p.name < checkpoint.name]
-            fix = (f"resume from an earlier checkpoint with --resume {earlier[-1]}" if earlier
-                   else "start over with --overwrite")
-            raise FinetuneError(f"checkpoint {checkpoint} holds NaN/inf weights ({name}), so it cannot be resumed; {fix}")
+def _earlier_checkpoint_fix(checkpoint: Path) -> str:
+    """What to do when `checkpoint` cannot be resumed: the checkpoint before it, or start over."""
+    earlier = [p for p in ckpt.list_checkpoints(checkpoint.parent) if p.name < checkpoint.name]
+    return f"resume from an earlier checkpoint with --resume {earlier[-1]}" if earlier else "start over with --overwrite"
 
 
 def _resume_point(run_dir: Path, resume: str, overwrite: bool) -> Optional[Path]:
@@ -362,6 +356,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
             tokenizer = modeling.load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     adapter = cfg.model.lora
     model_source = str(resume_from) if resume_from is not None and not adapter else cfg.model.name
+    resume_fix = _earlier_checkpoint_fix(resume_from) if resume_from is not None else None
     if adapter and scratch:
         raise FinetuneError("--lora adapts a pretrained model; with a from-scratch preset train all weights (drop --lora)")
     model_config = modeling.load_model_config(model_source, cfg.model.trust_remote_code)
@@ -393,7 +388,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
         # The checkpoint when resuming, except for LoRA runs, whose checkpoints hold only the
         # adapter: their base model comes from model.name.
         model = modeling.load_pretrained_model(model_source, cfg.model.trust_remote_code, dtype=torch.float32,
-                                               load_in_4bit=cfg.model.load_in_4bit)
+                                               load_in_4bit=cfg.model.load_in_4bit, fix=resume_fix)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     if t.gradient_checkpointing:
@@ -411,8 +406,8 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
         else:
             model = lora.wrap_with_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout,
                                         cfg.model.lora_targets, t.gradient_checkpointing)
-    if resume_from is not None:
-        _require_finite_weights(model, resume_from)
+    if resume_from is not None and adapter:  # the adapter's weights: a full checkpoint's were checked as it loaded
+        modeling.require_finite(model, resume_from, resume_fix)
     # Fast paths (speed.py): each on by default with CUDA, off on CPU, each with a flag.
     cuda = accelerator.device.type == "cuda"
     if cuda and t.tf32:

@@ -356,7 +356,7 @@ def test_nan_weights_in_a_checkpoint_are_named_and_an_earlier_one_offered(workdi
     save_file(tensors, path, metadata={"format": "pt"})
     before = snapshot(run_dir)
     result = run_cli(*train_args(gpt2_dir, "run", 4, 1), expect=None)
-    assert_one_error_line(result, "checkpoint runs/run/checkpoint-000002 holds NaN/inf weights",
+    assert_one_error_line(result, "the weights in runs/run/checkpoint-000002/model.safetensors hold NaN/inf",
                           "resume from an earlier checkpoint with --resume runs/run/checkpoint-000001")
     assert snapshot(run_dir) == before
     run_cli(*train_args(gpt2_dir, "run", 3, 1), "--resume", "runs/run/checkpoint-000001")
