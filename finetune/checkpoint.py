@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from finetune.errors import FinetuneError
-from finetune.files import fix_modes, read_json, writing
+from finetune.files import fix_modes, fsync_dir, fsync_tree, read_json, write_atomic, write_problem, writing
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{6,})$")
 TMP_PREFIX = ".tmp-"
@@ -78,33 +78,8 @@ def remove_leftovers(run_dir: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    write_atomic(path, text, "run file")
 
 
 def start_output_dir(output: Path, overwrite: bool = False, offer_overwrite: bool = True) -> Path:
@@ -194,20 +169,24 @@ def save_checkpoint(run_dir: Path, step: int, write_contents, keep: int) -> Path
         tmp.mkdir(parents=True)
         pause_point("tmp-created", step)
         write_contents(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         pause_point("fsynced", step)
         fix_modes(tmp)  # safetensors writes model.safetensors through a private (0600) temp file
         os.replace(tmp, final)
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
         pause_point("renamed", step)
         write_text_atomic(run_dir / "latest", final.name + "\n")
         pause_point("latest-written", step)
-    except OSError as exc:
+    except Exception as exc:
+        problem = exc if isinstance(exc, FinetuneError) else write_problem(exc, tmp)
+        if problem is None:
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir, strict=False)
         kept = f"; the previous checkpoint {previous.name} is intact" if previous else ""
+        cause = problem if isinstance(problem, FinetuneError) else (problem.strerror or problem)
         raise FinetuneError(
-            f"could not write checkpoint {final.name} in {run_dir}: {exc.strerror or exc}{kept}; "
+            f"could not write checkpoint {final.name} in {run_dir}: {cause}{kept}; "
             f"free disk space or make the run directory writable"
         ) from None
     prune_checkpoints(run_dir, keep)

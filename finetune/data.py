@@ -26,7 +26,7 @@ import numpy as np
 
 from finetune import examples as sft
 from finetune.errors import FinetuneError
-from finetune.files import os_error, os_error_reason, read_json, reading, require_regular_file
+from finetune.files import fsync_tree, os_error, os_error_reason, read_json, reading, require_regular_file
 from finetune.reading import RULES_VERSION as READING_RULES
 from finetune.reading import Piece, check_encoding, iter_pieces
 from finetune.records import (
@@ -472,7 +472,7 @@ def write_entry(target: Path, fill) -> None:
     try:
         tmp.mkdir()
         fill(tmp)
-        _fsync_files(tmp)
+        fsync_tree(tmp)  # on disk before the rename: after a power cut an entry is whole or absent
         try:
             os.replace(tmp, target)
         except OSError:
@@ -482,17 +482,6 @@ def write_entry(target: Path, fill) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _fsync_files(directory: Path) -> None:
-    """On disk before the rename: after a power cut an entry is whole or absent, never zero-filled."""
-    for dirpath, _, names in os.walk(directory):
-        for name in names:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 def _sources(files: list[Path], hub: list[tuple[str, str]], data_format: Optional[str]) -> list[Source]:

@@ -104,15 +104,25 @@ def writing(path: Union[str, Path], what: str = "file") -> Iterator[None]:
         yield
     except FinetuneError:
         raise
-    except OSError as exc:
-        raise os_error(path, exc, what, writing=True) from None
     except Exception as exc:
-        # safetensors' SafetensorError and torch's zip writer report a short write as their own error
-        if "No space left" in str(exc) or _disk_nearly_full(Path(path)):
-            raise os_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), what, writing=True) from None
-        if "ermission denied" in str(exc):
-            raise os_error(path, PermissionError(errno.EACCES, "Permission denied"), what, writing=True) from None
-        raise
+        problem = write_problem(exc, Path(path))
+        if problem is None:
+            raise
+        raise os_error(path, problem, what, writing=True) from None
+
+
+def write_problem(exc: BaseException, path: Path) -> Optional[OSError]:
+    """The OSError behind a failed write, or None when `exc` is not one.
+
+    safetensors' SafetensorError and torch's zip writer report a short write as their own error.
+    """
+    if isinstance(exc, OSError):
+        return exc
+    if "No space left" in str(exc) or _disk_nearly_full(path):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if "ermission denied" in str(exc):
+        return PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    return None
 
 
 def _disk_nearly_full(path: Path) -> bool:
@@ -230,6 +240,18 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Every file under `root`, then `root` itself, on disk (before a rename makes them visible)."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_dir(root)
 
 
 def fix_modes(root: Path) -> None:
