@@ -148,7 +148,7 @@ def data_options(command):
 @click.option("--epochs", type=float, help="Passes over the data (used when --steps is not given).")
 @click.option("--batch-size", type=int, help="Blocks per device per micro-step.  [default: 8]")
 @click.option("--grad-accum", type=int, help="Micro-steps per optimizer step.  [default: 1]")
-@click.option("--lr", type=float, help="Peak learning rate.  [default: 1e-4; 2e-3 for tiny]")
+@click.option("--lr", type=float, help="Peak learning rate.  [default: 1e-4; 1e-3 with --lora; 2e-3 for tiny]")
 @click.option("--warmup", type=float, help="Warmup: a fraction of steps if < 1, else a step count.  [default: 0.02]")
 @click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), help="LR decay after warmup.  [default: cosine]")
 @click.option("--weight-decay", type=float, help="AdamW weight decay (never on biases/norms).  [default: 0.01]")

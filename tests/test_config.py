@@ -29,6 +29,16 @@ def test_file_layer(tmp_path):
     assert cfg.data.block_size == 128  # the preset named in the file applies
 
 
+def test_lora_brings_an_adapter_learning_rate_which_the_file_and_flags_override(tmp_path):
+    data = {"paths": ["x.txt"]}
+    assert resolve_run_config(None, {"model": {"lora": True}, "data": data}).train.lr == 1e-3
+    assert resolve_run_config(None, {"model": {"lora": True}, "data": data, "train": {"lr": 2e-4}}).train.lr == 2e-4
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  lora: true\ntrain:\n  lr: 5.0e-4\n")
+    assert resolve_run_config(str(path), {"data": data}).train.lr == 5e-4
+    assert resolve_run_config(None, {"data": data}).train.lr == 1e-4  # full fine-tuning keeps its own
+
+
 def test_preset_name_finds_bundled_config():
     cfg = resolve_run_config("tiny", {"data": {"paths": ["x"]}})
     assert cfg.model.name == "tiny"
