@@ -95,7 +95,7 @@ def training_state(source: Optional[str]) -> dict:
     if source is None:
         return {}
     state = Path(source) / STATE_DIR / "state.json"
-    if not state.is_file():
+    if not state.exists() and not state.is_symlink():  # a model directory: no training state
         return {}
     return read_json(state, "checkpoint file", file_fix(Path(source)))
 
