@@ -461,6 +461,8 @@ def _export_onnx(source: Path, output: Path, run_dir: Optional[Path], dtype: str
                     log(f"ONNX Runtime fusions not applied ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
                         f"the graph keeps standard ONNX operators")
             quantization = None
+            if quantize:
+                log("quantizing the weights to int8 ...")
             if quantize and fusions:
                 onnx_optimize.quantize_int8_blocks(graph, tmp / ONNX_FILE, external)
                 quantization = onnx_optimize.INT8_BLOCKS_DESCRIPTION
@@ -481,6 +483,7 @@ def _export_onnx(source: Path, output: Path, run_dir: Optional[Path], dtype: str
             report = None
             if verify:
                 del model  # verify against the checkpoint as transformers loads it, without the export's module swaps
+                log("verifying the graph against PyTorch (logits and greedy tokens) ...")
                 reference, _ = _load_model(source, dtype)
                 report = _verify_onnx(reference, tokenizer, tmp, dtype, quantize)
                 report["export_seconds"] = round(seconds, 2)
