@@ -41,8 +41,15 @@ PARALLEL_MIN_BYTES = 8 << 20  # below this, worker start-up costs more than it s
 PROGRESS_MIN_BYTES = 4 << 20  # data smaller than this is read in seconds: no progress bar
 
 
+PREPARED_CONTENTS = ("meta.json", "tokens.bin", "train_index.npy")  # what `finetune prepare` writes beside its manifest
+
+
 def is_prepared_dir(path: Path) -> bool:
-    return path.is_dir() and (path / PREPARED_MANIFEST).is_file()
+    """A `finetune prepare` output, whole or damaged (its manifest lost): never read as a folder of data files."""
+    if not path.is_dir():
+        return False
+    manifest = path / PREPARED_MANIFEST
+    return manifest.exists() or manifest.is_symlink() or all((path / name).exists() for name in PREPARED_CONTENTS)
 
 
 def cache_root(configured: Optional[str]) -> Path:
@@ -747,6 +754,9 @@ def write_prepared(prepared: PreparedData, tokenizer, tmp: Path, model_name: str
 def read_manifest(directory: Path) -> dict:
     """A prepared directory's manifest: the model it was tokenized for, the tokenizer's digest, the block size."""
     path = directory / PREPARED_MANIFEST
+    if not path.exists() and not path.is_symlink():
+        raise FinetuneError(f"{directory} holds prepared data ({', '.join(PREPARED_CONTENTS)}) but not its manifest "
+                            f"{path.name}; {PREPARED_FIX}")
     manifest = read_json(path, PREPARED_FILE, PREPARED_FIX, required=("model", "tokenizer", "block_size"))
     block = manifest["block_size"]
     if not (isinstance(block, int) and not isinstance(block, bool) and block > 0) or not isinstance(manifest["tokenizer"], str):
@@ -780,10 +790,23 @@ def load_prepared(directory: Path, tokenizer, block_size: Optional[int], log=pri
         )
     if block_size is not None and block_size != manifest["block_size"]:
         raise FinetuneError(f"{directory} was prepared with --block-size {manifest['block_size']}; use that, or prepare again")
-    prepared = _announce(directory, *_read_entry(directory, PREPARED_FILE, PREPARED_FIX), from_cache=True, log=log)
+    meta, train, val = _read_entry(directory, PREPARED_FILE, PREPARED_FIX)
+    _require_known_ids(directory, meta, len(tokenizer))
+    prepared = _announce(directory, meta, train, val, from_cache=True, log=log)
     if prepared.chat:
         sft.ensure_chat_template(tokenizer)
     return prepared
+
+
+def _require_known_ids(directory: Path, meta: dict, vocab_size: int) -> None:
+    """Every token id is one the tokenizer has: damaged ids would fail deep inside the model, mid-training."""
+    for name in ("tokens.bin", "val_tokens.bin"):
+        path = directory / name
+        if path.is_file() and path.stat().st_size:
+            largest = int(np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r").max())
+            if largest >= vocab_size:
+                raise FinetuneError(f"{PREPARED_FILE} {path} is damaged: it holds token id {largest}, beyond the "
+                                    f"tokenizer's {vocab_size} tokens; {PREPARED_FIX}")
 
 
 # ---------------------------------------------------------------------------------------------
