@@ -251,7 +251,7 @@ def verify_checkpoint(checkpoint: Path, for_resume: bool) -> None:
     read_json(config, "checkpoint file", hint[2:])
     weights = sorted(checkpoint.glob("*.safetensors"))
     if not weights:
-        raise FinetuneError(f"checkpoint {checkpoint} has no .safetensors weights{hint}")
+        raise FinetuneError(f"checkpoint {checkpoint} has no weights file (model.safetensors){hint}")
     for path in weights:
         problem = _safetensors_problem(path)
         if problem:
@@ -399,7 +399,9 @@ REFUSED_ON_RESUME = {
     ("train", "freeze_layers"): ("--freeze-layers", "the checkpoint's optimizer state covers the parameters trained so far"),
     ("train", "train_only_blocks"): ("--train-only-blocks", "the checkpoint's optimizer state covers the parameters trained so far"),
 }
-IGNORED_ON_RESUME = {("train", "overwrite"), ("train", "resume"), ("train", "run_name"), ("data", "paths"), ("data", "cache_dir")}
+# Where the run and its data live, and how this command was asked to start: not the experiment.
+IGNORED_ON_RESUME = {("train", "overwrite"), ("train", "resume"), ("train", "run_name"), ("train", "runs_dir"),
+                     ("data", "paths"), ("data", "cache_dir")}
 
 
 def compare_for_resume(saved: dict, current: dict, saved_data_key: dict, data_key: dict) -> list[str]:

@@ -323,6 +323,8 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
     hub = tuple((name, cfg.data.split) for name in cfg.data.datasets)
     run_name = run_dir.name
     resume_from = _resume_point(run_dir, t.resume, t.overwrite)
+    if not t.overwrite:
+        _check_run_files(run_dir)  # now, before anything is printed or loaded
     saved_state: Optional[dict] = None
     if resume_from is not None:
         saved_state = ckpt.read_training_state(resume_from)  # first: verify_checkpoint reads it unguarded
@@ -725,6 +727,19 @@ def _metrics_until(path: Path, step: int) -> Optional[list[dict]]:
     kept = [r for r in records if r.get("step", 0) <= step]
     whole = len(kept) == len([line for line in text.splitlines() if line.strip()]) and text.endswith("\n")
     return None if whole else kept
+
+
+def _check_run_files(run_dir: Path) -> None:
+    """The run's own files are what this run will append to and replace: damaged ones are named up front."""
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists() or metrics.is_symlink():
+        files.read_jsonl(metrics, "metrics file", "delete its damaged lines, or the file")
+    config = run_dir / "config.yaml"
+    if config.exists() and not config.is_file():
+        raise FinetuneError(f"run file {config} is not a file; remove it (it is rewritten from this command's settings)")
+    samples = run_dir / "samples"
+    if samples.exists() and not samples.is_dir():
+        raise FinetuneError(f"{samples} is a file where the run keeps its samples directory; move it away")
 
 
 def _prepare_run_dir(run_dir: Path, resolved: RunConfig, overwrite: bool, kept_metrics: Optional[list[dict]]) -> None:
