@@ -7,6 +7,7 @@ Heavy libraries (torch, transformers) are imported only when a function runs.
 from __future__ import annotations
 
 import dataclasses
+import typing
 import shutil
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -14,6 +15,7 @@ from typing import Any, Optional, Union
 from finetune.config import (
     SECTIONS,
     GenerateConfig,
+    coerce,
     resolve_run_config,
     validate_generate_config,
 )
@@ -43,9 +45,17 @@ def train_config(data: Union[str, list[str], None], config: Optional[str], optio
     """The run's configuration from a config file, the data and keyword options (as `train` takes them)."""
     options = dict(options)
     if data is not None:
-        options["data"] = [data] if isinstance(data, (str, Path)) else [str(d) for d in data]
-        options["data"] = [str(d) for d in options["data"]]
+        options["data"] = _paths(data)
     return resolve_run_config(config, overrides_from_keywords(options))
+
+
+def _paths(data) -> list[str]:
+    """`data` as a list of path strings: one path, or a list or tuple of them."""
+    if isinstance(data, (str, Path)):
+        return [str(data)]
+    if isinstance(data, (list, tuple)) and all(isinstance(d, (str, Path)) for d in data):
+        return [str(d) for d in data]
+    raise FinetuneError(f"data must be a path or a list of paths, got {data!r}")
 
 
 def train(data: Union[str, list[str], None] = None, *, config: Optional[str] = None, log=print,
@@ -130,13 +140,19 @@ def generate(
     from finetune.modeling import quiet_libraries
 
     if prompt is not None:
-        options["prompts"] = [prompt] if isinstance(prompt, str) else list(prompt)
-    known = {f.name for f in dataclasses.fields(GenerateConfig)}
-    unknown = sorted(set(options) - known)
+        options["prompts"] = prompt
+    hints = typing.get_type_hints(GenerateConfig)
+    unknown = sorted(set(options) - set(hints))
     if unknown:
-        raise FinetuneError(f"unknown option(s) {', '.join(unknown)}; options are: {', '.join(sorted(known))}")
-    cfg = GenerateConfig(**options)
+        raise FinetuneError(f"unknown option(s) {', '.join(unknown)}; options are: {', '.join(sorted(hints))}")
+    # Checked and converted as a config file's values are: a single string is a list of one
+    # (stop="###" must not become a stop at every '#').
+    cfg = GenerateConfig(**{key: coerce(key, value, hints[key]) for key, value in options.items()})
     validate_generate_config(cfg)
+    if cfg.output:
+        from finetune.generation import check_samples_output
+
+        check_samples_output(Path(cfg.output))
     source = None
     with quiet_libraries():
         if onnx:
@@ -198,7 +214,7 @@ def export(
         source = ckpt.checkpoint_for_run(run_dir)
     suffix = "-".join(x for x in (format, quantize or (dtype if dtype != "fp32" else None)) if x)
     target = Path(output) if output else Path("exports") / f"{run_dir.name if run_dir else source.name}-{suffix}"
-    exporter.refuse_training_output(target, source, run_dir, Path(runs_dir))
+    ckpt.refuse_training_output(target, source, run_dir, Path(runs_dir))
     with exclusive(target, f"export output {target}", "choose another --output"), quiet_libraries():
         if format == "onnx":
             return exporter.export_onnx(source, target, run_dir, dtype, quantize, overwrite, verify, log, optimize)
@@ -215,13 +231,16 @@ def prepare(data: Union[str, list[str], None] = None, *, output: str, config: Op
     from finetune.reading import check_encoding
 
     if data is not None:
-        options["data"] = [str(data)] if isinstance(data, (str, Path)) else [str(d) for d in data]
+        options["data"] = _paths(data)
     cfg = resolve_run_config(config, overrides_from_keywords(options))
     files = data_lib.resolve_files(cfg.data.paths)
     check_encoding(cfg.data.encoding)  # before the output is taken and the tokenizer loaded
     if len(files) == 1 and data_lib.is_prepared_dir(files[0]):
         raise FinetuneError(f"{files[0]} is already prepared; train on it with `finetune train {files[0]}`")
     target = Path(output)
+    from finetune.checkpoint import refuse_training_output
+
+    refuse_training_output(target, runs_dir=Path(cfg.train.runs_dir), writer="prepared data")
     # One process at a time per output directory, for prepare's whole life: two would overwrite
     # each other's temporary directory.
     with exclusive(target, f"output directory {output}", "choose another --output"):

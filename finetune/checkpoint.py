@@ -82,13 +82,65 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, text, "run file")
 
 
+def refuse_training_output(output: Path, source: Optional[Path] = None, run_dir: Optional[Path] = None,
+                           runs_dir: Optional[Path] = None, writer: str = "an export") -> None:
+    """An output (export, prepared data) never goes over, into or around a checkpoint, a run or the runs directory.
+
+    --overwrite deletes the output directory first: pointed at a checkpoint, it would delete the
+    weights and training state being exported; inside one, pruning old checkpoints deletes it.
+    """
+    out = output.resolve()
+    guarded = [("checkpoint", source.resolve())] if source is not None else []
+    if run_dir is not None:
+        guarded.append(("run directory", run_dir.resolve()))
+    if runs_dir is not None and runs_dir.is_dir():
+        guarded.append(("runs directory", runs_dir.resolve()))
+    for parent in (out, *out.parents):  # any other run or checkpoint the output would sit in
+        if is_checkpoint_dir(parent):
+            guarded.append(("checkpoint", parent))
+        elif is_run_dir(parent):
+            guarded.append(("run directory", parent))
+    inside = _training_dir_inside(out)
+    if inside is not None:
+        guarded.append(("checkpoint" if is_checkpoint_dir(inside) else "run directory", inside))
+    for kind, path in guarded:
+        relation = "is" if out == path else "lies inside" if path in out.parents else "contains" if out in path.parents else None
+        if relation:
+            raise FinetuneError(f"--output {output} {relation} the {kind} {path}, which {writer} must not write over; "
+                                f"choose an output outside your runs, e.g. --output exports/NAME")
+
+
+def _training_dir_inside(root: Path, depth: int = 3) -> Optional[Path]:
+    """A checkpoint or run directory within `depth` levels under `root` (which --overwrite would delete)."""
+    import os
+
+    if not root.is_dir():
+        return None
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if STATE_DIR in dirnames or ("config.yaml" in filenames and is_run_dir(here)):
+            return here
+        if len(here.relative_to(root).parts) >= depth:
+            dirnames[:] = []
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors
+# ---------------------------------------------------------------------------------------------
+
+
+
+
 def start_output_dir(output: Path, overwrite: bool = False, offer_overwrite: bool = True) -> Path:
     """A fresh temporary directory beside `output` (renamed into place by finish_output_dir).
 
     An existing non-empty `output` is never touched unless `overwrite`; until the rename, a crash
     leaves only the temporary directory behind.
     """
-    occupied = output.is_file() or (output.is_dir() and any(output.iterdir()))
+    if output.exists() and not output.is_dir():  # a user's file: --overwrite must not replace it with a directory
+        raise FinetuneError(f"--output {output} is a file, not a directory; choose a directory path for --output")
+    occupied = output.is_dir() and any(output.iterdir())
     if occupied and not overwrite:
         hint = " or pass --overwrite" if offer_overwrite else ""
         raise FinetuneError(f"output directory {output} already exists and is not empty; choose another --output{hint}")

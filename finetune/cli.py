@@ -270,15 +270,19 @@ def _command_line(name: str, arguments: list[str], options: dict) -> str:
 def _read_prompt_file(path: str) -> list[str]:
     from finetune.generation import SAMPLE_DELIMITER
 
-    file = Path(path)
-    if not file.is_file():
-        raise FinetuneError(f"prompt file '{path}' does not exist; check the path")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise FinetuneError(f"prompt file '{path}' is not UTF-8 text; convert it to UTF-8") from None
-    prompts = [p.strip("\n") for p in text.split(f"\n{SAMPLE_DELIMITER}\n")]
-    prompts = [p for p in prompts if p.strip()]
+    from finetune.files import read_text
+
+    text = read_text(path, "prompt file", "convert it to UTF-8 text")
+    # Prompts are separated by delimiter lines, wherever they are (first or last line included).
+    chunks, current = [], []
+    for line in text.splitlines():
+        if line.strip() == SAMPLE_DELIMITER:
+            chunks.append(current)
+            current = []
+        else:
+            current.append(line)
+    chunks.append(current)
+    prompts = ["\n".join(chunk).strip("\n") for chunk in chunks if "".join(chunk).strip()]
     if not prompts:
         raise FinetuneError(f"prompt file '{path}' is empty; write one prompt (or several, separated by {SAMPLE_DELIMITER} lines)")
     return prompts

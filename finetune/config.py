@@ -252,6 +252,8 @@ def find_config_file(name: str) -> Path:
     path = Path(name)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise FinetuneError(f"config file '{name}' is a directory; pass a YAML file (e.g. configs/tiny.yaml)")
     for candidate in (CONFIGS_DIR / name, CONFIGS_DIR / f"{name}.yaml"):
         if candidate.is_file():
             return candidate
@@ -304,6 +306,13 @@ def resolve_run_config(
         apply_layer(cfg, file_layer, file_origin)
     apply_layer(cfg, overrides, "the command line")
     validate_run_config(cfg)
+    # A warmup the user asked for (not a preset's) that outlasts the run would keep the LR near 0.
+    file_train = file_layer.get("train") if isinstance(file_layer.get("train"), dict) else {}
+    if "warmup" in overrides.get("train", {}) or "warmup" in file_train:
+        t = cfg.train
+        _require(t.steps is None or t.warmup < 1 or t.warmup < t.steps,
+                 f"train.warmup (--warmup) of {t.warmup:g} steps is not shorter than the {t.steps} training steps, so "
+                 f"the learning rate would never reach --lr; use a fraction such as 0.02, or fewer warmup steps")
     return cfg
 
 
@@ -325,15 +334,16 @@ def validate_run_config(cfg: RunConfig) -> None:
     _require(t.batch_size >= 1, "train.batch_size (--batch-size) must be at least 1")
     _require(t.grad_accum >= 1, "train.grad_accum (--grad-accum) must be at least 1")
     _require(t.lr > 0, "train.lr (--lr) must be positive, e.g. 1e-4")
-    _require(t.weight_decay >= 0, "train.weight_decay must be >= 0")
+    _require(t.weight_decay >= 0, "train.weight_decay (--weight-decay) must be >= 0")
     _require(t.warmup >= 0, "train.warmup (--warmup) must be >= 0 (a fraction < 1 or a step count)")
-    _require(t.max_grad_norm >= 0, "train.max_grad_norm must be >= 0 (0 disables clipping)")
+    _require(0 <= t.seed < 2**32, "train.seed (--seed) must be in [0, 2**32 - 1]")
+    _require(t.max_grad_norm >= 0, "train.max_grad_norm (--max-grad-norm) must be >= 0 (0 disables clipping)")
     for key in ("eval_every", "sample_every", "save_every", "sample_tokens"):
         _require(getattr(t, key) >= 0, f"train.{key} (--{key.replace('_', '-')}) must be >= 0")
     _require(t.eval_batches >= 1, "train.eval_batches must be at least 1")
     _require(t.keep >= 1, "train.keep (--keep) must be at least 1")
-    _require(t.log_every >= 1, "train.log_every must be at least 1")
-    _require(t.loss_sync_every is None or t.loss_sync_every >= 1, "train.loss_sync_every must be at least 1")
+    _require(t.log_every >= 1, "train.log_every (--log-every) must be at least 1")
+    _require(t.loss_sync_every is None or t.loss_sync_every >= 1, "train.loss_sync_every (--loss-sync-every) must be at least 1")
     _require(t.freeze_layers >= 0, "train.freeze_layers (--freeze-layers) must be >= 0")
     m = cfg.model
     _require(m.lora_r >= 1, "model.lora_r (--lora-r) must be at least 1")
@@ -359,6 +369,7 @@ def validate_generate_config(cfg: GenerateConfig) -> None:
     _require(cfg.repetition_penalty > 0, "--repetition-penalty must be positive (1 disables it)")
     _require(all(s for s in cfg.stop), "--stop strings must not be empty")
     _require(bool(cfg.prompts), "give at least one prompt (or none for unconditional samples)")
+    _require(cfg.seed is None or 0 <= cfg.seed < 2**32, "--seed must be in [0, 2**32 - 1]")
 
 
 def dump_yaml(cfg: RunConfig, path: Path) -> None:

@@ -108,6 +108,12 @@ def _expand(raw: str) -> list[Path]:
     if is_prepared_dir(path):
         check_prepared(path)
         return [path]
+    from finetune.checkpoint import is_checkpoint_dir, is_run_dir
+
+    if is_run_dir(path) or is_checkpoint_dir(path):
+        kind = "a run directory" if is_run_dir(path) else "a checkpoint"
+        raise FinetuneError(f"'{raw}' is {kind}, not training data; point at your data files (a run continues "
+                            f"by running its `finetune train` command again, or with --resume)")
     if is_saved_dataset(path):
         return [path]  # a datasets.save_to_disk directory is one input
     return _data_files_in(path, raw)

@@ -61,53 +61,6 @@ def _load_model(source: Path, dtype_name: str):
     return model.eval(), tokenizer
 
 
-def refuse_training_output(output: Path, source: Path, run_dir: Optional[Path], runs_dir: Path) -> None:
-    """An export never writes over, into or around a checkpoint, a run or the runs directory.
-
-    --overwrite deletes the output directory first: pointed at a checkpoint, it would delete the
-    weights and training state being exported.
-    """
-    out = output.resolve()
-    guarded = [("checkpoint", source.resolve())]
-    if run_dir is not None:
-        guarded.append(("run directory", run_dir.resolve()))
-    if runs_dir.is_dir():
-        guarded.append(("runs directory", runs_dir.resolve()))
-    for parent in (out, *out.parents):  # any other run or checkpoint the output would sit in
-        if ckpt.is_checkpoint_dir(parent):
-            guarded.append(("checkpoint", parent))
-        elif ckpt.is_run_dir(parent):
-            guarded.append(("run directory", parent))
-    inside = _training_dir_inside(out)
-    if inside is not None:
-        guarded.append(("checkpoint" if ckpt.is_checkpoint_dir(inside) else "run directory", inside))
-    for kind, path in guarded:
-        relation = "is" if out == path else "lies inside" if path in out.parents else "contains" if out in path.parents else None
-        if relation:
-            raise FinetuneError(f"--output {output} {relation} the {kind} {path}, which an export must not write over; "
-                                f"choose an output outside your runs, e.g. --output exports/NAME")
-
-
-def _training_dir_inside(root: Path, depth: int = 3) -> Optional[Path]:
-    """A checkpoint or run directory within `depth` levels under `root` (which --overwrite would delete)."""
-    import os
-
-    if not root.is_dir():
-        return None
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        if ckpt.STATE_DIR in dirnames or ("config.yaml" in filenames and ckpt.is_run_dir(here)):
-            return here
-        if len(here.relative_to(root).parts) >= depth:
-            dirnames[:] = []
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# safetensors
-# ---------------------------------------------------------------------------------------------
-
-
 def model_card(run_dir: Optional[Path], source: Path, fmt: str, dtype: str, fused: bool = False) -> str:
     """README.md for the export: what it was trained from and on, how well, and how to load it."""
     from finetune.generation import training_state

@@ -214,6 +214,21 @@ def generate_texts(model, tokenizer, cfg: GenerateConfig, write: Optional[Callab
     return texts
 
 
+def check_samples_output(path: Path) -> None:
+    """Before any sampling: an --output that cannot take the samples fails now, not after the work."""
+    import os
+
+    from finetune.files import first_existing_parent
+
+    if path.exists() and not path.is_file():
+        raise FinetuneError(f"--output {path} is a directory, not a file; pass a file path to append samples to")
+    parent = first_existing_parent(path.parent if not path.exists() else path)
+    if parent is not None and not parent.is_dir() and parent != path:
+        raise FinetuneError(f"--output {path}: {parent} is a file, not a directory; choose another --output path")
+    if parent is not None and not os.access(parent, os.W_OK):
+        raise FinetuneError(f"cannot write samples to {path}: permission denied; choose another --output path")
+
+
 def append_samples(path: Path, texts: list[str]) -> None:
     """Append samples to a file, each followed by the delimiter line."""
     from finetune.files import os_error_reason

@@ -183,6 +183,10 @@ def check_model_files(directory: Path) -> str:
     problem = misplaced_run_dir(directory)
     if problem:
         raise FinetuneError(problem)
+    from finetune.onnx_generation import MANIFEST as ONNX_MANIFEST  # numpy only: no torch
+
+    if (directory / ONNX_MANIFEST).exists() and not any(directory.glob("*.safetensors")):
+        raise FinetuneError(f"{directory} is an ONNX export, not a PyTorch model; sample from it with --onnx {directory}")
     fix = file_fix(directory)
     for name, (what, required) in MODEL_JSON_FILES.items():
         path = directory / name

@@ -56,6 +56,8 @@ class OnnxCausalLM:
     def __init__(self, directory: str | Path):
         directory = Path(directory)
         manifest_path = directory / MANIFEST
+        if not directory.exists():
+            raise FinetuneError(f"ONNX export directory {directory} does not exist; check the path")
         if not manifest_path.is_file():
             raise FinetuneError(f"{directory} is not a finetune ONNX export (no {MANIFEST}); create one with `finetune export --format onnx`")
         try:

@@ -143,10 +143,11 @@ def _json_rows(path: Path, encoding: str) -> Iterator[tuple[str, dict]]:
         lists = [v for v in data.values() if isinstance(v, list)]
         data = lists[0] if len(lists) == 1 else [data]
     if not isinstance(data, list):
-        raise FinetuneError(f"{path} must hold a list of JSON objects")
+        raise FinetuneError(f"{path} must hold a list of JSON objects such as {{\"text\": \"...\"}}")
     for i, record in enumerate(data):
         if not isinstance(record, dict):
-            raise FinetuneError(f"{path}: item {i} is {type(record).__name__}, expected a JSON object")
+            raise FinetuneError(f"{path}: item {i} is {type(record).__name__}, expected a JSON object; write records "
+                                f"such as {{\"text\": \"...\"}} (or prompt/completion, or messages)")
         yield f"{path}[{i}]", record
 
 

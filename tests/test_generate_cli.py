@@ -89,7 +89,7 @@ def test_unconditional_sampling_from_latest_run(trained_run: Path):
         (["--max-new-tokens", "5000"], "exceeds the model's context"),
         (["--run", "nope"], "no run named 'nope'"),
         (["--checkpoint", "missing/dir"], "does not exist"),
-        (["--prompt-file", "nofile.txt"], "prompt file 'nofile.txt' does not exist"),
+        (["--prompt-file", "nofile.txt"], "cannot read prompt file nofile.txt: does not exist"),
     ],
 )
 def test_generate_errors(trained_run: Path, workdir, args, message):
