@@ -306,9 +306,9 @@ def resolve_run_config(
         apply_layer(cfg, file_layer, file_origin)
     apply_layer(cfg, overrides, "the command line")
     validate_run_config(cfg)
-    # A warmup the user asked for (not a preset's) that outlasts the run would keep the LR near 0.
-    file_train = file_layer.get("train") if isinstance(file_layer.get("train"), dict) else {}
-    if "warmup" in overrides.get("train", {}) or "warmup" in file_train:
+    # A warmup asked for on the command line that outlasts the run would keep the LR near 0. (A
+    # preset's or a config file's warmup with a shorter --steps is a quick trial run: it stays.)
+    if "warmup" in overrides.get("train", {}):
         t = cfg.train
         _require(t.steps is None or t.warmup < 1 or t.warmup < t.steps,
                  f"train.warmup (--warmup) of {t.warmup:g} steps is not shorter than the {t.steps} training steps, so "
