@@ -456,13 +456,9 @@ IGNORED_ON_RESUME = {("train", "overwrite"), ("train", "resume"), ("train", "run
                      ("data", "paths"), ("data", "cache_dir")}
 
 
-def compare_for_resume(saved: dict, current: dict, saved_data_key: dict, data_key: dict) -> list[str]:
-    """Raise naming the first difference a resume cannot take; return the accepted ones as text.
-
-    Every accepted change takes effect from the resume point (training.py applies --lr, --warmup,
-    --schedule, --steps and --weight-decay to the restored optimizer and schedule; the rest is read
-    each step), so listing it as changed is true.
-    """
+def refuse_changed_settings(saved: dict, current: dict) -> None:
+    """Raise naming the first setting a resume cannot take. They are all plain settings (no derived
+    value among them), so training checks them first, before any data or model is loaded."""
     refused = {key: (label, "") for key, label in EXPERIMENT_KEYS.items()} | REFUSED_ON_RESUME
     for (section, key), (label, reason) in refused.items():
         before, after = saved[section].get(key), current[section].get(key)
@@ -472,6 +468,16 @@ def compare_for_resume(saved: dict, current: dict, saved_data_key: dict, data_ke
                 f"{'; ' + reason if reason else ''}; "
                 f"use a new --run-name for a new experiment, or --overwrite to restart this one"
             )
+
+
+def compare_for_resume(saved: dict, current: dict, saved_data_key: dict, data_key: dict) -> list[str]:
+    """Raise naming the first difference a resume cannot take; return the accepted ones as text.
+
+    Every accepted change takes effect from the resume point (training.py applies --lr, --warmup,
+    --schedule, --steps and --weight-decay to the restored optimizer and schedule; the rest is read
+    each step), so listing it as changed is true.
+    """
+    refuse_changed_settings(saved, current)
     for key, label in DATA_KEY_NAMES.items():
         if saved_data_key.get(key) != data_key.get(key):
             raise FinetuneError(
@@ -482,7 +488,8 @@ def compare_for_resume(saved: dict, current: dict, saved_data_key: dict, data_ke
     for section, values in current.items():
         for key, after in values.items():
             before = saved.get(section, {}).get(key)
-            if (section, key) not in IGNORED_ON_RESUME and (section, key) not in refused and before != after:
+            refused = (section, key) in EXPERIMENT_KEYS or (section, key) in REFUSED_ON_RESUME
+            if (section, key) not in IGNORED_ON_RESUME and not refused and before != after:
                 changes.append(f"{section}.{key} {before!r} -> {after!r}")
     return changes
 

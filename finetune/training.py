@@ -329,6 +329,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
     if resume_from is not None:
         saved_state = ckpt.read_training_state(resume_from)  # first: verify_checkpoint reads it unguarded
         ckpt.verify_checkpoint(resume_from, for_resume=True)
+        ckpt.refuse_changed_settings(saved_state["config"], cfg.to_dict())  # before anything is printed
 
     # cpu=True on a machine without CUDA is what lets `accelerate launch` start gloo (MULTI_CPU) processes.
     from accelerate import DataLoaderConfiguration

@@ -64,10 +64,12 @@ def _snapshot(root):
         (["prepare", "{sample}", "--model", "tiny", "--output", "{run}/checkpoint-000060/prep"], "lies inside the run"),
         (["train", "--config", "{dir}", "{sample}"], "is a directory; pass a YAML file"),
         (["train", "{strings}", "--model", "tiny"], 'expected a JSON object; write records such as {{"text": "..."}}'),
+        (["train", "{sample}", "--model", "tiny", "--run-name", "recipes", "--steps", "61", "--batch-size", "8"],
+         "cannot resume: --batch-size changed (16 -> 8) since the checkpoint"),
     ],
     ids=["train-seed", "generate-seed", "warmup-longer-than-run", "run-dir-as-data", "onnx-dir-as-checkpoint",
          "missing-onnx-dir", "samples-output-is-a-dir", "prompt-file-of-separators", "export-output-is-a-file",
-         "prepare-into-a-checkpoint", "config-is-a-dir", "json-list-of-strings"],
+         "prepare-into-a-checkpoint", "config-is-a-dir", "json-list-of-strings", "resume-with-another-batch-size"],
 )
 def test_careless_inputs_are_one_line_and_change_nothing(workdir, trained_run, args, fragment):
     """Cases a new user tried: each is refused before any work, in one line naming the cause."""
