@@ -685,6 +685,10 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
         )
     elif is_main:
         say(f"done: {step} steps; checkpoint {last_checkpoint}")
+    # All ranks reach the end together before end_training destroys the process group: a rank
+    # tearing its gloo/NCCL connections down while another still uses them aborts ("terminate
+    # called without an active exception").
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(run_dir, last_checkpoint, step, val_loss, signals.received)
 
