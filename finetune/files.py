@@ -128,13 +128,11 @@ def write_problem(exc: BaseException, path: Path) -> Optional[OSError]:
 def _disk_nearly_full(path: Path) -> bool:
     import shutil
 
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            try:
-                return shutil.disk_usage(candidate).free < (1 << 20)
-            except OSError:
-                return False
-    return False
+    existing = first_existing_parent(path)
+    try:
+        return existing is not None and shutil.disk_usage(existing).free < (1 << 20)
+    except OSError:
+        return False
 
 
 def read_text(path: Union[str, Path], what: str = "file", fix: str = "fix or replace it", encoding: str = "utf-8") -> str:

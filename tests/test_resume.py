@@ -78,17 +78,22 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert (wa[key] - wb[key]).abs().max().item() <= 1e-6, key
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, gpt2_dir):
-    """An uninterrupted 6-step run to compare the interrupted ones with."""
-    root = tmp_path_factory.mktemp("reference")
+def finished_run(tmp_path_factory, gpt2_dir, name: str, steps: int, save_every: int) -> Path:
+    """A run trained to its end in a directory of its own, for module fixtures to share."""
+    root = tmp_path_factory.mktemp(name)
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        run_cli(*train_args(gpt2_dir, "ref", 6, 2))
+        run_cli(*train_args(gpt2_dir, name, steps, save_every))
     finally:
         os.chdir(cwd)
-    return root / "runs" / "ref"
+    return root / "runs" / name
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, gpt2_dir):
+    """An uninterrupted 6-step run to compare the interrupted ones with."""
+    return finished_run(tmp_path_factory, gpt2_dir, "ref", 6, 2)
 
 
 def test_sigkill_after_checkpoint_then_resume_is_exact(workdir, gpt2_dir, reference):
@@ -292,14 +297,7 @@ def assert_one_error_line(result, *fragments: str) -> None:
 @pytest.fixture(scope="module")
 def two_step_run(tmp_path_factory, gpt2_dir):
     """A finished 2-step run (checkpoints 1 and 2), copied by each test that damages it."""
-    root = tmp_path_factory.mktemp("two-step")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        run_cli(*train_args(gpt2_dir, "run", 2, 1))
-    finally:
-        os.chdir(cwd)
-    return root / "runs" / "run"
+    return finished_run(tmp_path_factory, gpt2_dir, "run", 2, 1)
 
 
 def copy_run(source: Path, workdir: Path) -> Path:
