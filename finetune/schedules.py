@@ -35,13 +35,6 @@ def _constant(step: int, warmup: int, total: int) -> float:
 SCHEDULES = {"cosine": _cosine, "linear": _linear, "constant": _constant}
 
 
-def lr_schedule(optimizer, name: str, warmup_steps: int, total_steps: int):
-    """A LambdaLR stepped once per optimizer step (its state_dict resumes like any scheduler's)."""
-    from torch.optim.lr_scheduler import LambdaLR
-
-    return LambdaLR(optimizer, partial(SCHEDULES[name], warmup=warmup_steps, total=total_steps))
-
-
 def warmup_length(warmup: float, steps: int) -> int:
     """--warmup: a fraction of `steps` if < 1, else a step count."""
     return int(warmup * steps) if warmup < 1 else int(warmup)

@@ -86,7 +86,7 @@ def test_lr_schedules_equal_transformers_get_scheduler(name, hf_name):
     import torch
     from transformers import get_scheduler
 
-    from finetune.schedules import lr_schedule
+    from finetune.schedules import scheduler_from
 
     def lrs(make):
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
@@ -98,6 +98,7 @@ def test_lr_schedules_equal_transformers_get_scheduler(name, hf_name):
             scheduler.step()
         return values
 
-    ours = lrs(lambda opt: lr_schedule(opt, name, warmup_steps=7, total_steps=33))  # 40 > 33: past the end too
+    segment = {"name": name, "start": 0, "end": 33, "warmup_steps": 7}  # 40 > 33: past the end too
+    ours = lrs(lambda opt: scheduler_from(opt, segment, 0.5, 0))
     theirs = lrs(lambda opt: get_scheduler(hf_name, opt, num_warmup_steps=7, num_training_steps=33))
     assert ours == pytest.approx(theirs, abs=1e-12)
