@@ -67,8 +67,9 @@ def make_corpus(path: Path, mb: int) -> None:
 def child(mode: str, corpus: Path, cache: Path, parallel_env: str) -> dict:
     env = dict(os.environ, TOKENIZERS_PARALLELISM=parallel_env)
     code = CHILD.format(repo=str(Path(__file__).resolve().parents[1]))
-    out = subprocess.run([sys.executable, "-c", code, mode, str(corpus), str(cache)], env=env,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code, mode, str(corpus), str(cache)], env=env, capture_output=True, text=True, check=True
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -90,8 +91,12 @@ def main() -> None:
         print(f"tokenization of {args.mb} MB on {os.cpu_count()} cores (GPT-2 BPE)")
         print("| pipeline | seconds | MB/s | peak RSS MB | ratio |")
         print("| --- | --- | --- | --- | --- |")
-        print(f"| single-process loop | {single['seconds']:.1f} | {args.mb / single['seconds']:.1f} | {single['peak_rss_mb']:.0f} | 1.00x |")
-        print(f"| finetune (worker processes) | {ours['seconds']:.1f} | {args.mb / ours['seconds']:.1f} | {ours['peak_rss_mb']:.0f} | {single['seconds'] / ours['seconds']:.2f}x |")
+        print(
+            f"| single-process loop | {single['seconds']:.1f} | {args.mb / single['seconds']:.1f} | {single['peak_rss_mb']:.0f} | 1.00x |"
+        )
+        print(
+            f"| finetune (worker processes) | {ours['seconds']:.1f} | {args.mb / ours['seconds']:.1f} | {ours['peak_rss_mb']:.0f} | {single['seconds'] / ours['seconds']:.2f}x |"
+        )
 
         big = tmp / "cache.txt"
         make_corpus(big, args.cache_mb)
@@ -106,8 +111,10 @@ def main() -> None:
             result = child("prepare", huge, tmp / "cache-big", "true")
             workers = min(os.cpu_count() or 1, 8)
             total = result["peak_rss_mb"] + workers * result.get("worker_peak_rss_mb", 0)
-            print(f"preparing a {args.big_mb} MB corpus: {result['seconds']:.0f} s, peak RSS {result['peak_rss_mb']:.0f} MB "
-                  f"(main) + {workers} x {result.get('worker_peak_rss_mb', 0):.0f} MB (largest worker) <= {total:.0f} MB in all")
+            print(
+                f"preparing a {args.big_mb} MB corpus: {result['seconds']:.0f} s, peak RSS {result['peak_rss_mb']:.0f} MB "
+                f"(main) + {workers} x {result.get('worker_peak_rss_mb', 0):.0f} MB (largest worker) <= {total:.0f} MB in all"
+            )
 
 
 if __name__ == "__main__":

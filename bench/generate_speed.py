@@ -42,8 +42,13 @@ def main() -> None:
         def ours():
             from transformers import GenerationConfig
 
-            config = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
-                                      cache_implementation="static" if args.device == "cuda" else None)
+            config = GenerationConfig(
+                do_sample=False,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                pad_token_id=0,
+                cache_implementation="static" if args.device == "cuda" else None,
+            )
             return model.generate(ids, generation_config=config)
 
         results = {}
@@ -59,7 +64,9 @@ def main() -> None:
                     torch.cuda.synchronize()
             results[name] = (batch * n / (time.perf_counter() - start), out)
         same = torch.equal(results["hf"][1], results["ours"][1])
-        print(f"| {batch} | {results['hf'][0]:,.0f} | {results['ours'][0]:,.0f} | {results['ours'][0] / results['hf'][0]:.1f}x | {same} |")
+        print(
+            f"| {batch} | {results['hf'][0]:,.0f} | {results['ours'][0]:,.0f} | {results['ours'][0] / results['hf'][0]:.1f}x | {same} |"
+        )
     _ = GenerateConfig  # the CLI's options map onto the GenerationConfig built above (generation.py)
 
 

@@ -25,23 +25,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def build_models(root: Path, cpu: bool) -> dict[str, Path]:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from onnx_generation import gpt2_tokenizer  # the real GPT-2 BPE when ../shared has it
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = gpt2_tokenizer()
     vocab = len(tokenizer)
     common = dict(vocab_size=vocab, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     if cpu:
         gpt2 = AutoConfig.for_model("gpt2", n_embd=64, n_layer=2, n_head=2, n_positions=256, **common)
-        llama = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **common)
+        llama = AutoConfig.for_model(
+            "llama",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **common,
+        )
     else:
         gpt2 = AutoConfig.for_model("gpt2", **common)  # 124M
         # 0.46B: 28 layers of width 1024 with untied 50K-token embeddings (a Qwen2.5-0.5B-sized model).
-        llama = AutoConfig.for_model("llama", hidden_size=1024, intermediate_size=2816, num_hidden_layers=28,
-                                     num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048,
-                                     tie_word_embeddings=False, **common)
+        llama = AutoConfig.for_model(
+            "llama",
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+            **common,
+        )
     dirs = {}
     for name, config in (("gpt2", gpt2), ("llama", llama)):
         torch.manual_seed(0)
@@ -54,10 +69,32 @@ def build_models(root: Path, cpu: bool) -> dict[str, Path]:
 
 
 def train(root: Path, name: str, model: Path, steps: int, *extra) -> dict:
-    cmd = [sys.executable, "-m", "finetune", "train", str(SAMPLE), "--model", str(model), "--run-name", name,
-           "--runs-dir", str(root / "runs"), "--cache-dir", str(root / "cache"), "--steps", str(steps),
-           "--log-every", "1", "--eval-every", str(steps), "--sample-every", str(steps), "--save-every", str(steps),
-           *map(str, extra)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "finetune",
+        "train",
+        str(SAMPLE),
+        "--model",
+        str(model),
+        "--run-name",
+        name,
+        "--runs-dir",
+        str(root / "runs"),
+        "--cache-dir",
+        str(root / "cache"),
+        "--steps",
+        str(steps),
+        "--log-every",
+        "1",
+        "--eval-every",
+        str(steps),
+        "--sample-every",
+        str(steps),
+        "--save-every",
+        str(steps),
+        *map(str, extra),
+    ]
     start = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -66,7 +103,9 @@ def train(root: Path, name: str, model: Path, steps: int, *extra) -> dict:
     train_rows = [m for m in metrics if "loss" in m]
     evals = [m for m in metrics if "val_loss" in m]
     return {
-        "run": name, "exit": result.returncode, "seconds": seconds,
+        "run": name,
+        "exit": result.returncode,
+        "seconds": seconds,
         "steps": train_rows[-1]["step"] if train_rows else 0,
         "loss": train_rows[-1]["loss"] if train_rows else None,
         "val_loss": evals[-1]["val_loss"] if evals else None,
@@ -93,22 +132,34 @@ def main() -> None:
         else:
             runs.append(train(root, "gpt2-bf16", gpt2, steps, *block, "--precision", "bf16"))
             runs.append(train(root, "gpt2-fp16", gpt2, steps, *block, "--precision", "fp16"))
-            engines = {engine: ["--num-processes", 1, "--accelerate-config", REPO / "configs" / "accelerate" / f"{engine}.yaml"]
-                       for engine in ("ddp", "fsdp")}
+            engines = {
+                engine: [
+                    "--num-processes",
+                    1,
+                    "--accelerate-config",
+                    REPO / "configs" / "accelerate" / f"{engine}.yaml",
+                ]
+                for engine in ("ddp", "fsdp")
+            }
             for engine, launch in engines.items():
                 runs.append(train(root, f"gpt2-{engine}", gpt2, steps, *block, *launch))
             # FSDP resume: the same run continued to twice the steps from its checkpoint
             runs.append(train(root, "gpt2-fsdp", gpt2, 2 * steps, *block, *engines["fsdp"]))
             runs[-1]["run"] = "gpt2-fsdp (resumed)"
-        runs.append(train(root, "llama-lora", llama, steps, *block, "--lora",
-                          *(() if args.cpu else ("--precision", "bf16"))))
-    print(f"GPT-2 {dirs['gpt2_params'] / 1e6:.0f}M and Llama {dirs['llama_params'] / 1e6:.0f}M, random weights, "
-          f"{steps} steps each, sample data")
+        runs.append(
+            train(root, "llama-lora", llama, steps, *block, "--lora", *(() if args.cpu else ("--precision", "bf16")))
+        )
+    print(
+        f"GPT-2 {dirs['gpt2_params'] / 1e6:.0f}M and Llama {dirs['llama_params'] / 1e6:.0f}M, random weights, "
+        f"{steps} steps each, sample data"
+    )
     print("| run | exit | steps | loss | val loss | tokens/s | peak memory MB | seconds | error |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in runs:
-        print(f"| {r['run']} | {r['exit']} | {r['steps']} | {r['loss']} | {r['val_loss']} | {r['tokens_per_s']} | "
-              f"{r['peak_mb']} | {r['seconds']:.0f} | {r['error'][:120]} |")
+        print(
+            f"| {r['run']} | {r['exit']} | {r['steps']} | {r['loss']} | {r['val_loss']} | {r['tokens_per_s']} | "
+            f"{r['peak_mb']} | {r['seconds']:.0f} | {r['error'][:120]} |"
+        )
     sys.exit(max(r["exit"] for r in runs))
 
 

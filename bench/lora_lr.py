@@ -24,11 +24,51 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_data" / "recipes.txt"
 DOC_MODULES = [
-    "argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "datetime", "decimal", "email",
-    "functools", "http.client", "inspect", "itertools", "json", "logging", "os", "pathlib", "pickle", "random",
-    "re", "shutil", "socket", "sqlite3", "statistics", "string", "subprocess", "tarfile", "textwrap", "threading",
-    "typing", "unittest", "urllib.request", "uuid", "zipfile", "xml.etree.ElementTree", "tkinter", "turtle",
-    "multiprocessing", "concurrent.futures", "difflib", "heapq", "bisect", "fractions", "calendar", "configparser",
+    "argparse",
+    "asyncio",
+    "collections",
+    "contextlib",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "email",
+    "functools",
+    "http.client",
+    "inspect",
+    "itertools",
+    "json",
+    "logging",
+    "os",
+    "pathlib",
+    "pickle",
+    "random",
+    "re",
+    "shutil",
+    "socket",
+    "sqlite3",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "textwrap",
+    "threading",
+    "typing",
+    "unittest",
+    "urllib.request",
+    "uuid",
+    "zipfile",
+    "xml.etree.ElementTree",
+    "tkinter",
+    "turtle",
+    "multiprocessing",
+    "concurrent.futures",
+    "difflib",
+    "heapq",
+    "bisect",
+    "fractions",
+    "calendar",
+    "configparser",
 ]
 
 
@@ -70,20 +110,31 @@ def main() -> None:
         corpus = documentation_corpus(root / "docs.txt", args.corpus_chars)
         common = dict(runs_dir=str(root / "runs"), cache_dir=str(root / "cache"), sample_every=0, log=quiet)
         start = time.perf_counter()
-        base = finetune.train(str(corpus), model="tiny", run_name="base", steps=args.base_steps, save_every=0,
-                              eval_every=args.base_steps, **common)
+        base = finetune.train(
+            str(corpus),
+            model="tiny",
+            run_name="base",
+            steps=args.base_steps,
+            save_every=0,
+            eval_every=args.base_steps,
+            **common,
+        )
         for finished in (root / "runs").iterdir():  # the base stays; every tuned run starts over
             if finished.name != "base":
                 shutil.rmtree(finished)
-        print(f"base: {args.base_steps} steps on {corpus.stat().st_size / 1e6:.1f} MB of stdlib docs, "
-              f"validation perplexity there {math.exp(base.val_loss):.1f} ({time.perf_counter() - start:.0f} s)")
+        print(
+            f"base: {args.base_steps} steps on {corpus.stat().st_size / 1e6:.1f} MB of stdlib docs, "
+            f"validation perplexity there {math.exp(base.val_loss):.1f} ({time.perf_counter() - start:.0f} s)"
+        )
 
         tune = dict(model=str(base.checkpoint), block_size=args.block_size, save_every=0, **common)
 
         def run(name: str, steps: int = args.steps, **options) -> float:
             t0 = time.perf_counter()
             result = finetune.train(str(SAMPLE), run_name=name, steps=steps, eval_every=steps, **tune, **options)
-            print(f"  {name}: validation loss {result.val_loss:.4f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+            print(
+                f"  {name}: validation loss {result.val_loss:.4f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr
+            )
             return math.exp(result.val_loss)
 
         untuned = run("untuned", steps=1, lr=1e-12)  # one step at a negligible LR: the base itself
@@ -91,8 +142,10 @@ def main() -> None:
         for lr in [float(x) for x in args.lrs.split(",")]:
             rows.append(("LoRA r=8 alpha=16", lr, run(f"lora-{lr:g}", lr=lr, lora=True)))
 
-    print(f"\nrecipes validation perplexity, untuned base: {untuned:.2f}; {args.steps} steps, cosine, batch 8 x {args.block_size} tokens")
-    print(f"| run | lr | perplexity | cut vs base |\n| --- | --- | --- | --- |")
+    print(
+        f"\nrecipes validation perplexity, untuned base: {untuned:.2f}; {args.steps} steps, cosine, batch 8 x {args.block_size} tokens"
+    )
+    print("| run | lr | perplexity | cut vs base |\n| --- | --- | --- | --- |")
     for name, lr, ppl in rows:
         print(f"| {name} | {lr:g} | {ppl:.2f} | {1 - ppl / untuned:.0%} |")
 

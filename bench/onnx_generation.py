@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from finetune.exporting import export_onnx
 from finetune.config import GenerateConfig
+from finetune.exporting import export_onnx
 from finetune.onnx_generation import OnnxCausalLM, next_tokens
 
 SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "gpt2-tokenizer"
@@ -39,7 +39,9 @@ def gpt2_tokenizer():
     else:  # a stand-in with GPT-2's vocabulary size so the model shape is the same
         bpe = ByteLevelBPETokenizer()
         bpe.train_from_iterator([PROMPT * 100], vocab_size=1000, special_tokens=["<|endoftext|>"])
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
 
 
 def timed(fn, repeats: int = 2):
@@ -91,7 +93,9 @@ def main() -> None:
     exports = {}
     for index, (name, (quantize, optimize)) in enumerate(variants.items()):
         start = time.perf_counter()
-        export_onnx(checkpoint, out / str(index), None, quantize=quantize, verify=False, log=lambda _m: None, optimize=optimize)
+        export_onnx(
+            checkpoint, out / str(index), None, quantize=quantize, verify=False, log=lambda _m: None, optimize=optimize
+        )
         size = sum(f.stat().st_size for f in (out / str(index)).iterdir() if f.name.startswith("model.onnx"))
         exports[name] = {"seconds": time.perf_counter() - start, "mb": size / 1e6, "lm": OnnxCausalLM(out / str(index))}
 
@@ -101,22 +105,28 @@ def main() -> None:
 
     def hf(**sampling):
         with torch.inference_mode():
-            return model.generate(ids, do_sample=bool(sampling), max_new_tokens=n, min_new_tokens=n,
-                                  pad_token_id=50256, **sampling)[0, ids.shape[1]:].numpy()
+            return model.generate(
+                ids, do_sample=bool(sampling), max_new_tokens=n, min_new_tokens=n, pad_token_id=50256, **sampling
+            )[0, ids.shape[1] :].numpy()
 
     # `finetune generate`'s default sampling (temperature 0.8, top-k 50, top-p 0.95) on both sides.
     knobs = GenerateConfig(seed=0)
     rng = np.random.default_rng(0)
 
     def ort_sampled(lm):
-        return lm.decode_steps(np_ids, np.ones_like(np_ids), n, lambda scores, history: next_tokens(scores, history, knobs, rng))[0]
+        return lm.decode_steps(
+            np_ids, np.ones_like(np_ids), n, lambda scores, history: next_tokens(scores, history, knobs, rng)
+        )[0]
 
     # Alternating rounds, so every backend sees the same machine state; median seconds per backend.
     # name -> (function, the HF row it is compared with)
     greedy_hf, sampled_hf = "HF generate (torch fp32)", "HF generate (torch fp32), sampling"
     backends = {greedy_hf: (hf, greedy_hf)}
     for name, export in exports.items():
-        backends[f"finetune ONNX Runtime {name}"] = (lambda lm=export["lm"]: lm.greedy(np_ids, np.ones_like(np_ids), n)[0], greedy_hf)
+        backends[f"finetune ONNX Runtime {name}"] = (
+            lambda lm=export["lm"]: lm.greedy(np_ids, np.ones_like(np_ids), n)[0],
+            greedy_hf,
+        )
     backends[sampled_hf] = (lambda: hf(temperature=knobs.temperature, top_k=knobs.top_k, top_p=knobs.top_p), sampled_hf)
     fastest = exports[list(variants)[-1]]["lm"]
     backends[f"finetune ONNX Runtime {list(variants)[-1]}, sampling"] = (lambda: ort_sampled(fastest), sampled_hf)
@@ -135,9 +145,17 @@ def main() -> None:
         export = exports.get(name.removeprefix("finetune ONNX Runtime "))
         ratios = [h / s for h, s in zip(seconds[baseline], seconds[name])]
         agreement = f"{float((tokens[name] == tokens[greedy_hf]).mean()):.1%}" if baseline == greedy_hf else "(sampled)"
-        rows.append((name, n / statistics.median(seconds[name]), statistics.median(seconds[baseline]) / statistics.median(seconds[name]),
-                     agreement, f"{export['seconds']:.1f}" if export else "", f"{export['mb']:.0f}" if export else "",
-                     ", ".join(f"{r:.2f}" for r in ratios)))
+        rows.append(
+            (
+                name,
+                n / statistics.median(seconds[name]),
+                statistics.median(seconds[baseline]) / statistics.median(seconds[name]),
+                agreement,
+                f"{export['seconds']:.1f}" if export else "",
+                f"{export['mb']:.0f}" if export else "",
+                ", ".join(f"{r:.2f}" for r in ratios),
+            )
+        )
 
     # At batch 1 each new token reads every weight once (the tied embedding as the output layer;
     # one row of the position table), so memory bandwidth caps fp32 tokens/s for any runtime.
@@ -145,13 +163,19 @@ def main() -> None:
     bandwidth = read_bandwidth()
     roofline = bandwidth / weight_bytes
     print(f"GPT-2 124M, batch 1, greedy, {n} new tokens, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s / {weight_bytes / 1e6:.0f} MB of fp32 weights per token = "
-          f"fp32 roofline {roofline:.1f} tokens/s = {roofline * hf_seconds / n:.2f}x HF generate")
+    print(
+        f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s / {weight_bytes / 1e6:.0f} MB of fp32 weights per token = "
+        f"fp32 roofline {roofline:.1f} tokens/s = {roofline * hf_seconds / n:.2f}x HF generate"
+    )
     for row in rows:
         if "fp32" in row[0] and "sampling" not in row[0]:
             print(f"  {row[0]}: {row[1] / roofline:.0%} of the fp32 roofline")
-    print(f"{args.rounds} alternating rounds; tokens/s and ratio from the median round time; per-round ratios to HF listed;")
-    print(f"sampling rows: temperature {knobs.temperature}, top-k {knobs.top_k}, top-p {knobs.top_p} (finetune generate's defaults), vs HF sampling")
+    print(
+        f"{args.rounds} alternating rounds; tokens/s and ratio from the median round time; per-round ratios to HF listed;"
+    )
+    print(
+        f"sampling rows: temperature {knobs.temperature}, top-k {knobs.top_k}, top-p {knobs.top_p} (finetune generate's defaults), vs HF sampling"
+    )
     print("| backend | new tokens/s | vs HF | greedy agreement with HF | export s | size MB | per-round vs HF |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:

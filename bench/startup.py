@@ -31,9 +31,29 @@ def help_seconds(repeats: int = 5) -> float:
 
 def first_step_seconds(root: Path, run_name: str) -> float:
     metrics = root / "runs" / run_name / "metrics.jsonl"
-    cmd = [*FINETUNE, "train", str(SAMPLE), "--model", "tiny", "--steps", "3", "--log-every", "1", "--eval-every", "0",
-           "--sample-every", "0", "--save-every", "0", "--run-name", run_name, "--runs-dir", str(root / "runs"),
-           "--cache-dir", str(root / "cache")]
+    cmd = [
+        *FINETUNE,
+        "train",
+        str(SAMPLE),
+        "--model",
+        "tiny",
+        "--steps",
+        "3",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--save-every",
+        "0",
+        "--run-name",
+        run_name,
+        "--runs-dir",
+        str(root / "runs"),
+        "--cache-dir",
+        str(root / "cache"),
+    ]
     start = time.perf_counter()
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not (metrics.is_file() and metrics.read_text().strip()):

@@ -47,15 +47,33 @@ def build_model_dir(name: str, root: Path) -> Path:
     return target
 
 
-def run_ours(model_dir: Path, batch: int, seq: int, steps: int, warmup: int, precision: str, root: Path,
-             cpu_kernels=None) -> dict:
+def run_ours(
+    model_dir: Path, batch: int, seq: int, steps: int, warmup: int, precision: str, root: Path, cpu_kernels=None
+) -> dict:
     from finetune.api import train
 
     run_dir = root / "runs"
     name = "ours" if cpu_kernels is None else "ours-plain"
-    train(str(SAMPLE), model=str(model_dir), steps=steps, batch_size=batch, block_size=seq, lr=1e-4, warmup=0,
-          precision=precision, eval_every=0, sample_every=0, save_every=0, log_every=1, runs_dir=str(run_dir),
-          run_name=name, cache_dir=str(root / "cache"), log=lambda _m: None, overwrite=True, cpu_kernels=cpu_kernels)
+    train(
+        str(SAMPLE),
+        model=str(model_dir),
+        steps=steps,
+        batch_size=batch,
+        block_size=seq,
+        lr=1e-4,
+        warmup=0,
+        precision=precision,
+        eval_every=0,
+        sample_every=0,
+        save_every=0,
+        log_every=1,
+        runs_dir=str(run_dir),
+        run_name=name,
+        cache_dir=str(root / "cache"),
+        log=lambda _m: None,
+        overwrite=True,
+        cpu_kernels=cpu_kernels,
+    )
     metrics = [json.loads(l) for l in (run_dir / name / "metrics.jsonl").read_text().splitlines()]
     steady = [m for m in metrics if "tokens_per_s" in m and m["step"] > warmup]
     return {
@@ -75,9 +93,13 @@ def run_trainer(model_dir: Path, batch: int, seq: int, steps: int, warmup: int, 
     from finetune import data, speed
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prepared = data.prepare_data([SAMPLE], tokenizer, seq, val_fraction=0, cache_dir=str(root / "cache"), log=lambda _m: None)
-    blocks = [{"input_ids": torch.from_numpy(prepared.train[i]), "labels": torch.from_numpy(prepared.train[i])}
-              for i in range(len(prepared.train))]
+    prepared = data.prepare_data(
+        [SAMPLE], tokenizer, seq, val_fraction=0, cache_dir=str(root / "cache"), log=lambda _m: None
+    )
+    blocks = [
+        {"input_ids": torch.from_numpy(prepared.train[i]), "labels": torch.from_numpy(prepared.train[i])}
+        for i in range(len(prepared.train))
+    ]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     cuda = torch.cuda.is_available()
 
@@ -93,9 +115,17 @@ def run_trainer(model_dir: Path, batch: int, seq: int, steps: int, warmup: int, 
                 Timer.end = time.perf_counter()
 
     args = TrainingArguments(
-        output_dir=str(root / "trainer"), per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-4,
-        logging_steps=10**6, save_strategy="no", report_to=[], dataloader_num_workers=0, seed=42,
-        bf16=precision == "bf16", use_cpu=not cuda,  # Trainer's default optimizer: adamw_torch_fused
+        output_dir=str(root / "trainer"),
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        learning_rate=1e-4,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to=[],
+        dataloader_num_workers=0,
+        seed=42,
+        bf16=precision == "bf16",
+        use_cpu=not cuda,  # Trainer's default optimizer: adamw_torch_fused
     )
     trainer = Trainer(model=model, args=args, train_dataset=blocks, callbacks=[Timer()])
     if cuda:
@@ -114,7 +144,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--rounds", type=int, help="alternating runs of each side; the median is reported [default: 5 on CPU, 1 on CUDA]")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="alternating runs of each side; the median is reported [default: 5 on CPU, 1 on CUDA]",
+    )
     parser.add_argument("--side", choices=["ours", "ours-plain", "trainer"], help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -123,8 +157,9 @@ def main() -> None:
     precision = "bf16" if args.device == "cuda" else "fp32"
     if args.side:  # child process: one side of the comparison
         root = Path(args.root)
-        runner = {"ours": run_ours, "trainer": run_trainer,
-                  "ours-plain": lambda *a: run_ours(*a, cpu_kernels=False)}[args.side]
+        runner = {"ours": run_ours, "trainer": run_trainer, "ours-plain": lambda *a: run_ours(*a, cpu_kernels=False)}[
+            args.side
+        ]
         print("RESULT " + json.dumps(runner(root / name, batch, seq, steps, warmup, precision, root)))
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,18 +170,36 @@ def main() -> None:
         rounds = {side: [] for side in sides}
         for _ in range(args.rounds):  # alternating sides, so a noisy neighbour slows both alike
             for side in sides:
-                out = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--device", args.device, "--side", side,
-                                      "--root", str(root)], capture_output=True, text=True)
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--preset",
+                        args.preset,
+                        "--device",
+                        args.device,
+                        "--side",
+                        side,
+                        "--root",
+                        str(root),
+                    ],
+                    capture_output=True,
+                    text=True,
+                )
                 if out.returncode:
                     sys.exit(out.stderr[-3000:])
                 rounds[side].append(json.loads(next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))[7:]))
     # Each side's median round by tokens/s.
     results = {side: sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2] for side, runs in rounds.items()}
     base = results["trainer"]["tokens_per_s"]
-    print(f"{name}: batch {batch} x seq {seq}, {precision}, {steps} steps ({warmup} warm-up), device {args.device}, "
-          f"median of {args.rounds} alternating rounds")
-    print("per-round finetune/Trainer: " + ", ".join(
-        f"{o['tokens_per_s'] / t['tokens_per_s']:.2f}x" for t, o in zip(rounds["trainer"], rounds["ours"])))
+    print(
+        f"{name}: batch {batch} x seq {seq}, {precision}, {steps} steps ({warmup} warm-up), device {args.device}, "
+        f"median of {args.rounds} alternating rounds"
+    )
+    print(
+        "per-round finetune/Trainer: "
+        + ", ".join(f"{o['tokens_per_s'] / t['tokens_per_s']:.2f}x" for t, o in zip(rounds["trainer"], rounds["ours"]))
+    )
     print("| loop | tokens/s | MFU | peak memory GB | vs Trainer |")
     print("| --- | --- | --- | --- | --- |")
     labels = {"trainer": "HF Trainer", "ours-plain": "finetune --no-cpu-kernels", "ours": "finetune"}

@@ -1,8 +1,8 @@
 """finetune: fine-tune a causal language model with one command.
 
-    import finetune
-    finetune.train("sample_data/recipes.txt", model="tiny")
-    finetune.generate("Title:", run="recipes", n=3)
+import finetune
+finetune.train("sample_data/recipes.txt", model="tiny")
+finetune.generate("Title:", run="recipes", n=3)
 """
 
 from finetune.api import export, generate, prepare, train

@@ -7,8 +7,8 @@ Heavy libraries (torch, transformers) are imported only when a function runs.
 from __future__ import annotations
 
 import dataclasses
-import typing
 import shutil
+import typing
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -58,8 +58,15 @@ def _paths(data) -> list[str]:
     raise FinetuneError(f"data must be a path or a list of paths, got {data!r}")
 
 
-def train(data: Union[str, list[str], None] = None, *, config: Optional[str] = None, log=print,
-          command: Optional[str] = None, dry_run: bool = False, **options):
+def train(
+    data: Union[str, list[str], None] = None,
+    *,
+    config: Optional[str] = None,
+    log=print,
+    command: Optional[str] = None,
+    dry_run: bool = False,
+    **options,
+):
     """Fine-tune a model on text files; returns a TrainResult (run_dir, checkpoint, step, val_loss).
 
     >>> finetune.train("sample_data/recipes.txt", model="tiny", steps=300)
@@ -74,8 +81,9 @@ def train(data: Union[str, list[str], None] = None, *, config: Optional[str] = N
     return run_training(cfg, log=log, command=command)
 
 
-def resolve_generation_source(run: Optional[str], checkpoint: Optional[str], model: Optional[str], runs_dir: str,
-                              log=None) -> str:
+def resolve_generation_source(
+    run: Optional[str], checkpoint: Optional[str], model: Optional[str], runs_dir: str, log=None
+) -> str:
     """The directory or hub id to sample from: --checkpoint, --model, or a run's latest checkpoint.
 
     Without any of them the most recent run is used, and `log` says which (sampling from an
@@ -221,7 +229,9 @@ def export(
         return exporter.export_safetensors(source, target, run_dir, dtype, overwrite, verify, log)
 
 
-def prepare(data: Union[str, list[str], None] = None, *, output: str, config: Optional[str] = None, log=print, **options):
+def prepare(
+    data: Union[str, list[str], None] = None, *, output: str, config: Optional[str] = None, log=print, **options
+):
     """Tokenize once into a portable directory that `finetune train DIR` accepts (prepare here, train elsewhere).
 
     >>> finetune.prepare("chats.jsonl", model="gpt2", output="prepared/chats")
@@ -267,10 +277,19 @@ def _prepare_into(cfg, files: list[Path], output: Path, log):
         context = modeling.context_length(modeling.load_model_config(cfg.model.name, cfg.model.trust_remote_code))
         block_size = cfg.data.block_size or min(1024, context)
         prepared = data_lib.prepare_data(
-            files, tokenizer, block_size, line_by_line=cfg.data.line_by_line, val_fraction=cfg.data.val_fraction,
-            eos_string=cfg.data.eos_string, encoding=cfg.data.encoding, cache_dir=cfg.data.cache_dir,
-            text_field=cfg.data.text_field, data_format=cfg.data.format, skip_bad_rows=cfg.data.skip_bad_rows,
-            hub=tuple((name, cfg.data.split) for name in cfg.data.datasets), log=log,
+            files,
+            tokenizer,
+            block_size,
+            line_by_line=cfg.data.line_by_line,
+            val_fraction=cfg.data.val_fraction,
+            eos_string=cfg.data.eos_string,
+            encoding=cfg.data.encoding,
+            cache_dir=cfg.data.cache_dir,
+            text_field=cfg.data.text_field,
+            data_format=cfg.data.format,
+            skip_bad_rows=cfg.data.skip_bad_rows,
+            hub=tuple((name, cfg.data.split) for name in cfg.data.datasets),
+            log=log,
         )
         try:
             data_lib.write_prepared(prepared, tokenizer, tmp, cfg.model.name)

@@ -54,7 +54,9 @@ def latest_checkpoint(run_dir: Path, strict: bool = True) -> Optional[Path]:
     newest = checkpoints[-1] if checkpoints else None
     if not pointer.exists() and not pointer.is_symlink():
         return newest
-    fix = (f"delete it to use the newest checkpoint ({newest.name})" if newest else "delete it") + ", or pass --checkpoint DIR"
+    fix = (
+        f"delete it to use the newest checkpoint ({newest.name})" if newest else "delete it"
+    ) + ", or pass --checkpoint DIR"
     try:
         name = files.read_text(pointer, "run file", fix).strip()
     except FinetuneError:
@@ -66,7 +68,9 @@ def latest_checkpoint(run_dir: Path, strict: bool = True) -> Optional[Path]:
         return candidate
     if strict:
         shown = name if len(name) <= 40 and name.isprintable() else name[:40].encode("unicode_escape").decode() + "..."
-        raise FinetuneError(f"run file {pointer} names {shown!r}, which is not a checkpoint directory of this run; {fix}")
+        raise FinetuneError(
+            f"run file {pointer} names {shown!r}, which is not a checkpoint directory of this run; {fix}"
+        )
     return newest
 
 
@@ -82,8 +86,13 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, text, "run file")
 
 
-def refuse_training_output(output: Path, source: Optional[Path] = None, run_dir: Optional[Path] = None,
-                           runs_dir: Optional[Path] = None, writer: str = "an export") -> None:
+def refuse_training_output(
+    output: Path,
+    source: Optional[Path] = None,
+    run_dir: Optional[Path] = None,
+    runs_dir: Optional[Path] = None,
+    writer: str = "an export",
+) -> None:
     """An output (export, prepared data) never goes over, into or around a checkpoint, a run or the runs directory.
 
     --overwrite deletes the output directory first: pointed at a checkpoint, it would delete the
@@ -104,10 +113,20 @@ def refuse_training_output(output: Path, source: Optional[Path] = None, run_dir:
     if inside is not None:
         guarded.append(("checkpoint" if is_checkpoint_dir(inside) else "run directory", inside))
     for kind, path in guarded:
-        relation = "is" if out == path else "lies inside" if path in out.parents else "contains" if out in path.parents else None
+        relation = (
+            "is"
+            if out == path
+            else "lies inside"
+            if path in out.parents
+            else "contains"
+            if out in path.parents
+            else None
+        )
         if relation:
-            raise FinetuneError(f"--output {output} {relation} the {kind} {path}, which {writer} must not write over; "
-                                f"choose an output outside your runs, e.g. --output exports/NAME")
+            raise FinetuneError(
+                f"--output {output} {relation} the {kind} {path}, which {writer} must not write over; "
+                f"choose an output outside your runs, e.g. --output exports/NAME"
+            )
 
 
 def _training_dir_inside(root: Path, depth: int = 3) -> Optional[Path]:
@@ -128,8 +147,6 @@ def _training_dir_inside(root: Path, depth: int = 3) -> Optional[Path]:
 # ---------------------------------------------------------------------------------------------
 # safetensors
 # ---------------------------------------------------------------------------------------------
-
-
 
 
 def start_output_dir(output: Path, overwrite: bool = False, offer_overwrite: bool = True) -> Path:
@@ -175,7 +192,8 @@ def finish_output_dir(tmp: Path, output: Path) -> None:
 def is_run_dir(path: Path) -> bool:
     """A run directory: config.yaml with checkpoints, a `latest` pointer or metrics beside it."""
     return (path / "config.yaml").is_file() and (
-        (path / "latest").is_file() or (path / "metrics.jsonl").is_file() or bool(list_checkpoints(path)))
+        (path / "latest").is_file() or (path / "metrics.jsonl").is_file() or bool(list_checkpoints(path))
+    )
 
 
 def is_checkpoint_dir(path: Path) -> bool:
@@ -197,8 +215,10 @@ def misplaced_run_dir(path: Path) -> Optional[str]:
         if is_run_dir(path):
             latest = latest_checkpoint(path, strict=False)
             inside = f", or --checkpoint {latest} for its latest checkpoint" if latest else ""
-            return (f"{path} is a run directory, not a model or checkpoint; pass --run {path.name} "
-                    f"--runs-dir {path.parent}{inside}")
+            return (
+                f"{path} is a run directory, not a model or checkpoint; pass --run {path.name} "
+                f"--runs-dir {path.parent}{inside}"
+            )
         if is_runs_root(path):
             return f"{path} holds runs, it is not a model or checkpoint; pass --runs-dir {path} --run NAME"
     return None
@@ -292,7 +312,8 @@ def verify_checkpoint(checkpoint: Path, for_resume: bool) -> None:
     """Fail with the name of the bad file when a checkpoint is incomplete or corrupt."""
     hint = (
         f"; resume from an earlier checkpoint with --resume {checkpoint.parent}/checkpoint-NNNNNN"
-        if for_resume else "; use another checkpoint (--checkpoint DIR)"
+        if for_resume
+        else "; use another checkpoint (--checkpoint DIR)"
     )
     config = checkpoint / "config.json"
     if not config.is_file():
@@ -350,8 +371,10 @@ def read_training_state(checkpoint: Path) -> dict:
     state = files.read_json(path, "checkpoint file", fix, expect=dict, required=tuple(STATE_KEYS))
     for key, kind in STATE_KEYS.items():
         if not isinstance(state[key], kind) or isinstance(state[key], bool):
-            raise FinetuneError(f"checkpoint file {path} holds {key!r} as a JSON {type(state[key]).__name__}, "
-                                f"expected {'an object' if kind is dict else 'an integer'}; {fix}")
+            raise FinetuneError(
+                f"checkpoint file {path} holds {key!r} as a JSON {type(state[key]).__name__}, "
+                f"expected {'an object' if kind is dict else 'an integer'}; {fix}"
+            )
     if not all(isinstance(state["config"].get(section), dict) for section in ("model", "data", "train")):
         raise FinetuneError(f"checkpoint file {path} lacks the model, data and train sections of its 'config'; {fix}")
     return state
@@ -445,15 +468,30 @@ DATA_KEY_NAMES = {
 }
 # Settings a resume cannot honour: the checkpoint carries the old value with it.
 REFUSED_ON_RESUME = {
-    ("train", "optimizer"): ("--optimizer", "the checkpoint's optimizer state belongs to the optimizer it was saved with"),
+    ("train", "optimizer"): (
+        "--optimizer",
+        "the checkpoint's optimizer state belongs to the optimizer it was saved with",
+    ),
     ("model", "lora_alpha"): ("--lora-alpha", "the adapter keeps the scale it was saved with"),
     ("model", "lora_dropout"): ("--lora-dropout", "the adapter keeps the dropout it was saved with"),
-    ("train", "freeze_layers"): ("--freeze-layers", "the checkpoint's optimizer state covers the parameters trained so far"),
-    ("train", "train_only_blocks"): ("--train-only-blocks", "the checkpoint's optimizer state covers the parameters trained so far"),
+    ("train", "freeze_layers"): (
+        "--freeze-layers",
+        "the checkpoint's optimizer state covers the parameters trained so far",
+    ),
+    ("train", "train_only_blocks"): (
+        "--train-only-blocks",
+        "the checkpoint's optimizer state covers the parameters trained so far",
+    ),
 }
 # Where the run and its data live, and how this command was asked to start: not the experiment.
-IGNORED_ON_RESUME = {("train", "overwrite"), ("train", "resume"), ("train", "run_name"), ("train", "runs_dir"),
-                     ("data", "paths"), ("data", "cache_dir")}
+IGNORED_ON_RESUME = {
+    ("train", "overwrite"),
+    ("train", "resume"),
+    ("train", "run_name"),
+    ("train", "runs_dir"),
+    ("data", "paths"),
+    ("data", "cache_dir"),
+}
 
 
 def refuse_changed_settings(saved: dict, current: dict) -> None:
@@ -509,13 +547,17 @@ def find_run(runs_dir: str, name: Optional[str], other_sources: str = "pass --ch
         return run_dir
     runs = [p for p in root.iterdir() if p.is_dir() and list_checkpoints(p)] if root.is_dir() else []
     if not runs:
-        raise FinetuneError(f"no trained runs in {root}/; train one with `finetune train DATA`, point --runs-dir at "
-                            f"the directory holding your runs, or {other_sources}")
+        raise FinetuneError(
+            f"no trained runs in {root}/; train one with `finetune train DATA`, point --runs-dir at "
+            f"the directory holding your runs, or {other_sources}"
+        )
     return max(runs, key=lambda p: (p / "latest").stat().st_mtime if (p / "latest").exists() else p.stat().st_mtime)
 
 
 def checkpoint_for_run(run_dir: Path) -> Path:
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
-        raise FinetuneError(f"run '{run_dir.name}' has no checkpoint yet; let training reach --save-every steps, or finish")
+        raise FinetuneError(
+            f"run '{run_dir.name}' has no checkpoint yet; let training reach --save-every steps, or finish"
+        )
     return checkpoint

@@ -30,7 +30,9 @@ def _quiet_libraries() -> None:
     """
     warnings.showwarning = lambda message, category, *args, **kwargs: _echo_err(f"warning: {message}")
     warnings.filterwarnings("ignore", module=r"(torch|accelerate|onnxscript|onnx_ir|onnxruntime|transformers)(\..*)?")
-    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*treespec.*")  # torch.export's pytree, raised via copyreg
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning, message=r".*treespec.*"
+    )  # torch.export's pytree, raised via copyreg
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -122,11 +124,25 @@ DATA_OPTIONS = [
     click.option("--line-by-line/--no-line-by-line", default=None, help="Each non-empty line is a document."),
     click.option("--val-fraction", type=float, help="Share of blocks held out for validation.  [default: 0.05]"),
     click.option("--encoding", help="Text encoding of the data files.  [default: utf-8]"),
-    click.option("--format", "format", type=click.Choice(["text", "csv", "tsv", "jsonl", "json", "parquet", "arrow"]), help="Data format.  [default: from the file extension]"),
-    click.option("--text-field", "--text-column", "text_field", help="Field/column with the text of plain records.  [default: text]"),
-    click.option("--dataset", "datasets", multiple=True, help="A Hugging Face Hub dataset id (needs network); repeatable."),
+    click.option(
+        "--format",
+        "format",
+        type=click.Choice(["text", "csv", "tsv", "jsonl", "json", "parquet", "arrow"]),
+        help="Data format.  [default: from the file extension]",
+    ),
+    click.option(
+        "--text-field",
+        "--text-column",
+        "text_field",
+        help="Field/column with the text of plain records.  [default: text]",
+    ),
+    click.option(
+        "--dataset", "datasets", multiple=True, help="A Hugging Face Hub dataset id (needs network); repeatable."
+    ),
     click.option("--split", help="Split of --dataset and of saved DatasetDicts.  [default: train]"),
-    click.option("--skip-bad-rows", is_flag=True, default=None, help="Skip (and count) malformed CSV rows / JSON lines."),
+    click.option(
+        "--skip-bad-rows", is_flag=True, default=None, help="Skip (and count) malformed CSV rows / JSON lines."
+    ),
     click.option("--cache-dir", help="Tokenized-data cache.  [default: $FINETUNE_CACHE or ~/.cache/finetune]"),
 ]
 
@@ -140,7 +156,9 @@ def data_options(command):
 @main.command(context_settings={"show_default": True})
 @click.argument("data", nargs=-1)
 @data_options
-@click.option("--model", "-m", help="Hub id, local model directory, or a from-scratch preset: tiny, tiny-llama.  [default: gpt2]")
+@click.option(
+    "--model", "-m", help="Hub id, local model directory, or a from-scratch preset: tiny, tiny-llama.  [default: gpt2]"
+)
 @click.option("--config", "config_file", help="YAML config file, or a preset name from configs/ (tiny, gpt2, gpu).")
 @click.option("--run-name", help="Name of the run under --runs-dir.  [default: the first data file's name]")
 @click.option("--runs-dir", help="Directory holding all runs.  [default: runs]")
@@ -150,18 +168,29 @@ def data_options(command):
 @click.option("--grad-accum", type=int, help="Micro-steps per optimizer step.  [default: 1]")
 @click.option("--lr", type=float, help="Peak learning rate.  [default: 1e-4; 1e-3 with --lora; 2e-3 for tiny]")
 @click.option("--warmup", type=float, help="Warmup: a fraction of steps if < 1, else a step count.  [default: 0.02]")
-@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), help="LR decay after warmup.  [default: cosine]")
+@click.option(
+    "--schedule", type=click.Choice(["cosine", "linear", "constant"]), help="LR decay after warmup.  [default: cosine]"
+)
 @click.option("--weight-decay", type=float, help="AdamW weight decay (never on biases/norms).  [default: 0.01]")
 @click.option("--max-grad-norm", type=float, help="Gradient clipping norm; 0 disables.  [default: 1.0]")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), help="auto: bf16 (or fp16) on GPU, fp32 on CPU.  [default: auto]")
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+    help="auto: bf16 (or fp16) on GPU, fp32 on CPU.  [default: auto]",
+)
 @click.option("--val-file", help="A separate validation text file (instead of --val-fraction).")
 @click.option("--eval-every", type=int, help="Steps between validation passes; 0 disables.  [default: 100]")
-@click.option("--sample-every", type=int, help="Steps between samples written to the run's samples/; 0 disables.  [default: 200]")
+@click.option(
+    "--sample-every", type=int, help="Steps between samples written to the run's samples/; 0 disables.  [default: 200]"
+)
 @click.option("--save-every", type=int, help="Steps between checkpoints; 0 saves only at the end.  [default: 500]")
 @click.option("--log-every", type=int, help="Steps between metrics.jsonl entries.  [default: 10]")
 @click.option("--keep", type=int, help="Checkpoints kept (the newest).  [default: 3]")
 @click.option("--seed", type=int, help="Random seed (data order, init, samples).  [default: 42]")
-@click.option("--resume", help="For an existing run: latest (continue it), fresh (start over; needs --overwrite if it has checkpoints) or a checkpoint directory.  [default: latest]")
+@click.option(
+    "--resume",
+    help="For an existing run: latest (continue it), fresh (start over; needs --overwrite if it has checkpoints) or a checkpoint directory.  [default: latest]",
+)
 @click.option("--overwrite", is_flag=True, default=None, help="Delete an existing run of the same name and start over.")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow model code from the hub repo to run.")
 @click.option("--lora", is_flag=True, default=None, help="Train LoRA adapters (peft) instead of all weights.")
@@ -171,16 +200,37 @@ def data_options(command):
 @click.option("--lora-targets", help="Comma-separated layer names to adapt.  [default: per architecture]")
 @click.option("--load-in-4bit", is_flag=True, default=None, help="QLoRA: 4-bit base weights (CUDA + bitsandbytes).")
 @click.option("--optimizer", type=click.Choice(["adamw", "adamw8bit", "adafactor", "sgd"]), help="[default: adamw]")
-@click.option("--gradient-checkpointing", is_flag=True, default=None, help="Recompute activations: less memory, ~30% slower.")
-@click.option("--compile/--no-compile", "compile", default=None, help="torch.compile the model.  [default: on with CUDA]")
+@click.option(
+    "--gradient-checkpointing", is_flag=True, default=None, help="Recompute activations: less memory, ~30% slower."
+)
+@click.option(
+    "--compile/--no-compile", "compile", default=None, help="torch.compile the model.  [default: on with CUDA]"
+)
 @click.option("--tf32/--no-tf32", default=None, help="TF32 matmuls on Ampere+ GPUs.  [default: on]")
-@click.option("--fused-loss/--no-fused-loss", default=None, help="Chunked cross-entropy, no full fp32 logits.  [default: on with CUDA]")
-@click.option("--pad-vocab/--no-pad-vocab", default=None, help="Pad embeddings to a multiple of 64.  [default: on with CUDA]")
-@click.option("--cpu-kernels/--no-cpu-kernels", default=None, help="Faster GELU, dropout and attention kernels on CPU.  [default: on without CUDA]")
+@click.option(
+    "--fused-loss/--no-fused-loss",
+    default=None,
+    help="Chunked cross-entropy, no full fp32 logits.  [default: on with CUDA]",
+)
+@click.option(
+    "--pad-vocab/--no-pad-vocab", default=None, help="Pad embeddings to a multiple of 64.  [default: on with CUDA]"
+)
+@click.option(
+    "--cpu-kernels/--no-cpu-kernels",
+    default=None,
+    help="Faster GELU, dropout and attention kernels on CPU.  [default: on without CUDA]",
+)
 @click.option("--loss-sync-every", type=int, help="Read the loss back every N steps.  [default: 1 on CPU, 10 on CUDA]")
 @click.option("--freeze-layers", type=int, help="Freeze the embeddings and the first N transformer blocks.")
-@click.option("--train-only-blocks", is_flag=True, default=None, help="Train only the transformer blocks (gpt-2-simple's only_train_transformer_layers).")
-@click.option("--dry-run", is_flag=True, help="Print parameters, effective batch and estimated memory per device; train nothing.")
+@click.option(
+    "--train-only-blocks",
+    is_flag=True,
+    default=None,
+    help="Train only the transformer blocks (gpt-2-simple's only_train_transformer_layers).",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Print parameters, effective batch and estimated memory per device; train nothing."
+)
 @click.option("--num-processes", type=int, help="Launch this many training processes through accelerate (one per GPU).")
 @click.option("--accelerate-config", help="Launch through accelerate with this config file (see configs/accelerate/).")
 def train(data, config_file, dry_run, num_processes, accelerate_config, **flags):
@@ -268,9 +318,8 @@ def _command_line(name: str, arguments: list[str], options: dict) -> str:
 
 
 def _read_prompt_file(path: str) -> list[str]:
-    from finetune.generation import SAMPLE_DELIMITER
-
     from finetune.files import read_text
+    from finetune.generation import SAMPLE_DELIMITER
 
     text = read_text(path, "prompt file", "convert it to UTF-8 text")
     # Prompts are separated by delimiter lines, wherever they are (first or last line included).
@@ -284,7 +333,9 @@ def _read_prompt_file(path: str) -> list[str]:
     chunks.append(current)
     prompts = ["\n".join(chunk).strip("\n") for chunk in chunks if "".join(chunk).strip()]
     if not prompts:
-        raise FinetuneError(f"prompt file '{path}' is empty; write one prompt (or several, separated by {SAMPLE_DELIMITER} lines)")
+        raise FinetuneError(
+            f"prompt file '{path}' is empty; write one prompt (or several, separated by {SAMPLE_DELIMITER} lines)"
+        )
     return prompts
 
 
@@ -307,8 +358,14 @@ def _read_prompt_file(path: str) -> list[str]:
 @click.option("--stop", multiple=True, help="Cut each sample at this string; repeatable.")
 @click.option("--include-prompt/--no-include-prompt", default=True, help="Start each sample with its prompt.")
 @click.option("--output", "-o", help="Append samples to this file (separated by ==================== lines).")
-@click.option("--stream/--no-stream", default=None, help="Print tokens as they arrive.  [default: when one sample is asked for]")
-@click.option("--static-cache/--no-static-cache", default=None, help="Static KV cache with compiled decoding.  [default: on with CUDA]")
+@click.option(
+    "--stream/--no-stream", default=None, help="Print tokens as they arrive.  [default: when one sample is asked for]"
+)
+@click.option(
+    "--static-cache/--no-static-cache",
+    default=None,
+    help="Static KV cache with compiled decoding.  [default: on with CUDA]",
+)
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub repo to run.")
 def generate(run, checkpoint, model, onnx_dir, runs_dir, prompts, prompt_file, trust_remote_code, **options):
     """Generate text from a trained run, a checkpoint or a model.
@@ -330,8 +387,13 @@ def generate(run, checkpoint, model, onnx_dir, runs_dir, prompts, prompt_file, t
     options["prompts"] = all_prompts or [""]
     output = options.get("output")
     texts = api_generate(
-        run=run, checkpoint=checkpoint, model=model, onnx=onnx_dir, runs_dir=runs_dir,
-        trust_remote_code=trust_remote_code, **options,
+        run=run,
+        checkpoint=checkpoint,
+        model=model,
+        onnx=onnx_dir,
+        runs_dir=runs_dir,
+        trust_remote_code=trust_remote_code,
+        **options,
     )
     streamed = options["stream"] if options["stream"] is not None else len(texts) == 1
     if output:
@@ -342,17 +404,32 @@ def generate(run, checkpoint, model, onnx_dir, runs_dir, prompts, prompt_file, t
             click.echo(SAMPLE_DELIMITER)
 
 
-
 @main.command(context_settings={"show_default": True})
 @click.option("--run", help="Export this run's latest checkpoint.  [default: the most recent run]")
 @click.option("--checkpoint", help="Export this checkpoint directory instead.")
-@click.option("--format", "fmt", type=click.Choice(["safetensors", "onnx"]), default="safetensors", help="Hugging Face directory, or ONNX with a KV cache.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["safetensors", "onnx"]),
+    default="safetensors",
+    help="Hugging Face directory, or ONNX with a KV cache.",
+)
 @click.option("--output", "-o", help="Output directory.  [default: exports/<run>-<format>]")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", help="Weight precision (ONNX: fp32 or fp16).")
-@click.option("--quantize", type=click.Choice(["int8"]), help="ONNX only: int8 weights (about 1/3 the size, 2-3x faster on CPU).")
-@click.option("--optimize/--no-optimize", default=True,
-              help="ONNX only: fuse attention, layer norms and GELU into ONNX Runtime's operators (faster); "
-                   "--no-optimize keeps standard ONNX operators, for other runtimes.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "fp16", "bf16"]),
+    default="fp32",
+    help="Weight precision (ONNX: fp32 or fp16).",
+)
+@click.option(
+    "--quantize", type=click.Choice(["int8"]), help="ONNX only: int8 weights (about 1/3 the size, 2-3x faster on CPU)."
+)
+@click.option(
+    "--optimize/--no-optimize",
+    default=True,
+    help="ONNX only: fuse attention, layer norms and GELU into ONNX Runtime's operators (faster); "
+    "--no-optimize keeps standard ONNX operators, for other runtimes.",
+)
 @click.option("--verify/--no-verify", default=True, help="Check the export against PyTorch (logits and greedy tokens).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--runs-dir", default="runs", help="Directory holding all runs.")
@@ -368,8 +445,19 @@ def export(run, checkpoint, fmt, output, dtype, quantize, optimize, verify, over
     _quiet_libraries()
     from finetune.api import export as api_export
 
-    api_export(run=run, checkpoint=checkpoint, format=fmt, output=output, dtype=dtype, quantize=quantize,
-               optimize=optimize, verify=verify, overwrite=overwrite, runs_dir=runs_dir, log=_echo_err)
+    api_export(
+        run=run,
+        checkpoint=checkpoint,
+        format=fmt,
+        output=output,
+        dtype=dtype,
+        quantize=quantize,
+        optimize=optimize,
+        verify=verify,
+        overwrite=overwrite,
+        runs_dir=runs_dir,
+        log=_echo_err,
+    )
 
 
 if __name__ == "__main__":

@@ -109,7 +109,9 @@ class TrainConfig:
     tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
     fused_loss: Optional[bool] = None  # chunked cross-entropy (no full fp32 logits); None: on with CUDA
     pad_vocab: Optional[bool] = None  # pad embeddings to a multiple of 64 (for tensor cores); None: on with CUDA
-    cpu_kernels: Optional[bool] = None  # GELU, dropout, attention and allocator fast paths (cpu_speed.py); None: on without CUDA
+    cpu_kernels: Optional[bool] = (
+        None  # GELU, dropout, attention and allocator fast paths (cpu_speed.py); None: on without CUDA
+    )
     loss_sync_every: Optional[int] = None  # read the loss back to the host every N steps; None: 1 on CPU, 10 on CUDA
     freeze_layers: int = 0  # freeze the embeddings and the first N transformer blocks
     train_only_blocks: bool = False  # train transformer blocks only (gpt-2-simple's only_train_transformer_layers)
@@ -237,8 +239,7 @@ def apply_layer(cfg: RunConfig, layer: dict[str, Any], origin: str) -> None:
             close = difflib.get_close_matches(str(section), SECTIONS, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise FinetuneError(
-                f"unknown config section '{section}' in {origin}{hint}; "
-                f"sections are: {', '.join(SECTIONS)}"
+                f"unknown config section '{section}' in {origin}{hint}; sections are: {', '.join(SECTIONS)}"
             )
         if values is None:
             continue
@@ -310,9 +311,11 @@ def resolve_run_config(
     # preset's or a config file's warmup with a shorter --steps is a quick trial run: it stays.)
     if "warmup" in overrides.get("train", {}):
         t = cfg.train
-        _require(t.steps is None or t.warmup < 1 or t.warmup < t.steps,
-                 f"train.warmup (--warmup) of {t.warmup:g} steps is not shorter than the {t.steps} training steps, so "
-                 f"the learning rate would never reach --lr; use a fraction such as 0.02, or fewer warmup steps")
+        _require(
+            t.steps is None or t.warmup < 1 or t.warmup < t.steps,
+            f"train.warmup (--warmup) of {t.warmup:g} steps is not shorter than the {t.steps} training steps, so "
+            f"the learning rate would never reach --lr; use a fraction such as 0.02, or fewer warmup steps",
+        )
     return cfg
 
 
@@ -324,9 +327,14 @@ def _require(ok: bool, message: str) -> None:
 def validate_run_config(cfg: RunConfig) -> None:
     """Range checks that types alone cannot express; each names the key and the fix."""
     d, t = cfg.data, cfg.train
-    _require(bool(d.paths) or bool(d.datasets), "no training data given; pass one or more files, directories or globs (or --dataset NAME)")
-    _require(d.format in (None, "text", "csv", "tsv", "jsonl", "json", "parquet", "arrow"),
-             "data.format (--format) must be one of text, csv, tsv, jsonl, json, parquet, arrow")
+    _require(
+        bool(d.paths) or bool(d.datasets),
+        "no training data given; pass one or more files, directories or globs (or --dataset NAME)",
+    )
+    _require(
+        d.format in (None, "text", "csv", "tsv", "jsonl", "json", "parquet", "arrow"),
+        "data.format (--format) must be one of text, csv, tsv, jsonl, json, parquet, arrow",
+    )
     _require(d.block_size is None or d.block_size >= 2, "data.block_size (--block-size) must be at least 2")
     _require(0 <= d.val_fraction < 1, "data.val_fraction (--val-fraction) must be in [0, 1), e.g. 0.05")
     _require(t.steps is None or t.steps >= 1, "train.steps (--steps) must be at least 1")
@@ -343,15 +351,20 @@ def validate_run_config(cfg: RunConfig) -> None:
     _require(t.eval_batches >= 1, "train.eval_batches must be at least 1")
     _require(t.keep >= 1, "train.keep (--keep) must be at least 1")
     _require(t.log_every >= 1, "train.log_every (--log-every) must be at least 1")
-    _require(t.loss_sync_every is None or t.loss_sync_every >= 1, "train.loss_sync_every (--loss-sync-every) must be at least 1")
+    _require(
+        t.loss_sync_every is None or t.loss_sync_every >= 1,
+        "train.loss_sync_every (--loss-sync-every) must be at least 1",
+    )
     _require(t.freeze_layers >= 0, "train.freeze_layers (--freeze-layers) must be >= 0")
     m = cfg.model
     _require(m.lora_r >= 1, "model.lora_r (--lora-r) must be at least 1")
     _require(m.lora_alpha >= 1, "model.lora_alpha (--lora-alpha) must be at least 1")
     _require(0 <= m.lora_dropout < 1, "model.lora_dropout (--lora-dropout) must be in [0, 1)")
     _require(not m.load_in_4bit or m.lora, "--load-in-4bit (QLoRA) trains adapters only: add --lora")
-    _require(not (m.lora and (t.freeze_layers or t.train_only_blocks)),
-             "--lora already freezes the base model; drop --freeze-layers / --train-only-blocks")
+    _require(
+        not (m.lora and (t.freeze_layers or t.train_only_blocks)),
+        "--lora already freezes the base model; drop --freeze-layers / --train-only-blocks",
+    )
     if t.run_name is not None:
         _require(
             t.run_name not in ("", ".", "..") and "/" not in t.run_name and "\\" not in t.run_name,

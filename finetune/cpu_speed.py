@@ -131,7 +131,8 @@ def apply(model) -> list[str]:
                 swapped.add("dropout")
     config = getattr(model, "config", None)
     if (
-        config is not None and getattr(config, "model_type", None) in PLAIN_ATTENTION_ARCHITECTURES
+        config is not None
+        and getattr(config, "model_type", None) in PLAIN_ATTENTION_ARCHITECTURES
         and getattr(config, "_attn_implementation", None) == "sdpa"
         and any(getattr(config, key, 0) for key in ("attn_pdrop", "attention_dropout"))
     ):

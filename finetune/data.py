@@ -18,9 +18,10 @@ import shutil
 import stat
 import warnings
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -30,7 +31,15 @@ from finetune.files import fsync_tree, os_error, os_error_reason, read_json, rea
 from finetune.reading import RULES_VERSION as READING_RULES
 from finetune.reading import Piece, check_encoding, iter_pieces
 from finetune.records import (
-    SUFFIX_FORMATS, BadRows, Source, check_signature, detect_format, is_saved_dataset, iter_rows, record_kind, validate_messages,
+    SUFFIX_FORMATS,
+    BadRows,
+    Source,
+    check_signature,
+    detect_format,
+    is_saved_dataset,
+    iter_rows,
+    record_kind,
+    validate_messages,
 )
 
 PREPARED_MANIFEST = "finetune_prepared.json"  # marks a `finetune prepare` output directory
@@ -80,7 +89,9 @@ def resolve_files(paths: Iterable[str]) -> list[Path]:
             raise FinetuneError(f"data file '{path}' is empty; add text to it or leave it out")
     prepared = [p for p in unique if is_prepared_dir(p)]
     if prepared and len(unique) > 1:
-        raise FinetuneError(f"{prepared[0]} is a `finetune prepare` directory: train on it alone, or prepare all the data together")
+        raise FinetuneError(
+            f"{prepared[0]} is a `finetune prepare` directory: train on it alone, or prepare all the data together"
+        )
     return unique
 
 
@@ -112,8 +123,10 @@ def _expand(raw: str) -> list[Path]:
 
     if is_run_dir(path) or is_checkpoint_dir(path):
         kind = "a run directory" if is_run_dir(path) else "a checkpoint"
-        raise FinetuneError(f"'{raw}' is {kind}, not training data; point at your data files (a run continues "
-                            f"by running its `finetune train` command again, or with --resume)")
+        raise FinetuneError(
+            f"'{raw}' is {kind}, not training data; point at your data files (a run continues "
+            f"by running its `finetune train` command again, or with --resume)"
+        )
     if is_saved_dataset(path):
         return [path]  # a datasets.save_to_disk directory is one input
     return _data_files_in(path, raw)
@@ -121,6 +134,7 @@ def _expand(raw: str) -> list[Path]:
 
 def _data_files_in(directory: Path, raw: str) -> list[Path]:
     """The files under `directory` whose suffix names a data format, sorted; links followed once."""
+
     def fail(exc: OSError):
         raise os_error(exc.filename, exc, "data directory")
 
@@ -133,7 +147,9 @@ def _data_files_in(directory: Path, raw: str) -> list[Path]:
         seen.add(real)
         found += [Path(root, name) for name in names if Path(name).suffix.lower() in SUFFIX_FORMATS]
     if not found:
-        raise FinetuneError(f"directory '{raw}' holds no data files ({', '.join(sorted(SUFFIX_FORMATS))}); point at your files")
+        raise FinetuneError(
+            f"directory '{raw}' holds no data files ({', '.join(sorted(SUFFIX_FORMATS))}); point at your files"
+        )
     found.sort()
     for path in found:
         require_regular_file(path, DATA_FILE)
@@ -258,7 +274,9 @@ def _worker_init(spec: str) -> None:
 
 
 def _worker_encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    encoded = [np.asarray(e.ids, dtype=np.uint32) for e in _worker_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    encoded = [
+        np.asarray(e.ids, dtype=np.uint32) for e in _worker_tokenizer.encode_batch(texts, add_special_tokens=False)
+    ]
     lengths = np.array([len(ids) for ids in encoded], dtype=np.int64)
     return (np.concatenate(encoded) if encoded else np.zeros(0, np.uint32)), lengths
 
@@ -269,7 +287,10 @@ def _encoded_batches(batches: Iterator[list[Piece]], tokenizer, workers: int) ->
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if workers <= 1 or backend is None:
         for batch in batches:
-            yield batch, tokenizer([p.text for p in batch], add_special_tokens=False, return_attention_mask=False)["input_ids"]
+            yield (
+                batch,
+                tokenizer([p.text for p in batch], add_special_tokens=False, return_attention_mask=False)["input_ids"],
+            )
         return
     import multiprocessing
     from collections import deque
@@ -304,12 +325,20 @@ def progress_bar(total: Optional[int], desc: str, size: int, unit: str = "B"):
     """A tqdm bar on stderr for a step over `size` bytes of data; none when that takes only seconds."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=False, dynamic_ncols=True,
-                disable=size < PROGRESS_MIN_BYTES)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=True,
+        leave=False,
+        dynamic_ncols=True,
+        disable=size < PROGRESS_MIN_BYTES,
+    )
 
 
-def tokenize_to_file(pieces: Iterable[Piece], tokenizer, out_path: Path, dtype, workers: int = 1,
-                     size: int = 0) -> tuple[int, int]:
+def tokenize_to_file(
+    pieces: Iterable[Piece], tokenizer, out_path: Path, dtype, workers: int = 1, size: int = 0
+) -> tuple[int, int]:
     """Stream document pieces through the tokenizer into a raw binary file of ids; returns (documents, tokens).
 
     `size`, the data's bytes, sizes the progress bar (characters read stand in for bytes)."""
@@ -344,8 +373,15 @@ def _val_block_indices(n_blocks: int, val_fraction: float) -> np.ndarray:
     return np.floor((np.arange(n_val) + 0.5) * stride).astype(np.int64)
 
 
-def documents_key(files: list[Path], hub, data_format: Optional[str], text_field: str, eos_string: str,
-                  line_by_line: bool, encoding: str) -> dict:
+def documents_key(
+    files: list[Path],
+    hub,
+    data_format: Optional[str],
+    text_field: str,
+    eos_string: str,
+    line_by_line: bool,
+    encoding: str,
+) -> dict:
     """Everything that decides the documents read from the data (so also a tokenizer learned from them).
 
     The format is the one each file is read as, not only --format: the same bytes named .txt and
@@ -365,10 +401,21 @@ def documents_key(files: list[Path], hub, data_format: Optional[str], text_field
     }
 
 
-def cache_key(files: list[Path], tokenizer, block_size: int, *, line_by_line: bool = False, val_fraction: float = 0.05,
-              val_files: Optional[list[Path]] = None, eos_string: str = "<|endoftext|>", encoding: str = "utf-8",
-              text_field: str = "text", data_format: Optional[str] = None, skip_bad_rows: bool = False,
-              hub: tuple = ()) -> dict:
+def cache_key(
+    files: list[Path],
+    tokenizer,
+    block_size: int,
+    *,
+    line_by_line: bool = False,
+    val_fraction: float = 0.05,
+    val_files: Optional[list[Path]] = None,
+    eos_string: str = "<|endoftext|>",
+    encoding: str = "utf-8",
+    text_field: str = "text",
+    data_format: Optional[str] = None,
+    skip_bad_rows: bool = False,
+    hub: tuple = (),
+) -> dict:
     """What the token cache entry is named by: the documents, the tokenizer and the way they are cut.
 
     The names of checkpoint.DATA_KEY_NAMES keep their meaning, so a run resumes across versions.
@@ -428,21 +475,48 @@ def prepare_data(
 ) -> PreparedData:
     """Tokenize (or load from the cache) and split into train/validation blocks."""
     if tokenizer.eos_token_id is None:
-        raise FinetuneError("the tokenizer has no EOS token, so documents cannot be separated; use a tokenizer with one")
+        raise FinetuneError(
+            "the tokenizer has no EOS token, so documents cannot be separated; use a tokenizer with one"
+        )
     summary = describe_files(files)
     if summary:
         log(summary)
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
-    key = cache_key(files, tokenizer, block_size, line_by_line=line_by_line, val_fraction=val_fraction, val_files=val_files,
-                    eos_string=eos_string, encoding=encoding, text_field=text_field, data_format=data_format,
-                    skip_bad_rows=skip_bad_rows, hub=hub)
+    key = cache_key(
+        files,
+        tokenizer,
+        block_size,
+        line_by_line=line_by_line,
+        val_fraction=val_fraction,
+        val_files=val_files,
+        eos_string=eos_string,
+        encoding=encoding,
+        text_field=text_field,
+        data_format=data_format,
+        skip_bad_rows=skip_bad_rows,
+        hub=hub,
+    )
     encoding = key["encoding"]
     root = cache_root(cache_dir) / "data"
     target = root / fingerprint(key)
 
     def fill(out: Path) -> None:
-        meta = _build_cache(files, val_files, tokenizer, block_size, line_by_line, val_fraction, eos_string, encoding,
-                            dtype, out, text_field, data_format, skip_bad_rows, hub)
+        meta = _build_cache(
+            files,
+            val_files,
+            tokenizer,
+            block_size,
+            line_by_line,
+            val_fraction,
+            eos_string,
+            encoding,
+            dtype,
+            out,
+            text_field,
+            data_format,
+            skip_bad_rows,
+            hub,
+        )
         (out / "meta.json").write_text(json.dumps({**meta, "key": key}, indent=1))
 
     try:
@@ -498,7 +572,9 @@ def write_entry(target: Path, fill) -> None:
 
 
 def _sources(files: list[Path], hub: list[tuple[str, str]], data_format: Optional[str]) -> list[Source]:
-    return [Source(str(p), detect_format(p, data_format)) for p in files] + [Source(name, "hub", split) for name, split in hub]
+    return [Source(str(p), detect_format(p, data_format)) for p in files] + [
+        Source(name, "hub", split) for name, split in hub
+    ]
 
 
 def data_mode(sources: list[Source], text_field: str, encoding: str) -> tuple[str, bool]:
@@ -518,7 +594,9 @@ def _pieces(sources: list[Source], opts: dict, split_long: bool, bad: BadRows) -
     """Documents for packing: text files, and the text field of structured records."""
     for source in sources:
         if source.format == "text":
-            yield from iter_pieces([Path(source.path)], opts["eos_string"], opts["line_by_line"], opts["encoding"], split_long)
+            yield from iter_pieces(
+                [Path(source.path)], opts["eos_string"], opts["line_by_line"], opts["encoding"], split_long
+            )
             continue
         for where, record in iter_rows(source, opts["encoding"], bad):
             record_kind(record, opts["text_field"], where)
@@ -550,8 +628,15 @@ def _examples(sources: list[Source], opts: dict, tokenizer, bad: BadRows) -> Ite
                 yield sft.text_example(tokenizer, record[opts["text_field"]].strip())
 
 
-def training_texts(files: list[Path], hub: list[tuple[str, str]], data_format: Optional[str], text_field: str,
-                   eos_string: str, line_by_line: bool, encoding: str) -> Iterator[str]:
+def training_texts(
+    files: list[Path],
+    hub: list[tuple[str, str]],
+    data_format: Optional[str],
+    text_field: str,
+    eos_string: str,
+    line_by_line: bool,
+    encoding: str,
+) -> Iterator[str]:
     """The words in the data (text, prompts, completions, messages), e.g. to learn a tokenizer from."""
     for source in _sources(files, hub, data_format):
         if source.format == "text":
@@ -570,8 +655,11 @@ def training_texts(files: list[Path], hub: list[tuple[str, str]], data_format: O
 def _build_supervised(sources, opts, tokenizer, block_size, val_fraction, dtype, out: Path, bad: BadRows) -> dict:
     offsets, truncated, emptied, n_tokens, n_learned = [0], 0, 0, 0, 0
     size = data_bytes([Path(s.path) for s in sources])
-    with open(out / "tokens.bin", "wb") as tokens, open(out / "mask.bin", "wb") as masks, \
-            progress_bar(None, "tokenizing", size, unit=" examples") as bar:
+    with (
+        open(out / "tokens.bin", "wb") as tokens,
+        open(out / "mask.bin", "wb") as masks,
+        progress_bar(None, "tokenizing", size, unit=" examples") as bar,
+    ):
         for ids, mask in _examples(sources, opts, tokenizer, bad):
             bar.update()
             if len(ids) > block_size:  # never dropped silently: counted and reported
@@ -587,20 +675,44 @@ def _build_supervised(sources, opts, tokenizer, block_size, val_fraction, dtype,
             offsets.append(n_tokens)
     n_examples = len(offsets) - 1
     if n_examples == 0 and emptied:
-        raise FinetuneError(f"truncation at --block-size {block_size} removed every learned token of all {emptied} examples; raise --block-size")
+        raise FinetuneError(
+            f"truncation at --block-size {block_size} removed every learned token of all {emptied} examples; raise --block-size"
+        )
     if n_examples == 0:
         raise FinetuneError("the data holds no usable examples; check the prompt/completion or messages fields")
     np.save(out / "offsets.npy", np.asarray(offsets, dtype=np.int64))
     val_idx = _val_block_indices(n_examples, val_fraction)
     np.save(out / "val_index.npy", val_idx)
     np.save(out / "train_index.npy", np.setdiff1d(np.arange(n_examples, dtype=np.int64), val_idx))
-    return {"mode": "supervised", "num_documents": n_examples, "num_tokens": n_tokens, "learned_tokens": n_learned,
-            "truncated": truncated, "emptied": emptied, "block_size": block_size, "requested_block_size": block_size, "num_blocks": n_examples}
+    return {
+        "mode": "supervised",
+        "num_documents": n_examples,
+        "num_tokens": n_tokens,
+        "learned_tokens": n_learned,
+        "truncated": truncated,
+        "emptied": emptied,
+        "block_size": block_size,
+        "requested_block_size": block_size,
+        "num_blocks": n_examples,
+    }
 
 
-def _build_cache(files, val_files, tokenizer, block_size, line_by_line, val_fraction, eos_string, encoding, dtype, out: Path,
-                 text_field: str = "text", data_format: Optional[str] = None, skip_bad_rows: bool = False,
-                 hub: tuple = ()) -> dict:
+def _build_cache(
+    files,
+    val_files,
+    tokenizer,
+    block_size,
+    line_by_line,
+    val_fraction,
+    eos_string,
+    encoding,
+    dtype,
+    out: Path,
+    text_field: str = "text",
+    data_format: Optional[str] = None,
+    skip_bad_rows: bool = False,
+    hub: tuple = (),
+) -> dict:
     opts = dict(eos_string=eos_string, line_by_line=line_by_line, encoding=encoding, text_field=text_field)
     sources = _sources(files, list(hub), data_format)
     mode, has_chat = data_mode(sources, text_field, encoding)
@@ -612,8 +724,14 @@ def _build_cache(files, val_files, tokenizer, block_size, line_by_line, val_frac
         meta.update(dtype=np.dtype(dtype).name, chat=has_chat, bad_rows=bad.count)
         return meta
     split_long = _is_byte_level(tokenizer)
-    n_docs, n_tokens = tokenize_to_file(_pieces(sources, opts, split_long, bad), tokenizer, out / "tokens.bin", dtype,
-                                        workers=default_workers(files), size=data_bytes(files))
+    n_docs, n_tokens = tokenize_to_file(
+        _pieces(sources, opts, split_long, bad),
+        tokenizer,
+        out / "tokens.bin",
+        dtype,
+        workers=default_workers(files),
+        size=data_bytes(files),
+    )
     if n_tokens < 2:
         raise FinetuneError("the training data holds fewer than 2 tokens; add more text")
     effective_block = block_size
@@ -633,7 +751,9 @@ def _build_cache(files, val_files, tokenizer, block_size, line_by_line, val_frac
     }
     if val_files:
         val_sources = _sources(val_files, [], data_format)
-        _, n_val_tokens = tokenize_to_file(_pieces(val_sources, opts, split_long, bad), tokenizer, out / "val_tokens.bin", dtype)
+        _, n_val_tokens = tokenize_to_file(
+            _pieces(val_sources, opts, split_long, bad), tokenizer, out / "val_tokens.bin", dtype
+        )
         val_idx = np.zeros(0, dtype=np.int64)
         meta["val_num_tokens"] = n_val_tokens
         train_idx = np.arange(n_blocks, dtype=np.int64)
@@ -664,8 +784,12 @@ def _read_meta(target: Path, what: str, fix: str) -> dict:
     required = SUPERVISED_KEYS if mode == "supervised" else PACKED_KEYS
     missing = [k for k in required if k not in meta]
     counts = [meta[k] for k in ("num_documents", "num_tokens", "block_size", "num_blocks")]
-    if (mode not in ("packed", "supervised") or missing or meta["dtype"] not in ("uint16", "uint32")
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts)):
+    if (
+        mode not in ("packed", "supervised")
+        or missing
+        or meta["dtype"] not in ("uint16", "uint32")
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts)
+    ):
         raise FinetuneError(f"{what} {path} is damaged (bad or missing fields); {fix}")
     return meta
 
@@ -677,7 +801,9 @@ def _token_file(path: Path, dtype, count: int, what: str, fix: str) -> np.ndarra
         require_regular_file(path, what)
         size = path.stat().st_size
         if size != count * np.dtype(dtype).itemsize:
-            raise FinetuneError(f"{what} {path} holds {size:,} bytes, expected {count * np.dtype(dtype).itemsize:,} (cut short?); {fix}")
+            raise FinetuneError(
+                f"{what} {path} holds {size:,} bytes, expected {count * np.dtype(dtype).itemsize:,} (cut short?); {fix}"
+            )
         return np.memmap(path, dtype=dtype, mode="r") if count else np.zeros(0, dtype=dtype)
 
 
@@ -686,7 +812,9 @@ def _index_file(path: Path, limit: int, what: str, fix: str) -> np.ndarray:
     with reading(path, what, fix):
         require_regular_file(path, what)
         values = np.load(path, allow_pickle=False)
-    if values.ndim != 1 or (values.size and (values.dtype.kind not in "iu" or values.min() < 0 or values.max() >= limit)):
+    if values.ndim != 1 or (
+        values.size and (values.dtype.kind not in "iu" or values.min() < 0 or values.max() >= limit)
+    ):
         raise FinetuneError(f"{what} {path} holds bad block numbers; {fix}")
     return values.astype(np.int64, copy=False)
 
@@ -700,7 +828,11 @@ def _read_entry(target: Path, what: str, fix: str) -> tuple[dict, object, object
         masks = _token_file(target / "mask.bin", np.uint8, meta["num_tokens"], what, fix)
         with reading(target / "offsets.npy", what, fix):
             offsets = np.load(target / "offsets.npy", allow_pickle=False)
-        if offsets.shape != (meta["num_documents"] + 1,) or offsets[-1] != meta["num_tokens"] or np.any(np.diff(offsets) < 0):
+        if (
+            offsets.shape != (meta["num_documents"] + 1,)
+            or offsets[-1] != meta["num_tokens"]
+            or np.any(np.diff(offsets) < 0)
+        ):
             raise FinetuneError(f"{what} {target / 'offsets.npy'} does not match {target / 'meta.json'}; {fix}")
         n = meta["num_documents"]
         val_idx = _index_file(target / "val_index.npy", n, what, fix)
@@ -713,7 +845,11 @@ def _read_entry(target: Path, what: str, fix: str) -> tuple[dict, object, object
     if meta.get("val_num_tokens") is not None:
         val_tokens = _token_file(target / "val_tokens.bin", dtype, meta["val_num_tokens"], what, fix)
         n_val_blocks = len(val_tokens) // block
-        return meta, train, (TokenBlocks(val_tokens, block, np.arange(n_val_blocks, dtype=np.int64)) if n_val_blocks else None)
+        return (
+            meta,
+            train,
+            (TokenBlocks(val_tokens, block, np.arange(n_val_blocks, dtype=np.int64)) if n_val_blocks else None),
+        )
     val_idx = _index_file(target / "val_index.npy", meta["num_blocks"], what, fix)
     return meta, train, (TokenBlocks(tokens, block, val_idx) if len(val_idx) else None)
 
@@ -726,12 +862,26 @@ def _announce(target: Path, meta: dict, train, val, from_cache: bool, log) -> Pr
         log(
             f"data ({source}): {meta['num_documents']} examples ({'chat' if meta['chat'] else 'prompt/completion'}), "
             f"{meta['num_tokens']:,} tokens of which {meta['learned_tokens']:,} are learned; {len(train)} train"
-            + (f", {len(val)} validation" if val else "") + f"; {meta['truncated']} truncated to {meta['block_size']} tokens"
-            + (f", {meta['emptied']} left out because truncation removed every learned token (raise --block-size)"
-               if meta.get("emptied") else "")
+            + (f", {len(val)} validation" if val else "")
+            + f"; {meta['truncated']} truncated to {meta['block_size']} tokens"
+            + (
+                f", {meta['emptied']} left out because truncation removed every learned token (raise --block-size)"
+                if meta.get("emptied")
+                else ""
+            )
             + skipped
         )
-        return PreparedData(train, val, meta["block_size"], meta["num_documents"], target, from_cache, meta["key"], "supervised", meta["chat"])
+        return PreparedData(
+            train,
+            val,
+            meta["block_size"],
+            meta["num_documents"],
+            target,
+            from_cache,
+            meta["key"],
+            "supervised",
+            meta["chat"],
+        )
     block = meta["block_size"]
     if meta.get("val_num_tokens") is not None and val is None:
         warnings.warn("the validation file is shorter than one block; validation is skipped")
@@ -744,7 +894,10 @@ def _announce(target: Path, meta: dict, train, val, from_cache: bool, log) -> Pr
         warnings.warn("the corpus is too small for a validation split; validation is skipped")
     log(
         f"data ({source}): {meta['num_documents']} documents, {meta['num_tokens']:,} tokens, "
-        f"{len(train)} train blocks" + (f", {len(val)} validation blocks" if val else "") + f" of {block} tokens" + skipped
+        f"{len(train)} train blocks"
+        + (f", {len(val)} validation blocks" if val else "")
+        + f" of {block} tokens"
+        + skipped
     )
     return PreparedData(train, val, block, meta["num_documents"], target, from_cache, meta["key"])
 
@@ -761,11 +914,15 @@ def read_manifest(directory: Path) -> dict:
     """A prepared directory's manifest: the model it was tokenized for, the tokenizer's digest, the block size."""
     path = directory / PREPARED_MANIFEST
     if not path.exists() and not path.is_symlink():
-        raise FinetuneError(f"{directory} holds prepared data ({', '.join(PREPARED_CONTENTS)}) but not its manifest "
-                            f"{path.name}; {PREPARED_FIX}")
+        raise FinetuneError(
+            f"{directory} holds prepared data ({', '.join(PREPARED_CONTENTS)}) but not its manifest "
+            f"{path.name}; {PREPARED_FIX}"
+        )
     manifest = read_json(path, PREPARED_FILE, PREPARED_FIX, required=("model", "tokenizer", "block_size"))
     block = manifest["block_size"]
-    if not (isinstance(block, int) and not isinstance(block, bool) and block > 0) or not isinstance(manifest["tokenizer"], str):
+    if not (isinstance(block, int) and not isinstance(block, bool) and block > 0) or not isinstance(
+        manifest["tokenizer"], str
+    ):
         raise FinetuneError(f"{PREPARED_FILE} {path} is damaged (bad block_size or tokenizer); {PREPARED_FIX}")
     return manifest
 
@@ -795,7 +952,9 @@ def load_prepared(directory: Path, tokenizer, block_size: Optional[int], log=pri
             f"train with --model {manifest['model']} or prepare the data again with --model"
         )
     if block_size is not None and block_size != manifest["block_size"]:
-        raise FinetuneError(f"{directory} was prepared with --block-size {manifest['block_size']}; use that, or prepare again")
+        raise FinetuneError(
+            f"{directory} was prepared with --block-size {manifest['block_size']}; use that, or prepare again"
+        )
     meta, train, val = _read_entry(directory, PREPARED_FILE, PREPARED_FIX)
     _require_known_ids(directory, meta, len(tokenizer))
     prepared = _announce(directory, meta, train, val, from_cache=True, log=log)
@@ -811,8 +970,10 @@ def _require_known_ids(directory: Path, meta: dict, vocab_size: int) -> None:
         if path.is_file() and path.stat().st_size:
             largest = int(np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r").max())
             if largest >= vocab_size:
-                raise FinetuneError(f"{PREPARED_FILE} {path} is damaged: it holds token id {largest}, beyond the "
-                                    f"tokenizer's {vocab_size} tokens; {PREPARED_FIX}")
+                raise FinetuneError(
+                    f"{PREPARED_FILE} {path} is damaged: it holds token id {largest}, beyond the "
+                    f"tokenizer's {vocab_size} tokens; {PREPARED_FIX}"
+                )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -827,8 +988,9 @@ class EpochShuffleSampler:
     to its position without storing sampler state.
     """
 
-    def __init__(self, num_items: int, seed: int, shuffle: bool = True, lengths: Optional[np.ndarray] = None,
-                 group_size: int = 0):
+    def __init__(
+        self, num_items: int, seed: int, shuffle: bool = True, lengths: Optional[np.ndarray] = None, group_size: int = 0
+    ):
         self.num_items = num_items
         self.seed = seed
         self.shuffle = shuffle

@@ -53,7 +53,9 @@ def chat_example(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]
         start = len(_render(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
         end = len(_render(tokenizer, messages[: i + 1]))
         if not text.startswith(_render(tokenizer, messages[: i + 1])):
-            raise FinetuneError("the chat template does not render conversations incrementally; loss masking needs that")
+            raise FinetuneError(
+                "the chat template does not render conversations incrementally; loss masking needs that"
+            )
         spans.append((start, end))
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])

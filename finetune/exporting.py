@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from finetune import checkpoint as ckpt
 from finetune import onnx_optimize
@@ -86,7 +87,9 @@ def model_card(run_dir: Optional[Path], source: Path, fmt: str, dtype: str, fuse
         f"| training data | {', '.join(f'`{Path(str(p)).name}`' for p in paths) or 'unknown'} |",
         f"| block size | {data.get('block_size', 'unknown')} tokens |",
         f"| steps | {state.get('step', 'unknown')} |",
-        f"| tokens seen | {state.get('tokens_seen', 'unknown'):,} |" if isinstance(state.get("tokens_seen"), int) else "| tokens seen | unknown |",
+        f"| tokens seen | {state.get('tokens_seen', 'unknown'):,} |"
+        if isinstance(state.get("tokens_seen"), int)
+        else "| tokens seen | unknown |",
     ]
     if val_loss is not None:
         import math
@@ -99,20 +102,25 @@ def model_card(run_dir: Optional[Path], source: Path, fmt: str, dtype: str, fuse
         lines += [
             "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/directory\")",
-            "tokenizer = AutoTokenizer.from_pretrained(\"path/to/this/directory\")",
+            'model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")',
+            'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")',
             "```",
             "",
-            "or sample from it: `finetune generate --model path/to/this/directory --prompt \"...\"`.",
+            'or sample from it: `finetune generate --model path/to/this/directory --prompt "..."`.',
         ]
     else:
         lines += [
             f"`{ONNX_FILE}` is a decoder with a KV cache; `{MANIFEST}` names its inputs, outputs, shapes and",
-            "special token ids." + (" It uses ONNX Runtime's fused operators (domain com.microsoft), so it needs ONNX"
-                                    " Runtime; `finetune export --no-optimize` writes standard ONNX operators only." if fused else ""),
+            "special token ids."
+            + (
+                " It uses ONNX Runtime's fused operators (domain com.microsoft), so it needs ONNX"
+                " Runtime; `finetune export --no-optimize` writes standard ONNX operators only."
+                if fused
+                else ""
+            ),
             "Sample from it without torch (onnxruntime, numpy and tokenizers only):",
             "",
-            "    finetune generate --onnx path/to/this/directory --prompt \"...\"",
+            '    finetune generate --onnx path/to/this/directory --prompt "..."',
             "",
             "`verification.json` holds the parity check against PyTorch made at export time.",
         ]
@@ -125,8 +133,15 @@ def _field(config: dict, section: str) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def export_safetensors(source: Path, output: Path, run_dir: Optional[Path], dtype: str = "fp32",
-                       overwrite: bool = False, verify: bool = True, log: Callable[[str], None] = print) -> ExportResult:
+def export_safetensors(
+    source: Path,
+    output: Path,
+    run_dir: Optional[Path],
+    dtype: str = "fp32",
+    overwrite: bool = False,
+    verify: bool = True,
+    log: Callable[[str], None] = print,
+) -> ExportResult:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -146,7 +161,9 @@ def export_safetensors(source: Path, output: Path, run_dir: Optional[Path], dtyp
                 report = {"format": "safetensors", "dtype": dtype, "max_abs_logit_diff": diff, "passed": diff == 0.0}
                 (tmp / "verification.json").write_text(json.dumps(report, indent=1))
                 if diff != 0.0:
-                    raise FinetuneError(f"the exported weights do not reproduce the checkpoint (max logit diff {diff:.2e}); please report this")
+                    raise FinetuneError(
+                        f"the exported weights do not reproduce the checkpoint (max logit diff {diff:.2e}); please report this"
+                    )
             ckpt.finish_output_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -181,9 +198,16 @@ def _onnx_wrapper(model, num_layers: int):
             self.model = model
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
-            cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(num_layers)], config=self.model.config)
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=cache, use_cache=True)
+            cache = DynamicCache(
+                ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(num_layers)], config=self.model.config
+            )
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
             present = []
             for layer in out.past_key_values.layers:
                 present += [layer.keys, layer.values]
@@ -227,7 +251,10 @@ def _export_graph(model, path: Path, layout, external: bool) -> None:
     dtype = next(model.parameters()).dtype
     past = []
     for heads, key_dim, value_dim in layout:
-        past += [torch.zeros(batch, heads, past_len, key_dim, dtype=dtype), torch.zeros(batch, heads, past_len, value_dim, dtype=dtype)]
+        past += [
+            torch.zeros(batch, heads, past_len, key_dim, dtype=dtype),
+            torch.zeros(batch, heads, past_len, value_dim, dtype=dtype),
+        ]
     args = (
         torch.ones(batch, seq, dtype=torch.long),
         torch.ones(batch, past_len + seq, dtype=torch.long),
@@ -238,8 +265,17 @@ def _export_graph(model, path: Path, layout, external: bool) -> None:
     dynamic = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in past))
     inputs, outputs = _io_names(num_layers)
     torch.onnx.export(
-        _onnx_wrapper(model, num_layers), args, str(path), input_names=inputs, output_names=outputs,
-        dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, external_data=external, optimize=True, verbose=False,
+        _onnx_wrapper(model, num_layers),
+        args,
+        str(path),
+        input_names=inputs,
+        output_names=outputs,
+        dynamic_shapes=dynamic,
+        dynamo=True,
+        opset_version=OPSET,
+        external_data=external,
+        optimize=True,
+        verbose=False,
     )
 
 
@@ -249,16 +285,36 @@ def _manifest(model, tokenizer, layout, dtype: str, quantize: Optional[str]) -> 
     float_type = "float16" if dtype == "fp16" else "float32"
     spec_in = [
         {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
-        {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "past_sequence + sequence"],
-         "note": "1 for real tokens, 0 for left padding; covers past and new tokens"},
-        {"name": "position_ids", "dtype": "int64", "shape": ["batch", "sequence"],
-         "note": "cumsum(attention_mask) - 1, with padded positions set to 1 (as transformers does)"},
+        {
+            "name": "attention_mask",
+            "dtype": "int64",
+            "shape": ["batch", "past_sequence + sequence"],
+            "note": "1 for real tokens, 0 for left padding; covers past and new tokens",
+        },
+        {
+            "name": "position_ids",
+            "dtype": "int64",
+            "shape": ["batch", "sequence"],
+            "note": "cumsum(attention_mask) - 1, with padded positions set to 1 (as transformers does)",
+        },
     ]
     spec_out = [{"name": "logits", "dtype": float_type, "shape": ["batch", "sequence", model.config.vocab_size]}]
     for i, (heads, key_dim, value_dim) in enumerate(layout):
         for kv, dim in (("key", key_dim), ("value", value_dim)):
-            spec_in.append({"name": f"past_key_values.{i}.{kv}", "dtype": float_type, "shape": ["batch", heads, "past_sequence", dim]})
-            spec_out.append({"name": f"present.{i}.{kv}", "dtype": float_type, "shape": ["batch", heads, "past_sequence + sequence", dim]})
+            spec_in.append(
+                {
+                    "name": f"past_key_values.{i}.{kv}",
+                    "dtype": float_type,
+                    "shape": ["batch", heads, "past_sequence", dim],
+                }
+            )
+            spec_out.append(
+                {
+                    "name": f"present.{i}.{kv}",
+                    "dtype": float_type,
+                    "shape": ["batch", heads, "past_sequence + sequence", dim],
+                }
+            )
     assert [s["name"] for s in spec_in] == inputs and [s["name"] for s in spec_out] == outputs
     return {
         "format": "finetune-onnx-decoder",
@@ -277,7 +333,7 @@ def _manifest(model, tokenizer, layout, dtype: str, quantize: Optional[str]) -> 
         "inputs": spec_in,
         "outputs": spec_out,
         "usage": "prompt: feed empty past (past_sequence = 0); each step: feed the new token, the grown "
-                 "attention_mask, its position, and the previous step's present.* as past_key_values.*",
+        "attention_mask, its position, and the previous step's present.* as past_key_values.*",
     }
 
 
@@ -307,8 +363,12 @@ def _verify_onnx(model, tokenizer, directory: Path, dtype: str, quantize: Option
     positions = position_ids_for(mask, width)
     logits, past = lm.forward(ids, mask, positions, lm.empty_past(len(encoded)))
     with torch.no_grad():
-        out = reference(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                        position_ids=torch.from_numpy(positions), use_cache=True)
+        out = reference(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            position_ids=torch.from_numpy(positions),
+            use_cache=True,
+        )
     ref_logits = out.logits.float().numpy()
     real = mask.astype(bool)
     prompt_diff = float(np.abs(logits.astype(np.float32) - ref_logits)[real].max())
@@ -320,15 +380,29 @@ def _verify_onnx(model, tokenizer, directory: Path, dtype: str, quantize: Option
     step_pos = position_ids_for(step_mask, 1)
     step_logits, _ = lm.forward(next_ids, step_mask, step_pos, past)
     with torch.no_grad():
-        step_ref = reference(input_ids=torch.from_numpy(next_ids), attention_mask=torch.from_numpy(step_mask),
-                             position_ids=torch.from_numpy(step_pos), past_key_values=out.past_key_values).logits.float().numpy()
+        step_ref = (
+            reference(
+                input_ids=torch.from_numpy(next_ids),
+                attention_mask=torch.from_numpy(step_mask),
+                position_ids=torch.from_numpy(step_pos),
+                past_key_values=out.past_key_values,
+            )
+            .logits.float()
+            .numpy()
+        )
     decode_diff = float(np.abs(step_logits.astype(np.float32) - step_ref).max())
 
     # Greedy decoding, batch 2 with left padding, against transformers' generate.
     with torch.no_grad():
-        hf = reference.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
-                                max_new_tokens=GREEDY_STEPS, min_new_tokens=GREEDY_STEPS, pad_token_id=pad,
-                                eos_token_id=None)[:, width:].numpy()
+        hf = reference.generate(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            do_sample=False,
+            max_new_tokens=GREEDY_STEPS,
+            min_new_tokens=GREEDY_STEPS,
+            pad_token_id=pad,
+            eos_token_id=None,
+        )[:, width:].numpy()
     ours = lm.greedy(ids, mask, GREEDY_STEPS)
     greedy_agreement = float((ours == hf).mean())
     tolerance = LOGIT_TOLERANCE[kind]
@@ -355,9 +429,17 @@ class _FusedGraphMismatch(Exception):
     """The fused graph failed verification; the export is redone with standard operators."""
 
 
-def export_onnx(source: Path, output: Path, run_dir: Optional[Path], dtype: str = "fp32", quantize: Optional[str] = None,
-                overwrite: bool = False, verify: bool = True, log: Callable[[str], None] = print,
-                optimize: bool = True) -> ExportResult:
+def export_onnx(
+    source: Path,
+    output: Path,
+    run_dir: Optional[Path],
+    dtype: str = "fp32",
+    quantize: Optional[str] = None,
+    overwrite: bool = False,
+    verify: bool = True,
+    log: Callable[[str], None] = print,
+    optimize: bool = True,
+) -> ExportResult:
     try:
         return _export_onnx(source, output, run_dir, dtype, quantize, overwrite, verify, log, optimize)
     except _FusedGraphMismatch:
@@ -367,13 +449,24 @@ def export_onnx(source: Path, output: Path, run_dir: Optional[Path], dtype: str 
         return _export_onnx(source, output, run_dir, dtype, quantize, overwrite, verify, log, optimize=False)
 
 
-def _export_onnx(source: Path, output: Path, run_dir: Optional[Path], dtype: str, quantize: Optional[str],
-                 overwrite: bool, verify: bool, log: Callable[[str], None], optimize: bool) -> ExportResult:
+def _export_onnx(
+    source: Path,
+    output: Path,
+    run_dir: Optional[Path],
+    dtype: str,
+    quantize: Optional[str],
+    overwrite: bool,
+    verify: bool,
+    log: Callable[[str], None],
+    optimize: bool,
+) -> ExportResult:
     import time
 
     _require_onnx()
     if dtype == "bf16":
-        raise FinetuneError("ONNX export supports --dtype fp32 or fp16 (ONNX Runtime has no bf16 kernels on CPU); use fp16 for GPU serving")
+        raise FinetuneError(
+            "ONNX export supports --dtype fp32 or fp16 (ONNX Runtime has no bf16 kernels on CPU); use fp16 for GPU serving"
+        )
     if quantize and dtype != "fp32":
         raise FinetuneError("--quantize int8 starts from fp32 weights; drop --dtype fp16")
     model, tokenizer = _load_model(source, dtype)
@@ -411,8 +504,10 @@ def _export_onnx(source: Path, output: Path, run_dir: Optional[Path], dtype: str
                 except OSError:  # a full disk is not a fusion problem
                     raise
                 except Exception as exc:  # the plain graph is correct, only slower: keep it and say why
-                    log(f"ONNX Runtime fusions not applied ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
-                        f"the graph keeps standard ONNX operators")
+                    log(
+                        f"ONNX Runtime fusions not applied ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                        f"the graph keeps standard ONNX operators"
+                    )
             quantization = None
             if quantize:
                 log("quantizing the weights to int8 ...")
@@ -432,7 +527,10 @@ def _export_onnx(source: Path, output: Path, run_dir: Optional[Path], dtype: str
             manifest = _manifest(model, tokenizer, layout, dtype, quantize)
             manifest.update(onnxruntime_fusions=fusions, quantization=quantization)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            (tmp / "README.md").write_text(model_card(run_dir, source, "ONNX" + (" int8" if quantize else ""), dtype, fused=bool(fusions)), encoding="utf-8")
+            (tmp / "README.md").write_text(
+                model_card(run_dir, source, "ONNX" + (" int8" if quantize else ""), dtype, fused=bool(fusions)),
+                encoding="utf-8",
+            )
             report = None
             if verify:
                 del model  # verify against the checkpoint as transformers loads it, without the export's module swaps

@@ -13,18 +13,26 @@ import errno
 import json
 import os
 import stat
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 from finetune.errors import FinetuneError
 
 # errno -> (what went wrong, what to do about it when reading, ... when writing)
 _OS_ERRORS = {
     errno.ENOENT: ("does not exist", "check the path", "check the path"),
-    errno.EACCES: ("permission denied", "make it readable (chmod) or run as its owner",
-                   "make the directory writable or choose another location"),
-    errno.EPERM: ("operation not permitted", "check its permissions", "make the directory writable or choose another location"),
+    errno.EACCES: (
+        "permission denied",
+        "make it readable (chmod) or run as its owner",
+        "make the directory writable or choose another location",
+    ),
+    errno.EPERM: (
+        "operation not permitted",
+        "check its permissions",
+        "make the directory writable or choose another location",
+    ),
     errno.EISDIR: ("is a directory, not a file", "point at a file", "remove the directory or choose another name"),
     errno.ENOTDIR: ("a part of the path is a file, not a directory", "check the path", "check the path"),
     errno.ENAMETOOLONG: ("the name is too long for the file system", "use a shorter name", "use a shorter name"),
@@ -33,7 +41,11 @@ _OS_ERRORS = {
     errno.EROFS: ("the file system is read-only", "copy it somewhere readable", "choose a writable location"),
     errno.ELOOP: ("the path loops through symbolic links", "fix the links", "fix the links"),
     errno.EIO: ("an input/output error occurred", "check the disk", "check the disk"),
-    errno.ENXIO: ("is a device or pipe with nothing on the other end", "point at a regular file", "point at a regular file"),
+    errno.ENXIO: (
+        "is a device or pipe with nothing on the other end",
+        "point at a regular file",
+        "point at a regular file",
+    ),
 }
 
 
@@ -135,7 +147,9 @@ def _disk_nearly_full(path: Path) -> bool:
         return False
 
 
-def read_text(path: Union[str, Path], what: str = "file", fix: str = "fix or replace it", encoding: str = "utf-8") -> str:
+def read_text(
+    path: Union[str, Path], what: str = "file", fix: str = "fix or replace it", encoding: str = "utf-8"
+) -> str:
     path = Path(path)
     with reading(path, what, fix):
         require_regular_file(path, what)
@@ -145,8 +159,13 @@ def read_text(path: Union[str, Path], what: str = "file", fix: str = "fix or rep
             raise FinetuneError(f"{what} {path} is not {encoding} text; {fix}") from None
 
 
-def read_json(path: Union[str, Path], what: str = "file", fix: str = "fix or replace it", expect: type = dict,
-              required: tuple[str, ...] = ()) -> Any:
+def read_json(
+    path: Union[str, Path],
+    what: str = "file",
+    fix: str = "fix or replace it",
+    expect: type = dict,
+    required: tuple[str, ...] = (),
+) -> Any:
     """Parsed JSON of the expected type (dict by default) holding the `required` keys."""
     text = read_text(path, what, fix)
     try:
@@ -179,7 +198,9 @@ def read_jsonl(path: Union[str, Path], what: str = "file", fix: str = "fix or re
                 break
             raise FinetuneError(f"{what} {path}:{number} is not valid JSON; {fix}") from None
         if not isinstance(record, dict):
-            raise FinetuneError(f"{what} {path}:{number} holds a JSON {type(record).__name__}, expected an object; {fix}")
+            raise FinetuneError(
+                f"{what} {path}:{number} holds a JSON {type(record).__name__}, expected an object; {fix}"
+            )
         records.append(record)
     return records
 
@@ -206,7 +227,7 @@ def write_atomic(path: Union[str, Path], data: Union[str, bytes], what: str = "f
             try:
                 view = memoryview(payload)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 if durable:
                     os.fsync(fd)
             finally:

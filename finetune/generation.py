@@ -7,8 +7,9 @@ penalty, stop strings); this module owns what a user sees around it.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from finetune.config import GenerateConfig
 from finetune.errors import FinetuneError
@@ -105,11 +106,16 @@ def is_chat_checkpoint(source: str) -> bool:
     return bool(training_state(source).get("chat"))
 
 
-def warn_empty_samples(cfg: GenerateConfig, texts: list[str], source: Optional[str], log: Callable[[str], None]) -> None:
+def warn_empty_samples(
+    cfg: GenerateConfig, texts: list[str], source: Optional[str], log: Callable[[str], None]
+) -> None:
     """Never hand back empty samples silently: say so, and why when the run expects a prompt."""
     jobs = [prompt for prompt in cfg.prompts for _ in range(cfg.n)]
-    empty = sum(1 for prompt, text in zip(jobs, texts)
-                if not (text[len(prompt):] if cfg.include_prompt and text.startswith(prompt) else text).strip())
+    empty = sum(
+        1
+        for prompt, text in zip(jobs, texts)
+        if not (text[len(prompt) :] if cfg.include_prompt and text.startswith(prompt) else text).strip()
+    )
     if not empty:
         return
     message = f"warning: the model produced no text for {empty} of {len(texts)} sample(s) (it ended them at once)"
@@ -151,8 +157,15 @@ def _generation_kwargs(cfg: GenerateConfig, tokenizer) -> dict:
     return kwargs
 
 
-def generate_texts(model, tokenizer, cfg: GenerateConfig, write: Optional[Callable[[str], None]] = None,
-                   suppress_ids: Optional[list[int]] = None, chat: bool = False, synced: bool = False) -> list[str]:
+def generate_texts(
+    model,
+    tokenizer,
+    cfg: GenerateConfig,
+    write: Optional[Callable[[str], None]] = None,
+    suppress_ids: Optional[list[int]] = None,
+    chat: bool = False,
+    synced: bool = False,
+) -> list[str]:
     """Samples for every prompt x n, in prompt order. Streams to `write` when one sample is asked for.
 
     synced: every process calls this together on a model whose weights are sharded across them

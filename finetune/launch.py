@@ -18,7 +18,9 @@ def launch_command(train_args: list[str], num_processes: Optional[int], config_f
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     if config_file:
         if not Path(config_file).is_file():
-            raise FinetuneError(f"accelerate config '{config_file}' does not exist; see configs/accelerate/ for ready ones")
+            raise FinetuneError(
+                f"accelerate config '{config_file}' does not exist; see configs/accelerate/ for ready ones"
+            )
         command += ["--config_file", config_file]
     else:
         # Defaults that silence accelerate's "values not passed" notice; precision is set by finetune itself.

@@ -11,9 +11,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from finetune.errors import FinetuneError
 from finetune.files import os_error
@@ -99,7 +100,9 @@ def _acquire(path: Path, what: str, hint: str) -> Optional[int]:
             text = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
             pid = f"pid {text}" if text.isdigit() else "another process"
-            raise FinetuneError(f"{what} is in use by another finetune process ({pid}); wait for it to finish or stop it, or {hint}") from None
+            raise FinetuneError(
+                f"{what} is in use by another finetune process ({pid}); wait for it to finish or stop it, or {hint}"
+            ) from None
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP):

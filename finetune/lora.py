@@ -35,7 +35,9 @@ def targets_for(model, requested: list[str]) -> list[str]:
         return requested
     model_type = model.config.model_type
     if model_type not in DEFAULT_TARGETS:
-        raise FinetuneError(f"no default LoRA targets for '{model_type}' models; name the layers with --lora-targets q_proj,v_proj,...")
+        raise FinetuneError(
+            f"no default LoRA targets for '{model_type}' models; name the layers with --lora-targets q_proj,v_proj,..."
+        )
     return DEFAULT_TARGETS[model_type]
 
 
@@ -45,7 +47,10 @@ def wrap_with_lora(model, r: int, alpha: int, dropout: float, targets: list[str]
     if gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
     config = peft.LoraConfig(
-        task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
+        task_type="CAUSAL_LM",
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
         target_modules=targets_for(model, targets),
         fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2 stores its projections as Conv1D (in x out)
     )
@@ -72,7 +77,9 @@ def load_merged(checkpoint: Path, dtype, trust_remote_code: bool = False):
     peft = _peft()
     fix = modeling.file_fix(checkpoint)
     config_path = checkpoint / ADAPTER_CONFIG
-    base_name = read_json(config_path, "LoRA adapter config", fix, required=("base_model_name_or_path",))["base_model_name_or_path"]
+    base_name = read_json(config_path, "LoRA adapter config", fix, required=("base_model_name_or_path",))[
+        "base_model_name_or_path"
+    ]
     if not isinstance(base_name, str) or not base_name:
         raise FinetuneError(f"LoRA adapter config {config_path} names no base model (base_model_name_or_path); {fix}")
     try:
@@ -80,12 +87,16 @@ def load_merged(checkpoint: Path, dtype, trust_remote_code: bool = False):
     except FinetuneError as exc:
         if modeling.local_model_dir(base_name) is not None:
             raise  # the base directory's own bad file, already named
-        raise FinetuneError(f"the base model '{base_name}' of LoRA checkpoint {checkpoint} is neither a local directory nor "
-                            f"loadable from the Hugging Face Hub or its cache ({str(exc).split(';')[0]}); make it available, "
-                            f"or point base_model_name_or_path in {config_path} at a local copy") from None
+        raise FinetuneError(
+            f"the base model '{base_name}' of LoRA checkpoint {checkpoint} is neither a local directory nor "
+            f"loadable from the Hugging Face Hub or its cache ({str(exc).split(';')[0]}); make it available, "
+            f"or point base_model_name_or_path in {config_path} at a local copy"
+        ) from None
     weights = checkpoint / "adapter_model.safetensors"
     with reading(weights, "LoRA adapter", fix):
         model = peft.PeftModel.from_pretrained(base, str(checkpoint))
     # A NaN in the adapter is the checkpoint's fault; one in the base weights, the base model's.
-    modeling.require_finite(model, checkpoint, fix, weights_file=lambda name: str(weights) if "lora_" in name else base_name)
+    modeling.require_finite(
+        model, checkpoint, fix, weights_file=lambda name: str(weights) if "lora_" in name else base_name
+    )
     return model.merge_and_unload()

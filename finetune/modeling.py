@@ -6,9 +6,10 @@ import hashlib
 import os
 import socket
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Optional
 from urllib.parse import urlparse
 
 from finetune.errors import FinetuneError, install_hint
@@ -20,12 +21,25 @@ EOS = "<|endoftext|>"
 # offline and learn the *form* of a small corpus in minutes on a laptop CPU.
 SCRATCH_MODELS = {
     "tiny": dict(
-        model_type="gpt2", vocab_size=4096, n_positions=512, n_embd=256, n_layer=4, n_head=4,
-        resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
+        model_type="gpt2",
+        vocab_size=4096,
+        n_positions=512,
+        n_embd=256,
+        n_layer=4,
+        n_head=4,
+        resid_pdrop=0.1,
+        embd_pdrop=0.1,
+        attn_pdrop=0.1,
     ),
     "tiny-llama": dict(
-        model_type="llama", vocab_size=4096, max_position_embeddings=512, hidden_size=256,
-        intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        model_type="llama",
+        vocab_size=4096,
+        max_position_embeddings=512,
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
         tie_word_embeddings=True,
     ),
 }
@@ -82,12 +96,16 @@ def is_scratch_preset(name: str) -> bool:
         return False
     here = Path(name)
     if (here / "config.json").is_file():
-        _warn_once(f"--model {name}: using the model directory ./{name} (it holds config.json), not the from-scratch "
-                   f"preset '{name}'; rename the directory to train the preset")
+        _warn_once(
+            f"--model {name}: using the model directory ./{name} (it holds config.json), not the from-scratch "
+            f"preset '{name}'; rename the directory to train the preset"
+        )
         return False
     if here.exists():
-        _warn_once(f"--model {name}: using the from-scratch preset '{name}'; ./{name} is not a model directory "
-                   f"(no config.json)")
+        _warn_once(
+            f"--model {name}: using the from-scratch preset '{name}'; ./{name} is not a model directory "
+            f"(no config.json)"
+        )
     return True
 
 
@@ -118,10 +136,14 @@ def _hub_kwargs(name: str, trust_remote_code: bool) -> dict:
 
 def _load_error(name: str, exc: Exception) -> FinetuneError:
     if is_scratch_preset(name):
-        return FinetuneError(f"'{name}' is a from-scratch preset for `finetune train`, with no trained weights; "
-                             f"sample from a trained run with --run NAME, or pass a model directory")
+        return FinetuneError(
+            f"'{name}' is a from-scratch preset for `finetune train`, with no trained weights; "
+            f"sample from a trained run with --run NAME, or pass a model directory"
+        )
     if Path(name).exists():
-        return FinetuneError(f"'{name}' is not a loadable model directory ({short(exc)}); it needs config.json and weights")
+        return FinetuneError(
+            f"'{name}' is not a loadable model directory ({short(exc)}); it needs config.json and weights"
+        )
     if name.startswith((".", "/", "~")) or os.sep in name.rstrip("/") and name.count("/") > 1:
         return FinetuneError(f"model directory '{name}' does not exist; check the path")
     return FinetuneError(
@@ -186,7 +208,9 @@ def check_model_files(directory: Path) -> str:
     from finetune.onnx_generation import MANIFEST as ONNX_MANIFEST  # numpy only: no torch
 
     if (directory / ONNX_MANIFEST).exists() and not any(directory.glob("*.safetensors")):
-        raise FinetuneError(f"{directory} is an ONNX export, not a PyTorch model; sample from it with --onnx {directory}")
+        raise FinetuneError(
+            f"{directory} is an ONNX export, not a PyTorch model; sample from it with --onnx {directory}"
+        )
     fix = file_fix(directory)
     for name, (what, required) in MODEL_JSON_FILES.items():
         path = directory / name
@@ -199,10 +223,14 @@ def require_model_files(directory: Path) -> str:
     """A model directory with a config and safetensors weights (never a pickle); returns the fix to quote."""
     fix = check_model_files(directory)
     if not (directory / "config.json").is_file() and not (directory / "adapter_config.json").is_file():
-        raise FinetuneError(f"{directory} has no config.json, so it is not a model directory; pass the directory "
-                            f"that holds config.json and model.safetensors")
+        raise FinetuneError(
+            f"{directory} has no config.json, so it is not a model directory; pass the directory "
+            f"that holds config.json and model.safetensors"
+        )
     if not any(directory.glob("*.safetensors")):
-        pickles = [directory / n for n in PICKLED_WEIGHTS if (directory / n).is_file()] + sorted(directory.glob("pytorch_model-*.bin"))
+        pickles = [directory / n for n in PICKLED_WEIGHTS if (directory / n).is_file()] + sorted(
+            directory.glob("pytorch_model-*.bin")
+        )
         if pickles:
             raise FinetuneError(_pickle_message(directory, pickles[0]))
         raise FinetuneError(f"{directory} has no weights (model.safetensors); {fix}")
@@ -211,14 +239,20 @@ def require_model_files(directory: Path) -> str:
 
 def _pickle_message(directory: Path, pickle: Path) -> str:
     if pickle.name.startswith("adapter"):
-        convert = (f"import torch, safetensors.torch as s; s.save_file(torch.load('{pickle}', weights_only=False), "
-                   f"'{directory / 'adapter_model.safetensors'}')")
+        convert = (
+            f"import torch, safetensors.torch as s; s.save_file(torch.load('{pickle}', weights_only=False), "
+            f"'{directory / 'adapter_model.safetensors'}')"
+        )
     else:
-        convert = (f"from transformers import AutoModelForCausalLM as M; M.from_pretrained('{directory}', "
-                   f"use_safetensors=False, weights_only=False).save_pretrained('{directory}')")
-    return (f"the weights in {directory} exist only as {pickle.name}, a Python pickle, which finetune does not load "
-            f"(unpickling can run any code); only if you trust the file, convert it to safetensors with: "
-            f"python -c \"{convert}\"")
+        convert = (
+            f"from transformers import AutoModelForCausalLM as M; M.from_pretrained('{directory}', "
+            f"use_safetensors=False, weights_only=False).save_pretrained('{directory}')"
+        )
+    return (
+        f"the weights in {directory} exist only as {pickle.name}, a Python pickle, which finetune does not load "
+        f"(unpickling can run any code); only if you trust the file, convert it to safetensors with: "
+        f'python -c "{convert}"'
+    )
 
 
 def _tokenizer_files(directory: Path) -> str:
@@ -233,9 +267,13 @@ def _load_local_tokenizer(directory: Path, trust_remote_code: bool):
     if (directory / "config.json").is_file():  # AutoTokenizer reads it too, and would not name it
         load_model_config(str(directory), trust_remote_code)
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
-        raise FinetuneError(f"{directory} has no tokenizer (tokenizer.json); copy the tokenizer files of the model "
-                            f"it was trained from into it, or {fix}")
-    if (directory / "tokenizer.json").is_file():  # parsed by the tokenizers library itself, so its complaint names this file
+        raise FinetuneError(
+            f"{directory} has no tokenizer (tokenizer.json); copy the tokenizer files of the model "
+            f"it was trained from into it, or {fix}"
+        )
+    if (
+        directory / "tokenizer.json"
+    ).is_file():  # parsed by the tokenizers library itself, so its complaint names this file
         from tokenizers import Tokenizer
 
         with reading(directory / "tokenizer.json", "tokenizer file", fix):
@@ -250,8 +288,10 @@ def _load_local_tokenizer(directory: Path, trust_remote_code: bool):
         # It names the special tokens: without it transformers guesses them from the model type, and
         # without an end-of-text token documents cannot be separated and samples never stop.
         why = "is missing" if not settings.is_file() else "names no eos_token"
-        raise FinetuneError(f"the tokenizer in {directory} is incomplete: {settings} {why} (it names the end-of-text "
-                            f"and other special tokens); {fix}")
+        raise FinetuneError(
+            f"the tokenizer in {directory} is incomplete: {settings} {why} (it names the end-of-text "
+            f"and other special tokens); {fix}"
+        )
     return tokenizer
 
 
@@ -296,16 +336,20 @@ def load_model_config(name: str, trust_remote_code: bool = False):
     if directory is not None:
         fix = check_model_files(directory)
         if not (directory / "config.json").is_file():
-            raise FinetuneError(f"{directory} has no config.json, so it is not a model directory; pass the directory "
-                                f"that holds config.json and model.safetensors")
+            raise FinetuneError(
+                f"{directory} has no config.json, so it is not a model directory; pass the directory "
+                f"that holds config.json and model.safetensors"
+            )
         try:
             return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
         except FinetuneError:
             raise
         except Exception as exc:  # a field of the wrong type or value: transformers' validation names it
             detail = " ".join(str(exc).split())
-            raise FinetuneError(f"model config {directory / 'config.json'} is not a valid model config "
-                                f"({detail[:200] or type(exc).__name__}); correct that field, or {fix}") from None
+            raise FinetuneError(
+                f"model config {directory / 'config.json'} is not a valid model config "
+                f"({detail[:200] or type(exc).__name__}); correct that field, or {fix}"
+            ) from None
     try:
         return AutoConfig.from_pretrained(name, **_hub_kwargs(name, trust_remote_code))
     except (OSError, ValueError) as exc:
@@ -370,8 +414,13 @@ def _learn_tokenizer(texts: Iterable[str], vocab_size: int, size: int):
 
     bpe = ByteLevelBPETokenizer()
     # show_progress: the learner's own bars (on a terminal) for the merges that follow the counting
-    bpe.train_from_iterator(counted(bounded_runs(texts)), vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
-                            show_progress=size >= PROGRESS_MIN_BYTES)
+    bpe.train_from_iterator(
+        counted(bounded_runs(texts)),
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOS],
+        show_progress=size >= PROGRESS_MIN_BYTES,
+    )
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS)
 
 
@@ -386,8 +435,13 @@ def tokenizer_from_data(cfg, files: list[Path]):
     d = cfg.data
     key = data.documents_key(files, hub, d.format, d.text_field, d.eos_string, d.line_by_line, d.encoding)
     texts = data.training_texts(files, hub, d.format, d.text_field, d.eos_string, d.line_by_line, key["encoding"])
-    return train_scratch_tokenizer(cfg.model.name, texts, json.dumps(key, sort_keys=True), data.cache_root(d.cache_dir),
-                                   size=data.data_bytes(files))
+    return train_scratch_tokenizer(
+        cfg.model.name,
+        texts,
+        json.dumps(key, sort_keys=True),
+        data.cache_root(d.cache_dir),
+        size=data.data_bytes(files),
+    )
 
 
 def build_scratch_model(preset: str, tokenizer, seed: int):
@@ -399,8 +453,9 @@ def build_scratch_model(preset: str, tokenizer, seed: int):
     return AutoModelForCausalLM.from_config(config)
 
 
-def load_pretrained_model(name: str, trust_remote_code: bool = False, dtype=None, load_in_4bit: bool = False,
-                          fix: Optional[str] = None):
+def load_pretrained_model(
+    name: str, trust_remote_code: bool = False, dtype=None, load_in_4bit: bool = False, fix: Optional[str] = None
+):
     """A pretrained model whose weights match its config and hold only finite numbers.
 
     `fix` replaces the advice quoted when the weights are unusable (resuming suggests an earlier checkpoint).
@@ -419,14 +474,17 @@ def load_pretrained_model(name: str, trust_remote_code: bool = False, dtype=None
         kwargs["quantization_config"] = _four_bit_config()
     try:
         # Mismatched shapes are loaded (randomly initialised) and refused below, naming the tensor.
-        model, info = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, output_loading_info=True,
-                                                           ignore_mismatched_sizes=not load_in_4bit, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=not load_in_4bit, **kwargs
+        )
     except FinetuneError:
         raise
     except Exception as exc:  # a library's complaint about the files or their contents
         if directory is None and isinstance(exc, (OSError, ValueError)):
             raise _load_error(name, exc) from None
-        raise FinetuneError(f"the weights of {directory or name} cannot be loaded ({short(exc)}); {fix or local_fix}") from None
+        raise FinetuneError(
+            f"the weights of {directory or name} cannot be loaded ({short(exc)}); {fix or local_fix}"
+        ) from None
     where = directory if directory is not None else name
     fix = fix or local_fix
     if not load_in_4bit:
@@ -454,8 +512,10 @@ def load_model_and_tokenizer(source: str, dtype=None, trust_remote_code: bool = 
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:  # token ids past the embedding table crash sampling with an IndexError
         where = directory if directory is not None else source
-        raise FinetuneError(f"the tokenizer of {where} has {len(tokenizer)} tokens but the model only {rows} embeddings: "
-                            f"they do not belong together; restore the tokenizer files saved with these weights")
+        raise FinetuneError(
+            f"the tokenizer of {where} has {len(tokenizer)} tokens but the model only {rows} embeddings: "
+            f"they do not belong together; restore the tokenizer files saved with these weights"
+        )
     return model, tokenizer
 
 
@@ -472,11 +532,15 @@ def _require_weights_match_config(info: dict, where, fix: str) -> None:
         problems.append(f"{len(missing)} tensor(s) the config calls for are not in the weights ({missing[0]}, ...)")
     unexpected = sorted(info.get("unexpected_keys") or ())
     if unexpected:
-        problems.append(f"{len(unexpected)} tensor(s) in the weights have no place in the config ({unexpected[0]}, ...)")
+        problems.append(
+            f"{len(unexpected)} tensor(s) in the weights have no place in the config ({unexpected[0]}, ...)"
+        )
     if problems:
         config = Path(where) / "config.json" if Path(where).is_dir() else f"the config of {where}"
-        raise FinetuneError(f"the weights and {config} disagree: {problems[0]}; "
-                            f"restore the config.json saved with these weights, or {fix}")
+        raise FinetuneError(
+            f"the weights and {config} disagree: {problems[0]}; "
+            f"restore the config.json saved with these weights, or {fix}"
+        )
 
 
 def require_finite(model, where, fix: str, weights_file: Optional[Callable[[str], str]] = None) -> None:
@@ -515,8 +579,12 @@ def _four_bit_config():
         raise FinetuneError(f"--load-in-4bit needs bitsandbytes; install it with: {install_hint('qlora')}") from None
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
 
 
 def transformer_blocks(model):
@@ -527,7 +595,9 @@ def transformer_blocks(model):
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == count:
             return module
-    raise FinetuneError(f"cannot find the transformer blocks of this '{model.config.model_type}' model to freeze; drop --freeze-layers / --train-only-blocks")
+    raise FinetuneError(
+        f"cannot find the transformer blocks of this '{model.config.model_type}' model to freeze; drop --freeze-layers / --train-only-blocks"
+    )
 
 
 def freeze_parameters(model, freeze_layers: int, train_only_blocks: bool) -> None:

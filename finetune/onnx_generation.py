@@ -7,8 +7,9 @@ is token-for-token the same as the torch path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -37,16 +38,29 @@ def read_manifest(path: Path) -> dict:
     manifest = read_json(path, "ONNX manifest", EXPORT_AGAIN, required=tuple(MANIFEST_FIELDS))
     for key, kind in MANIFEST_FIELDS.items():
         if not isinstance(manifest[key], kind) or isinstance(manifest[key], bool):
-            raise FinetuneError(f"ONNX manifest {path}: '{key}' should be a {kind.__name__}, not {manifest[key]!r}; {EXPORT_AGAIN}")
+            raise FinetuneError(
+                f"ONNX manifest {path}: '{key}' should be a {kind.__name__}, not {manifest[key]!r}; {EXPORT_AGAIN}"
+            )
     for key in ("bos_token_id", "max_positions"):
         if manifest.get(key) is not None and not isinstance(manifest[key], int):
-            raise FinetuneError(f"ONNX manifest {path}: '{key}' should be an integer, not {manifest[key]!r}; {EXPORT_AGAIN}")
+            raise FinetuneError(
+                f"ONNX manifest {path}: '{key}' should be an integer, not {manifest[key]!r}; {EXPORT_AGAIN}"
+            )
     inputs = manifest["inputs"]
-    well_formed = len(inputs) >= 3 and all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in inputs) and all(
-        isinstance(s.get("shape"), list) and len(s["shape"]) == 4 and all(isinstance(d, int) for d in s["shape"][1::2])
-        for s in inputs[3:])
+    well_formed = (
+        len(inputs) >= 3
+        and all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in inputs)
+        and all(
+            isinstance(s.get("shape"), list)
+            and len(s["shape"]) == 4
+            and all(isinstance(d, int) for d in s["shape"][1::2])
+            for s in inputs[3:]
+        )
+    )
     if not well_formed:
-        raise FinetuneError(f"ONNX manifest {path}: 'inputs' is not a list of named inputs with past key/value shapes; {EXPORT_AGAIN}")
+        raise FinetuneError(
+            f"ONNX manifest {path}: 'inputs' is not a list of named inputs with past key/value shapes; {EXPORT_AGAIN}"
+        )
     return manifest
 
 
@@ -59,12 +73,16 @@ class OnnxCausalLM:
         if not directory.exists():
             raise FinetuneError(f"ONNX export directory {directory} does not exist; check the path")
         if not manifest_path.is_file():
-            raise FinetuneError(f"{directory} is not a finetune ONNX export (no {MANIFEST}); create one with `finetune export --format onnx`")
+            raise FinetuneError(
+                f"{directory} is not a finetune ONNX export (no {MANIFEST}); create one with `finetune export --format onnx`"
+            )
         try:
             import onnxruntime as ort
             from tokenizers import Tokenizer
         except ImportError:
-            raise FinetuneError(f"ONNX generation needs onnxruntime and tokenizers; install them with: {install_hint('onnx')}") from None
+            raise FinetuneError(
+                f"ONNX generation needs onnxruntime and tokenizers; install them with: {install_hint('onnx')}"
+            ) from None
         self.manifest = read_manifest(manifest_path)
         model_file = directory / self.manifest["file"]
         if not model_file.is_file():
@@ -76,7 +94,9 @@ class OnnxCausalLM:
         if self.tokenizer.get_vocab_size() == 0:
             raise FinetuneError(f"tokenizer file {tokenizer_file} has no tokens; {EXPORT_AGAIN}")
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-        with reading(model_file, "ONNX model", EXPORT_AGAIN):  # onnxruntime raises its own exception types for a bad file
+        with reading(
+            model_file, "ONNX model", EXPORT_AGAIN
+        ):  # onnxruntime raises its own exception types for a bad file
             self.session = ort.InferenceSession(str(model_file), providers=providers)
         self.model_file = model_file
         self.float_type = np.float16 if self.manifest["dtype"] == "fp16" else np.float32
@@ -88,36 +108,51 @@ class OnnxCausalLM:
         self.max_positions = self.manifest.get("max_positions")
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros((batch, spec["shape"][1], 0, spec["shape"][3]), dtype=self.float_type) for spec in self.past_specs]
+        return [
+            np.zeros((batch, spec["shape"][1], 0, spec["shape"][3]), dtype=self.float_type) for spec in self.past_specs
+        ]
 
     def forward(self, input_ids, attention_mask, position_ids, past) -> tuple[np.ndarray, list[np.ndarray]]:
         feed = dict(zip(self.input_names, (input_ids, attention_mask, position_ids, *past)))
         try:
             logits, *present = self.session.run(None, feed)
         except Exception as exc:  # the manifest's names, types or shapes do not fit the graph
-            raise FinetuneError(f"ONNX model {self.model_file} does not accept the inputs its manifest {MANIFEST} "
-                                f"describes ({short(exc)}); {EXPORT_AGAIN}") from None
+            raise FinetuneError(
+                f"ONNX model {self.model_file} does not accept the inputs its manifest {MANIFEST} "
+                f"describes ({short(exc)}); {EXPORT_AGAIN}"
+            ) from None
         if not np.isfinite(logits[:, -1]).all():
-            raise FinetuneError(f"ONNX model {self.model_file} computes NaN/inf (its weights hold NaN/inf: training "
-                                f"diverged); export an earlier checkpoint")
+            raise FinetuneError(
+                f"ONNX model {self.model_file} computes NaN/inf (its weights hold NaN/inf: training "
+                f"diverged); export an earlier checkpoint"
+            )
         return logits, present
 
     def greedy(self, input_ids: np.ndarray, attention_mask: np.ndarray, steps: int) -> np.ndarray:
         """`steps` argmax tokens per row, ignoring EOS (used to verify exports)."""
         return self.decode_steps(input_ids, attention_mask, steps, lambda scores, _history: scores.argmax(-1))
 
-    def decode_steps(self, input_ids: np.ndarray, attention_mask: np.ndarray, steps: int,
-                     pick: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+    def decode_steps(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        steps: int,
+        pick: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    ) -> np.ndarray:
         """`steps` new tokens per row, ignoring EOS; pick(last-position logits, ids so far) chooses each."""
-        logits, past = self.forward(input_ids, attention_mask, position_ids_for(attention_mask, input_ids.shape[1]),
-                                    self.empty_past(len(input_ids)))
+        logits, past = self.forward(
+            input_ids,
+            attention_mask,
+            position_ids_for(attention_mask, input_ids.shape[1]),
+            self.empty_past(len(input_ids)),
+        )
         mask, history = attention_mask, input_ids
         for _ in range(steps):
             next_ids = pick(logits[:, -1], history).astype(np.int64)[:, None]
             history = np.concatenate([history, next_ids], axis=1)
             mask = np.concatenate([mask, np.ones_like(next_ids)], axis=1)
             logits, past = self.forward(next_ids, mask, position_ids_for(mask, 1), past)
-        return history[:, input_ids.shape[1]:]
+        return history[:, input_ids.shape[1] :]
 
     def encode(self, prompt: str) -> list[int]:
         ids = self.tokenizer.encode(prompt).ids if prompt else []
@@ -185,7 +220,9 @@ def next_tokens(scores: np.ndarray, history: np.ndarray, cfg: GenerateConfig, rn
     return np.array(chosen)
 
 
-def generate_texts_onnx(lm: OnnxCausalLM, cfg: GenerateConfig, write: Optional[Callable[[str], None]] = None) -> list[str]:
+def generate_texts_onnx(
+    lm: OnnxCausalLM, cfg: GenerateConfig, write: Optional[Callable[[str], None]] = None
+) -> list[str]:
     """Same contract as generation.generate_texts, on ONNX Runtime."""
     import sys
 

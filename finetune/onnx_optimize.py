@@ -22,8 +22,10 @@ from pathlib import Path
 INT8_BLOCK_SIZE = 128
 # accuracy_level 4: int8 activations, int32 accumulation (MLAS's fastest CPU path).
 INT8_ACCURACY_LEVEL = 4
-INT8_BLOCKS_DESCRIPTION = (f"int8 weights in blocks of {INT8_BLOCK_SIZE} (com.microsoft MatMulNBits, symmetric), activations "
-                           f"quantized to int8 at run time (accuracy_level {INT8_ACCURACY_LEVEL}); embeddings as int8 rows")
+INT8_BLOCKS_DESCRIPTION = (
+    f"int8 weights in blocks of {INT8_BLOCK_SIZE} (com.microsoft MatMulNBits, symmetric), activations "
+    f"quantized to int8 at run time (accuracy_level {INT8_ACCURACY_LEVEL}); embeddings as int8 rows"
+)
 INT8_DYNAMIC_DESCRIPTION = "dynamic int8 (MatMulInteger, one scale per weight tensor, int8 activations)"
 
 
@@ -92,8 +94,9 @@ def quantize_int8_blocks(source: Path, target: Path, external: bool) -> None:
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per node otherwise
-    config = DefaultWeightOnlyQuantConfig(block_size=INT8_BLOCK_SIZE, is_symmetric=True,
-                                          accuracy_level=INT8_ACCURACY_LEVEL, bits=8)
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=INT8_BLOCK_SIZE, is_symmetric=True, accuracy_level=INT8_ACCURACY_LEVEL, bits=8
+    )
     quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), algo_config=config)
     quantizer.process()
     model = ir.from_proto(quantizer.model.model)
@@ -123,7 +126,9 @@ def quantize_embeddings(graph) -> None:
         scales[scales == 0] = 1
         rows = np.clip(np.rint(weights / scales), -127, 127).astype(np.int8)
         int8_table = ir.Value(name=f"{table.name}_int8", const_value=ir.tensor(rows, name=f"{table.name}_int8"))
-        scale_table = ir.Value(name=f"{table.name}_scales", const_value=ir.tensor(scales.astype(np.float32), name=f"{table.name}_scales"))
+        scale_table = ir.Value(
+            name=f"{table.name}_scales", const_value=ir.tensor(scales.astype(np.float32), name=f"{table.name}_scales")
+        )
         graph.register_initializer(int8_table)
         graph.register_initializer(scale_table)
         ids = node.inputs[1]

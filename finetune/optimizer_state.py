@@ -43,13 +43,17 @@ def restore(model, optimizer, state, distributed: bool, is_main: bool) -> None:
 
     if distributed and not is_main:
         state = {}
-    set_optimizer_state_dict(model, _torch_optimizer(optimizer), optim_state_dict=state, options=_options(distributed, for_load=True))
+    set_optimizer_state_dict(
+        model, _torch_optimizer(optimizer), optim_state_dict=state, options=_options(distributed, for_load=True)
+    )
 
 
 def _map(state: dict, rename, resize) -> dict:
     return {
         "state": {rename(name): {k: resize(v) for k, v in moments.items()} for name, moments in state["state"].items()},
-        "param_groups": [{**group, "params": [rename(name) for name in group["params"]]} for group in state["param_groups"]],
+        "param_groups": [
+            {**group, "params": [rename(name) for name in group["params"]]} for group in state["param_groups"]
+        ],
     }
 
 
@@ -60,6 +64,7 @@ def portable(state: dict, wrapper_prefix: str, padded_rows: int, true_rows: int)
     devices, so a checkpoint without them resumes whichever fast paths the next run uses. The padded
     rows' moments are zero (those rows never get a gradient), so cutting and re-padding loses nothing.
     """
+
     def resize(t):
         return t[:true_rows] if getattr(t, "ndim", 0) >= 1 and t.shape[0] == padded_rows != true_rows else t
 

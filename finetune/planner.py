@@ -77,7 +77,9 @@ def _meta_model(cfg: RunConfig, vocab_size: int | None):
     from finetune import modeling
 
     if modeling.is_scratch_preset(cfg.model.name):
-        config = modeling.scratch_config(cfg.model.name, vocab_size=vocab_size or modeling.SCRATCH_MODELS[cfg.model.name]["vocab_size"])
+        config = modeling.scratch_config(
+            cfg.model.name, vocab_size=vocab_size or modeling.SCRATCH_MODELS[cfg.model.name]["vocab_size"]
+        )
     else:
         config = modeling.load_model_config(cfg.model.name, cfg.model.trust_remote_code)
     with torch.device("meta"):
@@ -85,7 +87,9 @@ def _meta_model(cfg: RunConfig, vocab_size: int | None):
     if cfg.model.lora:
         from finetune import lora
 
-        model = lora.wrap_with_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout, cfg.model.lora_targets)
+        model = lora.wrap_with_lora(
+            model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout, cfg.model.lora_targets
+        )
     modeling.freeze_parameters(model, cfg.train.freeze_layers, cfg.train.train_only_blocks)
     return model, config
 
@@ -106,7 +110,9 @@ def _optimizer_bytes(model, name: str) -> int:
     return total
 
 
-def plan(cfg: RunConfig, num_processes: int = 1, vocab_size: int | None = None, block_size: int | None = None) -> MemoryPlan:
+def plan(
+    cfg: RunConfig, num_processes: int = 1, vocab_size: int | None = None, block_size: int | None = None
+) -> MemoryPlan:
     import torch
 
     from finetune import modeling
@@ -161,8 +167,18 @@ def plan(cfg: RunConfig, num_processes: int = 1, vocab_size: int | None = None, 
         except (ValueError, OSError, AttributeError):
             device_bytes = None
     effective = t.batch_size * t.grad_accum * num_processes
-    return MemoryPlan(parameters, trainable, weights, gradients, _optimizer_bytes(model, t.optimizer), int(activations),
-                      effective, effective * seq, device, device_bytes)
+    return MemoryPlan(
+        parameters,
+        trainable,
+        weights,
+        gradients,
+        _optimizer_bytes(model, t.optimizer),
+        int(activations),
+        effective,
+        effective * seq,
+        device,
+        device_bytes,
+    )
 
 
 def dry_run(cfg: RunConfig, num_processes: int = 1, log=print) -> MemoryPlan:

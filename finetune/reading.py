@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import codecs
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from finetune.errors import FinetuneError
 
@@ -53,7 +53,9 @@ def check_encoding(encoding: str) -> str:
     except (LookupError, TypeError, ValueError):
         info = None
     if info is None or not getattr(info, "_is_text_encoding", True):  # base64, zlib... turn bytes into bytes
-        raise FinetuneError(f"unknown text encoding '{encoding}' (--encoding); use a Python codec name such as utf-8, cp1252 or latin-1")
+        raise FinetuneError(
+            f"unknown text encoding '{encoding}' (--encoding); use a Python codec name such as utf-8, cp1252 or latin-1"
+        )
     return info.name
 
 
@@ -104,7 +106,9 @@ def decoded_chunks(path: Path, encoding: str = "utf-8") -> Iterator[str]:
             if offset == 0:
                 is_utf16 = raw.startswith((b"\xff\xfe", b"\xfe\xff")) or encoding.lower().startswith("utf-16")
                 if b"\x00" in raw[:8192] and not is_utf16:
-                    raise FinetuneError(f"data file '{path}' looks binary (it contains NUL bytes); pass text files only")
+                    raise FinetuneError(
+                        f"data file '{path}' looks binary (it contains NUL bytes); pass text files only"
+                    )
             try:
                 text = decoder.decode(raw, final=not raw)
             except UnicodeDecodeError as exc:
@@ -140,7 +144,9 @@ def _file_pieces(path: Path, eos_string: str, line_by_line: bool, encoding: str,
             elif part.strip():
                 seen_text = True
                 yield Piece(part.strip(), True, True)
-        cut = _last_safe_cut(pending, len(pending) - len(eos_string)) if split_long and len(pending) > PIECE_CHARS else -1
+        cut = (
+            _last_safe_cut(pending, len(pending) - len(eos_string)) if split_long and len(pending) > PIECE_CHARS else -1
+        )
         if cut > 0:
             head, pending = pending[:cut], pending[cut:]
             if in_document or head.strip():
@@ -164,6 +170,8 @@ def _last_safe_cut(text: str, end: int) -> int:
     return newline + 1 if newline != -1 else -1
 
 
-def iter_pieces(files: list[Path], eos_string: str, line_by_line: bool, encoding: str, split_long: bool = False) -> Iterator[Piece]:
+def iter_pieces(
+    files: list[Path], eos_string: str, line_by_line: bool, encoding: str, split_long: bool = False
+) -> Iterator[Piece]:
     for path in files:
         yield from _file_pieces(path, eos_string, line_by_line, encoding, split_long)

@@ -13,17 +13,26 @@ import codecs
 import csv
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from finetune.errors import FinetuneError
 from finetune.files import reading
 
 FORMATS = ("text", "csv", "tsv", "jsonl", "json", "parquet", "arrow")
 SUFFIX_FORMATS = {
-    ".txt": "text", ".text": "text", ".md": "text", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl",
-    ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow",
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
 }
 # The first bytes of the binary formats: a text file given one of their names is caught up front.
 SIGNATURES = {"parquet": (b"PAR1",), "arrow": (b"ARROW1", b"\xff\xff\xff\xff")}  # Arrow file, Arrow stream
@@ -138,16 +147,20 @@ def _json_rows(path: Path, encoding: str) -> Iterator[tuple[str, dict]]:
     try:
         data = json.loads(path.read_text(encoding=encoding))
     except json.JSONDecodeError as exc:
-        raise FinetuneError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); for one object per line use a .jsonl file") from None
+        raise FinetuneError(
+            f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); for one object per line use a .jsonl file"
+        ) from None
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: the one list inside
         lists = [v for v in data.values() if isinstance(v, list)]
         data = lists[0] if len(lists) == 1 else [data]
     if not isinstance(data, list):
-        raise FinetuneError(f"{path} must hold a list of JSON objects such as {{\"text\": \"...\"}}")
+        raise FinetuneError(f'{path} must hold a list of JSON objects such as {{"text": "..."}}')
     for i, record in enumerate(data):
         if not isinstance(record, dict):
-            raise FinetuneError(f"{path}: item {i} is {type(record).__name__}, expected a JSON object; write records "
-                                f"such as {{\"text\": \"...\"}} (or prompt/completion, or messages)")
+            raise FinetuneError(
+                f"{path}: item {i} is {type(record).__name__}, expected a JSON object; write records "
+                f'such as {{"text": "..."}} (or prompt/completion, or messages)'
+            )
         yield f"{path}[{i}]", record
 
 

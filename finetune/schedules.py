@@ -50,8 +50,11 @@ def segment(name: str, warmup: float, start: int, end: int) -> dict:
 
 def is_segment(value) -> bool:
     """Whether a value read back from state.json is a segment() (an older or damaged file may lack it)."""
-    return (isinstance(value, dict) and value.get("name") in SCHEDULES
-            and all(isinstance(value.get(key), int) for key in ("start", "end", "warmup_steps")))
+    return (
+        isinstance(value, dict)
+        and value.get("name") in SCHEDULES
+        and all(isinstance(value.get(key), int) for key in ("start", "end", "warmup_steps"))
+    )
 
 
 def multiplier(seg: dict, step: int) -> float:

@@ -35,8 +35,9 @@ def _chunk_loss(lm_head, hidden, labels, vocab_size: int):
     return F.cross_entropy(logits, labels, reduction="sum", ignore_index=-100)
 
 
-def chunked_causal_lm_loss(model, input_ids, vocab_size: int, chunk_tokens: int = LOSS_CHUNK_TOKENS,
-                           labels=None, attention_mask=None):
+def chunked_causal_lm_loss(
+    model, input_ids, vocab_size: int, chunk_tokens: int = LOSS_CHUNK_TOKENS, labels=None, attention_mask=None
+):
     """Mean next-token cross-entropy without holding the full (tokens x vocab) fp32 logits.
 
     The final hidden states are cut into chunks; each chunk's logits are computed, reduced to a
@@ -46,7 +47,9 @@ def chunked_causal_lm_loss(model, input_ids, vocab_size: int, chunk_tokens: int 
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[
+        :, :-1
+    ]
     labels = (input_ids if labels is None else labels)[:, 1:]
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
@@ -54,7 +57,9 @@ def chunked_causal_lm_loss(model, input_ids, vocab_size: int, chunk_tokens: int 
     total = torch.zeros((), device=hidden.device, dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
         end = start + chunk_tokens
-        total = total + checkpoint(_chunk_loss, lm_head, hidden[start:end], labels[start:end], vocab_size, use_reentrant=False)
+        total = total + checkpoint(
+            _chunk_loss, lm_head, hidden[start:end], labels[start:end], vocab_size, use_reentrant=False
+        )
     return total / (labels != -100).sum().clamp(min=1)
 
 
@@ -71,8 +76,11 @@ def _loss_module_class():
             self.vocab_size = vocab_size
 
         def forward(self, input_ids, labels=None, attention_mask=None):
-            return CausalLMOutput(loss=chunked_causal_lm_loss(self.model, input_ids, self.vocab_size,
-                                                              labels=labels, attention_mask=attention_mask))
+            return CausalLMOutput(
+                loss=chunked_causal_lm_loss(
+                    self.model, input_ids, self.vocab_size, labels=labels, attention_mask=attention_mask
+                )
+            )
 
     return ChunkedLossModel
 

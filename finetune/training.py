@@ -15,14 +15,15 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from finetune import checkpoint as ckpt
-from finetune import data as data_lib
 from finetune import cpu_speed, files, modeling, optimizer_state, schedules, speed
+from finetune import data as data_lib
 from finetune.config import GenerateConfig, RunConfig, dump_yaml
 from finetune.errors import FinetuneError, install_hint
 
@@ -90,11 +91,15 @@ def build_optimizer(model, name: str, lr: float, weight_decay: float, cuda: bool
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
     if name == "adamw8bit":
         if not cuda:
-            raise FinetuneError("--optimizer adamw8bit needs a CUDA GPU; use --optimizer adamw (or adafactor to save memory)")
+            raise FinetuneError(
+                "--optimizer adamw8bit needs a CUDA GPU; use --optimizer adamw (or adafactor to save memory)"
+            )
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise FinetuneError(f"--optimizer adamw8bit needs bitsandbytes; install it with: {install_hint('qlora')}") from None
+            raise FinetuneError(
+                f"--optimizer adamw8bit needs bitsandbytes; install it with: {install_hint('qlora')}"
+            ) from None
         return bnb.optim.AdamW8bit(groups, lr=lr, betas=(0.9, 0.95))
     if name == "adafactor":
         from transformers.optimization import Adafactor
@@ -228,7 +233,9 @@ def evaluate(model, loader, max_batches: int, accelerator) -> float:
             loss = forward_loss(model, batch).detach().double()
             count = _predicted_tokens(batch) if mine < len(picked) else 0
             if count:  # a batch with no predicted token has a NaN mean loss: it adds nothing
-                totals += torch.stack([loss * count, torch.tensor(float(count), dtype=torch.float64, device=loss.device)])
+                totals += torch.stack(
+                    [loss * count, torch.tensor(float(count), dtype=torch.float64, device=loss.device)]
+                )
     model.train()
     if world > 1:
         totals = accelerator.reduce(totals, reduction="sum")
@@ -238,7 +245,9 @@ def evaluate(model, loader, max_batches: int, accelerator) -> float:
 def _earlier_checkpoint_fix(checkpoint: Path) -> str:
     """What to do when `checkpoint` cannot be resumed: the checkpoint before it, or start over."""
     earlier = [p for p in ckpt.list_checkpoints(checkpoint.parent) if p.name < checkpoint.name]
-    return f"resume from an earlier checkpoint with --resume {earlier[-1]}" if earlier else "start over with --overwrite"
+    return (
+        f"resume from an earlier checkpoint with --resume {earlier[-1]}" if earlier else "start over with --overwrite"
+    )
 
 
 def _resume_point(run_dir: Path, resume: str, overwrite: bool) -> Optional[Path]:
@@ -361,28 +370,49 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
     model_source = str(resume_from) if resume_from is not None and not adapter else cfg.model.name
     resume_fix = _earlier_checkpoint_fix(resume_from) if resume_from is not None else None
     if adapter and scratch:
-        raise FinetuneError("--lora adapts a pretrained model; with a from-scratch preset train all weights (drop --lora)")
+        raise FinetuneError(
+            "--lora adapts a pretrained model; with a from-scratch preset train all weights (drop --lora)"
+        )
     model_config = modeling.load_model_config(model_source, cfg.model.trust_remote_code)
     context = modeling.context_length(model_config)
     if prepared_dir is not None:
-        block_size = cfg.data.block_size or json.loads((prepared_dir / data_lib.PREPARED_MANIFEST).read_text())["block_size"]
+        block_size = (
+            cfg.data.block_size or json.loads((prepared_dir / data_lib.PREPARED_MANIFEST).read_text())["block_size"]
+        )
     else:
         block_size = cfg.data.block_size or min(1024, context)
     if block_size > context:
-        raise FinetuneError(f"--block-size {block_size} exceeds the model's context of {context} tokens; use --block-size {context} or less")
+        raise FinetuneError(
+            f"--block-size {block_size} exceeds the model's context of {context} tokens; use --block-size {context} or less"
+        )
 
     with accelerator.main_process_first():
-        prepared = data_lib.load_prepared(prepared_dir, tokenizer, cfg.data.block_size, log=say) if prepared_dir else data_lib.prepare_data(
-            data_files, tokenizer, block_size,
-            line_by_line=cfg.data.line_by_line, val_fraction=cfg.data.val_fraction, val_files=val_files,
-            eos_string=cfg.data.eos_string, encoding=cfg.data.encoding, cache_dir=cfg.data.cache_dir,
-            text_field=cfg.data.text_field, data_format=cfg.data.format, skip_bad_rows=cfg.data.skip_bad_rows,
-            hub=hub, log=say,
+        prepared = (
+            data_lib.load_prepared(prepared_dir, tokenizer, cfg.data.block_size, log=say)
+            if prepared_dir
+            else data_lib.prepare_data(
+                data_files,
+                tokenizer,
+                block_size,
+                line_by_line=cfg.data.line_by_line,
+                val_fraction=cfg.data.val_fraction,
+                val_files=val_files,
+                eos_string=cfg.data.eos_string,
+                encoding=cfg.data.encoding,
+                cache_dir=cfg.data.cache_dir,
+                text_field=cfg.data.text_field,
+                data_format=cfg.data.format,
+                skip_bad_rows=cfg.data.skip_bad_rows,
+                hub=hub,
+                log=say,
+            )
         )
     resolved = replace(cfg, train=replace(t, run_name=run_name), data=replace(cfg.data, block_size=prepared.block_size))
     changes: list[str] = []
     if saved_state is not None:
-        changes = ckpt.compare_for_resume(saved_state["config"], resolved.to_dict(), saved_state["data_key"], prepared.key)
+        changes = ckpt.compare_for_resume(
+            saved_state["config"], resolved.to_dict(), saved_state["data_key"], prepared.key
+        )
 
     baseline_rss = _current_rss()
     if scratch and resume_from is None:
@@ -390,8 +420,13 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
     else:
         # The checkpoint when resuming, except for LoRA runs, whose checkpoints hold only the
         # adapter: their base model comes from model.name.
-        model = modeling.load_pretrained_model(model_source, cfg.model.trust_remote_code, dtype=torch.float32,
-                                               load_in_4bit=cfg.model.load_in_4bit, fix=resume_fix)
+        model = modeling.load_pretrained_model(
+            model_source,
+            cfg.model.trust_remote_code,
+            dtype=torch.float32,
+            load_in_4bit=cfg.model.load_in_4bit,
+            fix=resume_fix,
+        )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     if t.gradient_checkpointing:
@@ -407,8 +442,14 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
         if resume_from is not None:
             model = lora.load_adapter_for_training(model, resume_from)
         else:
-            model = lora.wrap_with_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout,
-                                        cfg.model.lora_targets, t.gradient_checkpointing)
+            model = lora.wrap_with_lora(
+                model,
+                cfg.model.lora_r,
+                cfg.model.lora_alpha,
+                cfg.model.lora_dropout,
+                cfg.model.lora_targets,
+                t.gradient_checkpointing,
+            )
     if resume_from is not None and adapter:  # the adapter's weights: a full checkpoint's were checked as it loaded
         modeling.require_finite(model, resume_from, resume_fix)
     # Fast paths (speed.py): each on by default with CUDA, off on CPU, each with a flag.
@@ -417,10 +458,16 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
         speed.enable_tf32()
     use_chunked_loss = speed.resolve(t.fused_loss, cuda) and speed.supports_chunked_loss(model) and not adapter
     if t.fused_loss and not use_chunked_loss:
-        say("warning: --fused-loss is not available for this model (LoRA or an unlisted architecture); using the model's own loss")
+        say(
+            "warning: --fused-loss is not available for this model (LoRA or an unlisted architecture); using the model's own loss"
+        )
     lm = model  # the transformers model; `model` below is what trains (maybe wrapped, compiled, distributed)
     # Padding needs the chunked loss, which keeps the padded ids out of the softmax.
-    vocab_size = speed.pad_vocabulary(lm) if use_chunked_loss and speed.resolve(t.pad_vocab, cuda) else lm.get_input_embeddings().weight.shape[0]
+    vocab_size = (
+        speed.pad_vocabulary(lm)
+        if use_chunked_loss and speed.resolve(t.pad_vocab, cuda)
+        else lm.get_input_embeddings().weight.shape[0]
+    )
     modeling.freeze_parameters(lm, t.freeze_layers, t.train_only_blocks)  # after padding, which makes new embeddings
     if use_chunked_loss:
         model = speed.with_chunked_loss(lm, vocab_size)
@@ -439,15 +486,19 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
     train_loader = data_lib.make_dataloader(prepared.train, t.batch_size, t.seed, shuffle=True, pad_id=pad)
     train_sampler = train_loader.sampler
     val_loader = (
-        data_lib.make_dataloader(prepared.val, t.batch_size, t.seed, shuffle=False, pad_id=pad) if prepared.val is not None else None
+        data_lib.make_dataloader(prepared.val, t.batch_size, t.seed, shuffle=False, pad_id=pad)
+        if prepared.val is not None
+        else None
     )
     optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay, cuda=cuda)
     # The validation loader stays unprepared: evaluate() splits its batches over the processes
     # itself, without the repeated samples accelerate pads the last batch with.
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if val_loader is not None and len(val_loader) > t.eval_batches:
-        say(f"validation: {t.eval_batches} of the {len(val_loader)} validation batches, evenly spaced over the split "
-            f"(train.eval_batches: {t.eval_batches}; raise it in a --config file to validate on more)")
+        say(
+            f"validation: {t.eval_batches} of the {len(val_loader)} validation batches, evenly spaced over the split "
+            f"(train.eval_batches: {t.eval_batches}; raise it in a --config file to validate on more)"
+        )
 
     steps_per_epoch = max(1, math.ceil(len(train_loader) / t.grad_accum))
     total_steps = t.steps or (math.ceil(t.epochs * steps_per_epoch) if t.epochs else DEFAULT_STEPS)
@@ -465,8 +516,13 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
             for group in optimizer.param_groups:  # saved groups hold the scheduler's key: the load matches keys
                 group.setdefault("initial_lr", group["lr"])
             optimizer_state.restore_from_file(
-                model, optimizer, state_dir / "optimizer.pt", world > 1, is_main,
-                to_local=lambda state: optimizer_state.localized(state, wrapper_prefix, padded_rows, vocab_size))
+                model,
+                optimizer,
+                state_dir / "optimizer.pt",
+                world > 1,
+                is_main,
+                to_local=lambda state: optimizer_state.localized(state, wrapper_prefix, padded_rows, vocab_size),
+            )
         else:  # written before optimizer_format existed: optimizer.state_dict() of a single process or DDP
             optimizer.load_state_dict(ckpt.load_torch_file(state_dir / "optimizer.pt"))
         # The restored optimizer holds the saved settings: this run's --weight-decay applies from here
@@ -479,11 +535,16 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
         epoch, batches_in_epoch = saved_state["epoch"], saved_state["batches_in_epoch"]
         val_loss = saved_state.get("val_loss")
         schedule, plan = resumed_schedule(saved_state, t, step, total_steps)
-        say(f"resuming run '{run_name}' from {resume_from.name} (step {step})"
-            + (f"; changed: {', '.join(changes)}" if changes else "") + plan)
+        say(
+            f"resuming run '{run_name}' from {resume_from.name} (step {step})"
+            + (f"; changed: {', '.join(changes)}" if changes else "")
+            + plan
+        )
         if saved_state.get("num_processes", 1) != world:
-            say(f"warning: the run was saved with {saved_state['num_processes']} processes and resumes with "
-                f"{world}; the data order after this point differs from an uninterrupted run")
+            say(
+                f"warning: the run was saved with {saved_state['num_processes']} processes and resumes with "
+                f"{world}; the data order after this point differs from an uninterrupted run"
+            )
     # The scheduler is stepped by hand once per optimizer step (not prepared by accelerate, which
     # would step it once per process), so the schedule counts optimizer steps.
     scheduler = schedules.scheduler_from(optimizer, schedule, t.lr, step)
@@ -528,18 +589,29 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
         state_dict = speed.drop_tied_aliases(speed.unpad_state_dict(state_dict, unwrapped, vocab_size), unwrapped)
         finite = all(torch.isfinite(p).all() for p in state_dict.values() if p.is_floating_point())
         if world > 1:  # under FSDP only rank 0 holds the gathered weights: all ranks must stop together
-            finite = accelerator.reduce(torch.tensor(float(finite), device=accelerator.device), reduction="sum").item() == world
+            finite = (
+                accelerator.reduce(torch.tensor(float(finite), device=accelerator.device), reduction="sum").item()
+                == world
+            )
         if not finite:
             raise FinetuneError(
                 f"the weights hold NaN/inf at step {step}; not saving them over the last good checkpoint. "
                 f"Lower --lr or use --precision fp32/bf16, then resume"
             )
         state = {
-            "step": step, "tokens_seen": tokens_seen, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
-            "val_loss": val_loss, "num_processes": world, "config": resolved.to_dict(), "data_key": prepared.key,
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "epoch": epoch,
+            "batches_in_epoch": batches_in_epoch,
+            "val_loss": val_loss,
+            "num_processes": world,
+            "config": resolved.to_dict(),
+            "data_key": prepared.key,
             "command": command or "finetune.train(...) (Python API)",
-            "data_mode": prepared.mode, "chat": prepared.chat,
-            "optimizer_saved": optimizer_saved, "optimizer_format": optimizer_state.FORMAT,
+            "data_mode": prepared.mode,
+            "chat": prepared.chat,
+            "optimizer_saved": optimizer_saved,
+            "optimizer_format": optimizer_state.FORMAT,
             "schedule": schedule,
         }
         # Collective under FSDP (every rank gives its shard); only rank 0 writes the result.
@@ -587,18 +659,27 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
         # Sampling draws random numbers; fork the RNG so it does not change the training run.
         with torch.random.fork_rng(devices=[]):
             sampler_model = speed.inner_model(accelerator.unwrap_model(model))
-            texts = generate_texts(sampler_model, tokenizer, gen_cfg, suppress_ids=list(range(vocab_size, padded_rows)),
-                                   synced=sharded_weights)
+            texts = generate_texts(
+                sampler_model,
+                tokenizer,
+                gen_cfg,
+                suppress_ids=list(range(vocab_size, padded_rows)),
+                synced=sharded_weights,
+            )
         model.train()
         if is_main:
             body = f"\n{'=' * 20}\n".join(texts)
-            files.write_atomic(run_dir / "samples" / f"samples-{step:06d}.txt", body + "\n", "training samples", durable=False)
+            files.write_atomic(
+                run_dir / "samples" / f"samples-{step:06d}.txt", body + "\n", "training samples", durable=False
+            )
 
     pending_losses: list = []
     train_loss = float("nan")
     flops_per_token = speed.flops_per_token(lm, prepared.block_size)
     device_peak = speed.peak_flops(torch.cuda.get_device_name(0)) if cuda else None
-    bar = tqdm(total=total_steps, initial=min(step, total_steps), disable=not is_main, dynamic_ncols=True, desc="training")
+    bar = tqdm(
+        total=total_steps, initial=min(step, total_steps), disable=not is_main, dynamic_ncols=True, desc="training"
+    )
     model.train()
     window_start, window_tokens = time.perf_counter(), 0
     # The bar is closed however the loop ends, so an error's message starts on its own line.
@@ -637,7 +718,9 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += _num_tokens(batch) * world * t.grad_accum
-            if pending_losses and (step % sync_every == 0 or step % t.log_every == 0 or step == total_steps or signals.received):
+            if pending_losses and (
+                step % sync_every == 0 or step % t.log_every == 0 or step == total_steps or signals.received
+            ):
                 values = torch.stack(pending_losses).float().tolist()
                 pending_losses.clear()
                 if not all(math.isfinite(v) for v in values):
@@ -652,22 +735,36 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
             bar.update(1)
             tokens_per_s = window_tokens / max(elapsed, 1e-9)
             mfu = tokens_per_s * flops_per_token / device_peak if device_peak else None
-            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_s:,.0f}",
-                            **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
+            bar.set_postfix(
+                loss=f"{train_loss:.3f}",
+                lr=f"{lr:.1e}",
+                tok_s=f"{tokens_per_s:,.0f}",
+                **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}),
+            )
             if is_main and (step % t.log_every == 0 or step == total_steps):
-                _log_to(metrics_path, {
-                    "step": step, "epoch": epoch, "loss": round(train_loss, 6), "lr": lr,
-                    "tokens_seen": tokens_seen, "tokens_per_s": round(tokens_per_s, 1),
-                    "peak_memory_mb": round(peak_memory_bytes(baseline_rss) / 1e6, 1),
-                    **({"mfu": round(mfu, 4)} if mfu is not None else {}),
-                })
+                _log_to(
+                    metrics_path,
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": round(train_loss, 6),
+                        "lr": lr,
+                        "tokens_seen": tokens_seen,
+                        "tokens_per_s": round(tokens_per_s, 1),
+                        "peak_memory_mb": round(peak_memory_bytes(baseline_rss) / 1e6, 1),
+                        **({"mfu": round(mfu, 4)} if mfu is not None else {}),
+                    },
+                )
                 window_start, window_tokens = time.perf_counter(), 0
 
             if val_loader is not None and t.eval_every and (step % t.eval_every == 0 or step == total_steps):
                 val_loss = evaluate(model, val_loader, t.eval_batches, accelerator)
                 perplexity = math.exp(min(val_loss, 50))
                 if is_main:
-                    _log_to(metrics_path, {"step": step, "val_loss": round(val_loss, 6), "val_perplexity": round(perplexity, 4)})
+                    _log_to(
+                        metrics_path,
+                        {"step": step, "val_loss": round(val_loss, 6), "val_perplexity": round(perplexity, 4)},
+                    )
                     bar.write(f"step {step}: validation loss {val_loss:.4f}, perplexity {perplexity:.2f}")
 
             if t.sample_every and step % t.sample_every == 0 and (is_main or sharded_weights):
@@ -675,7 +772,11 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
 
             if (t.save_every and step % t.save_every == 0) or step == total_steps or signals.received:
                 last_checkpoint = save()
-        if signals.received and step > 0 and (last_checkpoint is None or last_checkpoint.name != ckpt.checkpoint_name(step)):
+        if (
+            signals.received
+            and step > 0
+            and (last_checkpoint is None or last_checkpoint.name != ckpt.checkpoint_name(step))
+        ):
             last_checkpoint = save()  # a signal before the first step completed
 
     if signals.received:
@@ -705,19 +806,27 @@ def resumed_schedule(saved_state: dict, t, step: int, total_steps: int) -> tuple
     saved_cfg = saved_state["config"]["train"]
     saved = saved_state.get("schedule")
     if not schedules.is_segment(saved):  # a checkpoint written before "schedule" existed
-        saved = schedules.segment(saved_cfg.get("schedule", t.schedule), saved_cfg.get("warmup", t.warmup), 0,
-                                  saved_cfg.get("steps") or total_steps)
+        saved = schedules.segment(
+            saved_cfg.get("schedule", t.schedule),
+            saved_cfg.get("warmup", t.warmup),
+            0,
+            saved_cfg.get("steps") or total_steps,
+        )
     if step >= total_steps:
         return saved, f"; it already reached step {step} of {total_steps}: pass a larger --steps to train further"
     if step >= saved["end"]:
         fresh = schedules.segment(t.schedule, t.warmup, step, total_steps)
-        return fresh, (f"; the {total_steps - step} added steps get their own LR schedule: {fresh['warmup_steps']} warmup "
-                       f"steps to --lr {t.lr:g}, then {t.schedule} decay to step {total_steps}")
+        return fresh, (
+            f"; the {total_steps - step} added steps get their own LR schedule: {fresh['warmup_steps']} warmup "
+            f"steps to --lr {t.lr:g}, then {t.schedule} decay to step {total_steps}"
+        )
     current = schedules.segment(t.schedule, t.warmup, saved["start"], total_steps)
     if current == saved and saved_cfg.get("lr") == t.lr:
         return current, ""
-    return current, (f"; the LR from step {step + 1} on follows the new settings ({t.schedule} schedule from step "
-                     f"{current['start']} to {total_steps}, {current['warmup_steps']} warmup steps, peak --lr {t.lr:g})")
+    return current, (
+        f"; the LR from step {step + 1} on follows the new settings ({t.schedule} schedule from step "
+        f"{current['start']} to {total_steps}, {current['warmup_steps']} warmup steps, peak --lr {t.lr:g})"
+    )
 
 
 def _metrics_until(path: Path, step: int) -> Optional[list[dict]]:
@@ -741,7 +850,9 @@ def _check_run_files(run_dir: Path) -> None:
         files.read_jsonl(metrics, "metrics file", "delete its damaged lines, or the file")
     config = run_dir / "config.yaml"
     if config.exists() and not config.is_file():
-        raise FinetuneError(f"run file {config} is not a file; remove it (it is rewritten from this command's settings)")
+        raise FinetuneError(
+            f"run file {config} is not a file; remove it (it is rewritten from this command's settings)"
+        )
     samples = run_dir / "samples"
     if samples.exists() and not samples.is_dir():
         raise FinetuneError(f"{samples} is a file where the run keeps its samples directory; move it away")
@@ -756,4 +867,6 @@ def _prepare_run_dir(run_dir: Path, resolved: RunConfig, overwrite: bool, kept_m
         ckpt.remove_leftovers(run_dir)
     dump_yaml(resolved, run_dir / "config.yaml")
     if kept_metrics is not None:
-        files.write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept_metrics), "metrics file")
+        files.write_atomic(
+            run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept_metrics), "metrics file"
+        )

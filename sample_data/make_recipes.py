@@ -46,10 +46,22 @@ DISHES = [
     ("Pasta", "pot"),
 ]
 EXTRAS = [
-    "1 tbsp olive oil", "salt and black pepper", "200 g rice", "1 bag of spinach",
-    "1 red pepper, sliced", "150 g green beans", "1 courgette, diced", "2 carrots, sliced",
-    "250 g pasta", "a handful of coriander", "100 ml stock", "1 tbsp butter",
-    "50 g grated cheese", "2 tbsp yoghurt", "1 tsp cumin seeds", "a pinch of sugar",
+    "1 tbsp olive oil",
+    "salt and black pepper",
+    "200 g rice",
+    "1 bag of spinach",
+    "1 red pepper, sliced",
+    "150 g green beans",
+    "1 courgette, diced",
+    "2 carrots, sliced",
+    "250 g pasta",
+    "a handful of coriander",
+    "100 ml stock",
+    "1 tbsp butter",
+    "50 g grated cheese",
+    "2 tbsp yoghurt",
+    "1 tsp cumin seeds",
+    "a pinch of sugar",
 ]
 STEPS = {
     "oven": [
@@ -102,8 +114,28 @@ TIPS = [
 def short_name(ingredient: str) -> str:
     """'1 lemon, zested and juiced' -> 'lemon'; '2 tbsp honey' -> 'honey'."""
     words = ingredient.split(",")[0].split()
-    while words and (words[0][0].isdigit() or words[0] in ("g", "ml", "tbsp", "tsp", "tin", "of", "a", "handful",
-                                                            "bag", "block", "small", "bunch", "thumb", "pinch", "cloves", "sprigs")):
+    while words and (
+        words[0][0].isdigit()
+        or words[0]
+        in (
+            "g",
+            "ml",
+            "tbsp",
+            "tsp",
+            "tin",
+            "of",
+            "a",
+            "handful",
+            "bag",
+            "block",
+            "small",
+            "bunch",
+            "thumb",
+            "pinch",
+            "cloves",
+            "sprigs",
+        )
+    ):
         words = words[1:]
     return " ".join(words) or ingredient
 
@@ -127,9 +159,13 @@ def recipe(rng: random.Random) -> str:
         "Method:",
     ]
     fill = dict(
-        main=main_key, extra=short_name(extras[0]), temp=rng.choice([180, 190, 200, 220]),
-        minutes=minutes, short=rng.choice([3, 4, 5, 6]),
-        f1=short_name(flavour_lines[0]), f2=short_name(flavour_lines[1]),
+        main=main_key,
+        extra=short_name(extras[0]),
+        temp=rng.choice([180, 190, 200, 220]),
+        minutes=minutes,
+        short=rng.choice([3, 4, 5, 6]),
+        f1=short_name(flavour_lines[0]),
+        f2=short_name(flavour_lines[1]),
     )
     steps = [s.format(**fill) for s in STEPS[method]]
     steps.insert(rng.randint(1, len(steps)), rng.choice(FLAVOUR_STEPS).format(**fill))

@@ -39,7 +39,9 @@ def run_cli(*args: str, expect: int | None = 0):
             import traceback
 
             detail += "".join(traceback.format_exception(result.exception))
-        raise AssertionError(f"finetune {' '.join(map(str, args))} exited {result.exit_code}, expected {expect}:\n{detail}")
+        raise AssertionError(
+            f"finetune {' '.join(map(str, args))} exited {result.exit_code}, expected {expect}:\n{detail}"
+        )
     return result
 
 
@@ -72,26 +74,47 @@ def make_model_dir(path: Path, architecture: str = "gpt2", dropout: bool = True)
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([SAMPLE.read_text()], vocab_size=600, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    bpe.train_from_iterator(
+        [SAMPLE.read_text()], vocab_size=600, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
     common = dict(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=0, pad_token_id=0)
     if architecture == "gpt2":
         rates = {} if dropout else dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         config = AutoConfig.for_model("gpt2", n_positions=256, n_embd=64, n_layer=2, n_head=2, **rates, **common)
     elif architecture in ("llama", "qwen2", "qwen3", "mistral"):
         config = AutoConfig.for_model(
-            architecture, max_position_embeddings=256, hidden_size=64, intermediate_size=128,
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **common,
+            architecture,
+            max_position_embeddings=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **common,
         )
     elif architecture == "gpt_neox":
         config = AutoConfig.for_model(
-            "gpt_neox", max_position_embeddings=256, hidden_size=64, intermediate_size=128,
-            num_hidden_layers=2, num_attention_heads=4, **common,
+            "gpt_neox",
+            max_position_embeddings=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            **common,
         )
     elif architecture == "opt":  # an architecture the ONNX exporter does not list
         config = AutoConfig.for_model(
-            "opt", max_position_embeddings=256, hidden_size=64, ffn_dim=128, word_embed_proj_dim=64,
-            num_hidden_layers=2, num_attention_heads=4, **common,
+            "opt",
+            max_position_embeddings=256,
+            hidden_size=64,
+            ffn_dim=128,
+            word_embed_proj_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            **common,
         )
     else:
         raise ValueError(architecture)
@@ -119,7 +142,23 @@ def trained_run(tmp_path_factory) -> Path:
     """The quick-start command, shortened: tiny preset on the sample recipes, 60 steps."""
     root = tmp_path_factory.mktemp("trained")
     run_cli(
-        "train", SAMPLE, "--model", "tiny", "--runs-dir", root / "runs", "--run-name", "recipes",
-        "--steps", 60, "--eval-every", 15, "--sample-every", 30, "--save-every", 30, "--keep", 1,
+        "train",
+        SAMPLE,
+        "--model",
+        "tiny",
+        "--runs-dir",
+        root / "runs",
+        "--run-name",
+        "recipes",
+        "--steps",
+        60,
+        "--eval-every",
+        15,
+        "--sample-every",
+        30,
+        "--save-every",
+        30,
+        "--keep",
+        1,
     )
     return root / "runs" / "recipes"

@@ -19,8 +19,11 @@ _original_init = accelerate.Accelerator.__init__
 def _init_with_fsdp2(self, *args, **kwargs):
     _original_init(self, *args, **kwargs)
     self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, reshard_after_forward=True, state_dict_type="FULL_STATE_DICT",
-        auto_wrap_policy="transformer_based_wrap", cpu_ram_efficient_loading=False,
+        fsdp_version=2,
+        reshard_after_forward=True,
+        state_dict_type="FULL_STATE_DICT",
+        auto_wrap_policy="transformer_based_wrap",
+        cpu_ram_efficient_loading=False,
     )
 
 

@@ -21,8 +21,15 @@ def build():
     torch.manual_seed(0)
     # Llama, not GPT-2: GPT-2's key biases get a zero gradient, and Adam turns their float noise
     # into full-size updates that differ between any two runs.
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     return LlamaForCausalLM(config)
 
 

@@ -23,9 +23,10 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 from conftest import SAMPLE, run_cli
 
@@ -46,8 +47,20 @@ RESUME_STEPS = 6
 # Small batches and blocks keep each step cheap; every kind of file a run holds is still written
 # (two checkpoints, metrics with validation, samples).
 TRAIN_FLAGS = [
-    "--model", "tiny", "--save-every", 2, "--eval-every", 2, "--sample-every", 2, "--log-every", 1,
-    "--batch-size", 4, "--block-size", 64,
+    "--model",
+    "tiny",
+    "--save-every",
+    2,
+    "--eval-every",
+    2,
+    "--sample-every",
+    2,
+    "--log-every",
+    1,
+    "--batch-size",
+    4,
+    "--block-size",
+    64,
 ]
 
 
@@ -56,8 +69,26 @@ def build_trees(root: Path) -> dict[str, Path]:
     root.mkdir(parents=True, exist_ok=True)
     run_cli("train", SAMPLE, *TRAIN_FLAGS, "--steps", TRAIN_STEPS, "--runs-dir", root / "runs", "--run-name", RUN_NAME)
     checkpoint = root / TREE_HOME["run"] / LATEST
-    run_cli("export", "--checkpoint", checkpoint, "--format", "safetensors", "--no-verify", "--output", root / TREE_HOME["export-safetensors"])
-    run_cli("export", "--checkpoint", checkpoint, "--format", "onnx", "--no-verify", "--output", root / TREE_HOME["export-onnx"])
+    run_cli(
+        "export",
+        "--checkpoint",
+        checkpoint,
+        "--format",
+        "safetensors",
+        "--no-verify",
+        "--output",
+        root / TREE_HOME["export-safetensors"],
+    )
+    run_cli(
+        "export",
+        "--checkpoint",
+        checkpoint,
+        "--format",
+        "onnx",
+        "--no-verify",
+        "--output",
+        root / TREE_HOME["export-onnx"],
+    )
     run_cli("prepare", SAMPLE, "--model", "tiny", "--output", root / TREE_HOME["prepared"])
     return {tree: root / home for tree, home in TREE_HOME.items()}
 
@@ -69,11 +100,11 @@ def build_trees(root: Path) -> dict[str, Path]:
 ERROR, OK, EITHER = "error", "ok", "either"  # EITHER: exit 2 naming the file, or success with the intact result
 
 # Roles: how a command uses a file, and so what each fault must give (RULES below).
-NEEDED = "needed"        # read, and the command cannot work without it
-OPTIONAL = "optional"    # read when present; its absence is normal, bad contents are an error
-UNUSED = "unused"        # never read: any damage is harmless
+NEEDED = "needed"  # read, and the command cannot work without it
+OPTIONAL = "optional"  # read when present; its absence is normal, bad contents are an error
+UNUSED = "unused"  # never read: any damage is harmless
 REWRITTEN = "rewritten"  # written again without being read (a resumed run's config.yaml)
-LOG = "log"              # an append-only log: a torn last line, or none at all, is normal after a crash
+LOG = "log"  # an append-only log: a torn last line, or none at all, is normal after a crash
 
 # "json-value" is any other wrong JSON (an object lacking a needed key, a number...): hypothesis draws it.
 CONTENT_FAULTS = ("truncate", "empty", "random", "json-list", "json-string", "json-keys", "json-value")
@@ -82,7 +113,13 @@ RULES = {
     OPTIONAL: {**{fault: ERROR for fault in CONTENT_FAULTS}, "missing": OK, "dir-for-file": ERROR},
     UNUSED: {fault: OK for fault in (*CONTENT_FAULTS, "missing", "dir-for-file")},
     REWRITTEN: {**{fault: OK for fault in CONTENT_FAULTS}, "missing": OK, "dir-for-file": ERROR},
-    LOG: {**{fault: ERROR for fault in CONTENT_FAULTS}, "truncate": OK, "empty": OK, "missing": OK, "dir-for-file": ERROR},
+    LOG: {
+        **{fault: ERROR for fault in CONTENT_FAULTS},
+        "truncate": OK,
+        "empty": OK,
+        "missing": OK,
+        "dir-for-file": ERROR,
+    },
 }
 
 
@@ -91,10 +128,10 @@ class Command:
     """A command that reads one tree: its arguments, the files it needs, and what it may write."""
 
     tree: str
-    argv: Callable[[Path], list]      # case directory -> `finetune ...` arguments
+    argv: Callable[[Path], list]  # case directory -> `finetune ...` arguments
     reads: tuple[tuple[str, str], ...]  # (glob on the path inside the tree, role); first match wins; else UNUSED
-    writes_into: tuple[str, ...] = ()   # directories of the tree it adds files to (a file in their place is an error)
-    outputs: tuple[str, ...] = ()       # globs (inside the case directory) a successful run may create or change
+    writes_into: tuple[str, ...] = ()  # directories of the tree it adds files to (a file in their place is an error)
+    outputs: tuple[str, ...] = ()  # globs (inside the case directory) a successful run may create or change
     result: Callable[[Path, object], object] = lambda case, result: result.stdout  # compared with the intact tree's
 
 
@@ -127,18 +164,28 @@ def _checkpoint_reads(checkpoint: str, resume: bool) -> tuple[tuple[str, str], .
 
 def _generate(*source) -> Callable[[Path], list]:
     """`finetune generate` from `source` (a Path is taken inside the case directory), short and seeded."""
-    return lambda case: ["generate", *[case / s if isinstance(s, Path) else s for s in source],
-                         "--max-new-tokens", 4, "--seed", 1, "--prompt", "Title:"]
+    return lambda case: [
+        "generate",
+        *[case / s if isinstance(s, Path) else s for s in source],
+        "--max-new-tokens",
+        4,
+        "--seed",
+        1,
+        "--prompt",
+        "Title:",
+    ]
 
 
 RUN = Path(TREE_HOME["run"])
 COMMANDS = {
     "generate-checkpoint": Command(
-        tree="run", argv=_generate("--checkpoint", RUN / LATEST),
+        tree="run",
+        argv=_generate("--checkpoint", RUN / LATEST),
         reads=_checkpoint_reads(LATEST, resume=False),
     ),
     "generate-run": Command(
-        tree="run", argv=_generate("--run", RUN_NAME, "--runs-dir", Path("runs")),
+        tree="run",
+        argv=_generate("--run", RUN_NAME, "--runs-dir", Path("runs")),
         # the `latest` pointer; without it, the newest complete checkpoint (which is the same one)
         reads=(("latest", OPTIONAL), *_checkpoint_reads(LATEST, resume=False)),
     ),
@@ -152,28 +199,68 @@ COMMANDS = {
     ),
     "resume": Command(
         tree="run",
-        argv=lambda case: ["train", SAMPLE, *TRAIN_FLAGS, "--steps", RESUME_STEPS, "--runs-dir", case / "runs",
-                           "--run-name", RUN_NAME],
-        reads=(("latest", OPTIONAL), ("metrics.jsonl", LOG), ("config.yaml", REWRITTEN),
-               *_checkpoint_reads(LATEST, resume=True)),
+        argv=lambda case: [
+            "train",
+            SAMPLE,
+            *TRAIN_FLAGS,
+            "--steps",
+            RESUME_STEPS,
+            "--runs-dir",
+            case / "runs",
+            "--run-name",
+            RUN_NAME,
+        ],
+        reads=(
+            ("latest", OPTIONAL),
+            ("metrics.jsonl", LOG),
+            ("config.yaml", REWRITTEN),
+            *_checkpoint_reads(LATEST, resume=True),
+        ),
         writes_into=("samples",),
-        outputs=(f"{RUN}/checkpoint-{RESUME_STEPS:06d}", f"{RUN}/checkpoint-{RESUME_STEPS:06d}/**", f"{RUN}/latest",
-                 f"{RUN}/metrics.jsonl", f"{RUN}/config.yaml", f"{RUN}/samples/samples-{RESUME_STEPS:06d}.txt"),
+        outputs=(
+            f"{RUN}/checkpoint-{RESUME_STEPS:06d}",
+            f"{RUN}/checkpoint-{RESUME_STEPS:06d}/**",
+            f"{RUN}/latest",
+            f"{RUN}/metrics.jsonl",
+            f"{RUN}/config.yaml",
+            f"{RUN}/samples/samples-{RESUME_STEPS:06d}.txt",
+        ),
         result=_files_digest(f"{RUN}/checkpoint-{RESUME_STEPS:06d}/model.safetensors"),
     ),
     "generate-model": Command(  # a safetensors export is a plain Hugging Face model directory
-        tree="export-safetensors", argv=_generate("--model", Path(TREE_HOME["export-safetensors"])),
-        reads=(("config.json", NEEDED), ("model.safetensors", NEEDED), ("tokenizer.json", NEEDED),
-               ("tokenizer_config.json", NEEDED), ("generation_config.json", OPTIONAL)),
+        tree="export-safetensors",
+        argv=_generate("--model", Path(TREE_HOME["export-safetensors"])),
+        reads=(
+            ("config.json", NEEDED),
+            ("model.safetensors", NEEDED),
+            ("tokenizer.json", NEEDED),
+            ("tokenizer_config.json", NEEDED),
+            ("generation_config.json", OPTIONAL),
+        ),
     ),
     "generate-onnx": Command(  # ONNX Runtime, numpy and tokenizers only: no config or tokenizer_config
-        tree="export-onnx", argv=_generate("--onnx", Path(TREE_HOME["export-onnx"])),
+        tree="export-onnx",
+        argv=_generate("--onnx", Path(TREE_HOME["export-onnx"])),
         reads=(("finetune_onnx.json", NEEDED), ("model.onnx", NEEDED), ("tokenizer.json", NEEDED)),
     ),
     "train-prepared": Command(
         tree="prepared",
-        argv=lambda case: ["train", case / TREE_HOME["prepared"], "--model", "tiny", "--steps", 1, "--runs-dir",
-                           case / "runs-p", "--run-name", "p", "--sample-every", 0, "--save-every", 0],
+        argv=lambda case: [
+            "train",
+            case / TREE_HOME["prepared"],
+            "--model",
+            "tiny",
+            "--steps",
+            1,
+            "--runs-dir",
+            case / "runs-p",
+            "--run-name",
+            "p",
+            "--sample-every",
+            0,
+            "--save-every",
+            0,
+        ],
         reads=(("*", NEEDED),),  # tokens, block indices, manifest, metadata, tokenizer: all of it
         outputs=("runs-p", "runs-p/**"),
         result=_files_digest("runs-p/p/checkpoint-000001/model.safetensors"),
@@ -224,6 +311,7 @@ def expected(command_name: str, tree_root: Path, relative: str, fault: str) -> s
 # ---------------------------------------------------------------------------------------------
 # The faults
 # ---------------------------------------------------------------------------------------------
+
 
 def _random_bytes(path: Path, relative: str) -> None:
     """Same length, seeded by the name; never valid UTF-8 or JSON, with a line break early on so a text
@@ -287,6 +375,7 @@ def faults_for(path: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Cases: enumerate, run, judge
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Case:
@@ -409,10 +498,14 @@ class Sweep:
         case_dir, root = self._case_dir(command.tree)
         try:
             want = expected(case.command, root, case.relative, case.fault)
-            before = {parent.as_posix(): ("dir",) for parent in (Path(home), *Path(home).parents) if parent != Path(".")}
+            before = {
+                parent.as_posix(): ("dir",) for parent in (Path(home), *Path(home).parents) if parent != Path(".")
+            }
             before.update({f"{home}/{p}": v for p, v in self.snapshots[command.tree].items()})
             target = root / case.relative
-            for stale in [p for p in before if p == f"{home}/{case.relative}" or p.startswith(f"{home}/{case.relative}/")]:
+            for stale in [
+                p for p in before if p == f"{home}/{case.relative}" or p.startswith(f"{home}/{case.relative}/")
+            ]:
                 del before[stale]
             damage(target) if damage else FAULTS[case.fault](target, case.relative)
             if target.exists():
@@ -433,8 +526,12 @@ class Sweep:
         text = result.output
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         first_error = next((line for line in lines if line.startswith("error:")), lines[-1] if lines else "")
-        if "Traceback" in text or "unexpected" in text or result.exit_code == 1 or (
-                result.exception is not None and not isinstance(result.exception, SystemExit)):
+        if (
+            "Traceback" in text
+            or "unexpected" in text
+            or result.exit_code == 1
+            or (result.exception is not None and not isinstance(result.exception, SystemExit))
+        ):
             problems.append((TRACEBACK, first_error[:300]))
             return
         if result.exit_code == 0:

@@ -52,11 +52,15 @@ def main() -> int:
         for number, case in enumerate(cases, 1):
             outcome = sweep.run(case)
             outcomes.append(outcome)
-            print(f"[{number}/{len(cases)}] {'pass' if outcome.passed else 'FAIL'} {case.id}", file=sys.stderr, flush=True)
+            print(
+                f"[{number}/{len(cases)}] {'pass' if outcome.passed else 'FAIL'} {case.id}", file=sys.stderr, flush=True
+            )
 
     failing = [outcome for outcome in outcomes if not outcome.passed]
-    print(f"\n{len(outcomes)} cases, {len(outcomes) - len(failing)} pass, {len(failing)} fail "
-          f"({time.time() - started:.0f} s)")
+    print(
+        f"\n{len(outcomes)} cases, {len(outcomes) - len(failing)} pass, {len(failing)} fail "
+        f"({time.time() - started:.0f} s)"
+    )
     by_command = Counter(o.case.command for o in failing)
     totals = Counter(o.case.command for o in outcomes)
     for command in totals:
@@ -74,9 +78,21 @@ def main() -> int:
             for outcome in items:
                 print(f"  {describe(outcome)}")
     if args.json:
-        Path(args.json).write_text(json.dumps([
-            {"case": o.case.id, "expected": o.expected, "exit_code": o.exit_code, "stderr": o.stderr[-2000:],
-             "problems": o.problems} for o in outcomes], indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                [
+                    {
+                        "case": o.case.id,
+                        "expected": o.expected,
+                        "exit_code": o.exit_code,
+                        "stderr": o.stderr[-2000:],
+                        "problems": o.problems,
+                    }
+                    for o in outcomes
+                ],
+                indent=1,
+            )
+        )
     return 1 if failing else 0
 
 
@@ -86,7 +102,10 @@ def compact(failing) -> list[str]:
     for outcome in failing:
         causes = " + ".join(sorted({cause for cause, _ in outcome.problems}))
         faults.setdefault((causes, outcome.case.command, outcome.case.relative), []).append(outcome.case.fault)
-    return [f"{causes} | {command} | {relative} | {', '.join(names)}" for (causes, command, relative), names in sorted(faults.items())]
+    return [
+        f"{causes} | {command} | {relative} | {', '.join(names)}"
+        for (causes, command, relative), names in sorted(faults.items())
+    ]
 
 
 if __name__ == "__main__":

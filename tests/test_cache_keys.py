@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pytest
-
 from conftest import SAMPLE, run_cli
 
 RECIPES = [r.strip() for r in SAMPLE.read_text().split("<|endoftext|>")][:40]
@@ -60,8 +59,22 @@ def _other_tokenizer(tokenizer):
         lambda d, t: dict(hub=(("someone/data", "train"),)),
         lambda d, t: dict(files=[d / "b.txt"]),
     ],
-    ids=["format-per-file", "format-flag", "latin-1", "cp1252", "text-field", "line-by-line", "eos-string",
-         "skip-bad-rows", "val-file", "val-fraction", "block-size", "tokenizer", "hub", "contents"],
+    ids=[
+        "format-per-file",
+        "format-flag",
+        "latin-1",
+        "cp1252",
+        "text-field",
+        "line-by-line",
+        "eos-string",
+        "skip-bad-rows",
+        "val-file",
+        "val-fraction",
+        "block-size",
+        "tokenizer",
+        "hub",
+        "contents",
+    ],
 )
 def test_each_input_changes_the_cache_key(data, tokenizer, change):
     assert _key(data, tokenizer, **change(data, tokenizer)) != _key(data, tokenizer)
@@ -82,7 +95,11 @@ def test_unchanged_inputs_keep_their_key(data, tokenizer):
 
     (data / "copy.txt").write_bytes((data / "a.txt").read_bytes())
     assert CACHE_VERSION == 3
-    assert _key(data, tokenizer) == _key(data, tokenizer, files=[data / "copy.txt"]) == _key(data, tokenizer, encoding="UTF8")
+    assert (
+        _key(data, tokenizer)
+        == _key(data, tokenizer, files=[data / "copy.txt"])
+        == _key(data, tokenizer, encoding="UTF8")
+    )
 
 
 def prepare(*args, expect=0):
@@ -124,8 +141,22 @@ def test_a_cached_text_file_under_a_wrong_name_or_codec_fails(data, gpt2_dir, re
     prepare("a.txt", "--model", gpt2_dir, "--output", "first", "--block-size", 16)
     if rename != "a.txt":
         shutil.copy(data / "a.txt", data / rename)
-    result = run_cli("train", rename, *extra, "--model", gpt2_dir, "--cache-dir", "cache", "--steps", 1,
-                     "--block-size", 16, "--sample-every", 0, expect=2)
+    result = run_cli(
+        "train",
+        rename,
+        *extra,
+        "--model",
+        gpt2_dir,
+        "--cache-dir",
+        "cache",
+        "--steps",
+        1,
+        "--block-size",
+        16,
+        "--sample-every",
+        0,
+        expect=2,
+    )
     assert message.format(data) in result.output, result.output
     assert "unexpected" not in result.output and "Traceback" not in result.output
     assert not (data / "runs").exists()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_cli
 
 
@@ -53,23 +52,45 @@ def _snapshot(root):
     [
         (["train", "{sample}", "--model", "tiny", "--seed", "-1"], "train.seed (--seed) must be in [0, 2**32 - 1]"),
         (["generate", "--run", "recipes", "--seed", "99999999999"], "--seed must be in [0, 2**32 - 1]"),
-        (["train", "{sample}", "--model", "tiny", "--steps", "2", "--warmup", "5000"],
-         "train.warmup (--warmup) of 5000 steps is not shorter than the 2 training steps"),
+        (
+            ["train", "{sample}", "--model", "tiny", "--steps", "2", "--warmup", "5000"],
+            "train.warmup (--warmup) of 5000 steps is not shorter than the 2 training steps",
+        ),
         (["train", "{run}", "--model", "tiny", "--run-name", "x"], "is a run directory, not training data"),
-        (["generate", "--checkpoint", "{onnx}", "-p", "Title:"], "is an ONNX export, not a PyTorch model; sample from it with --onnx"),
+        (
+            ["generate", "--checkpoint", "{onnx}", "-p", "Title:"],
+            "is an ONNX export, not a PyTorch model; sample from it with --onnx",
+        ),
         (["generate", "--onnx", "nosuchdir"], "ONNX export directory nosuchdir does not exist"),
-        (["generate", "--run", "recipes", "-p", "Title:", "-o", "{dir}"], "is a directory, not a file; pass a file path"),
+        (
+            ["generate", "--run", "recipes", "-p", "Title:", "-o", "{dir}"],
+            "is a directory, not a file; pass a file path",
+        ),
         (["generate", "--run", "recipes", "--prompt-file", "{separators}"], "prompt file '{separators}' is empty"),
         (["export", "--run", "recipes", "--output", "{file}", "--overwrite"], "is a file, not a directory"),
         (["prepare", "{sample}", "--model", "tiny", "--output", "{run}/checkpoint-000060/prep"], "lies inside the run"),
         (["train", "--config", "{dir}", "{sample}"], "is a directory; pass a YAML file"),
         (["train", "{strings}", "--model", "tiny"], 'expected a JSON object; write records such as {{"text": "..."}}'),
-        (["train", "{sample}", "--model", "tiny", "--run-name", "recipes", "--steps", "61", "--batch-size", "8"],
-         "cannot resume: --batch-size changed (16 -> 8) since the checkpoint"),
+        (
+            ["train", "{sample}", "--model", "tiny", "--run-name", "recipes", "--steps", "61", "--batch-size", "8"],
+            "cannot resume: --batch-size changed (16 -> 8) since the checkpoint",
+        ),
     ],
-    ids=["train-seed", "generate-seed", "warmup-longer-than-run", "run-dir-as-data", "onnx-dir-as-checkpoint",
-         "missing-onnx-dir", "samples-output-is-a-dir", "prompt-file-of-separators", "export-output-is-a-file",
-         "prepare-into-a-checkpoint", "config-is-a-dir", "json-list-of-strings", "resume-with-another-batch-size"],
+    ids=[
+        "train-seed",
+        "generate-seed",
+        "warmup-longer-than-run",
+        "run-dir-as-data",
+        "onnx-dir-as-checkpoint",
+        "missing-onnx-dir",
+        "samples-output-is-a-dir",
+        "prompt-file-of-separators",
+        "export-output-is-a-file",
+        "prepare-into-a-checkpoint",
+        "config-is-a-dir",
+        "json-list-of-strings",
+        "resume-with-another-batch-size",
+    ],
 )
 def test_careless_inputs_are_one_line_and_change_nothing(workdir, trained_run, args, fragment):
     """Cases a new user tried: each is refused before any work, in one line naming the cause."""
@@ -86,8 +107,15 @@ def test_careless_inputs_are_one_line_and_change_nothing(workdir, trained_run, a
     (workdir / "afile.txt").write_text("mine")
     (workdir / "seps.txt").write_text("====================\n====================\n")
     (workdir / "strings.json").write_text('["a b c", "d e f"]')
-    names = {"sample": SAMPLE, "run": "runs/recipes", "onnx": onnx, "dir": "adir", "file": "afile.txt",
-             "separators": "seps.txt", "strings": "strings.json"}
+    names = {
+        "sample": SAMPLE,
+        "run": "runs/recipes",
+        "onnx": onnx,
+        "dir": "adir",
+        "file": "afile.txt",
+        "separators": "seps.txt",
+        "strings": "strings.json",
+    }
     args = [a.format(**names) for a in args]
     before = _snapshot(workdir)
     result = run_cli(*args, expect=2)
@@ -104,8 +132,10 @@ def test_the_python_api_checks_types_and_takes_a_stop_string_whole(trained_run, 
         finetune.train(123, model="tiny")
     with pytest.raises(finetune.FinetuneError, match="'temperature' must be a number"):
         finetune.generate("Title:", run="recipes", runs_dir=str(trained_run.parent), temperature="hot")
-    common = dict(run="recipes", runs_dir=str(trained_run.parent), max_new_tokens=40, temperature=0, log=lambda _m: None)
+    common = dict(
+        run="recipes", runs_dir=str(trained_run.parent), max_new_tokens=40, temperature=0, log=lambda _m: None
+    )
     whole = finetune.generate("Title:", **common)[0]
     assert finetune.generate("Title:", stop="zq", **common) == [whole]  # not a stop at every 'z' and 'q'
-    first = next(ch for ch in whole[len("Title:"):] if ch.strip())
-    assert finetune.generate("Title:", stop=[first], **common)[0] == "Title:" + whole[len("Title:"):].split(first)[0]
+    first = next(ch for ch in whole[len("Title:") :] if ch.strip())
+    assert finetune.generate("Title:", stop=[first], **common)[0] == "Title:" + whole[len("Title:") :].split(first)[0]

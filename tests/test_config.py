@@ -55,7 +55,9 @@ def test_coerce_accepts(value, tp, expected):
     assert coerce("k", value, tp) == expected
 
 
-@pytest.mark.parametrize("value, tp", [(True, int), (1.5, int), ("x", float), (float("nan"), float), (1, bool), ([1], list[str])])
+@pytest.mark.parametrize(
+    "value, tp", [(True, int), (1.5, int), ("x", float), (float("nan"), float), (1, bool), ([1], list[str])]
+)
 def test_coerce_rejects(value, tp):
     with pytest.raises(FinetuneError, match="config key 'k' must be"):
         coerce("k", value, tp)
@@ -81,7 +83,9 @@ def test_bundled_tiny_config_matches_the_built_in_preset():
     assert bundled == PRESET_DEFAULTS["tiny"]
 
 
-@pytest.mark.parametrize("name,hf_name", [("cosine", "cosine"), ("linear", "linear"), ("constant", "constant_with_warmup")])
+@pytest.mark.parametrize(
+    "name,hf_name", [("cosine", "cosine"), ("linear", "linear"), ("constant", "constant_with_warmup")]
+)
 def test_lr_schedules_equal_transformers_get_scheduler(name, hf_name):
     import torch
     from transformers import get_scheduler

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import SAMPLE, make_model_dir, read_metrics, run_cli
 
 
@@ -75,8 +74,9 @@ def test_attention_equals_the_reference_formula(monkeypatch, mask_kind):
     assert torch.allclose(out[rows], expected[rows], atol=1e-5)
     # Without dropout it is SDPA itself.
     out, _ = cpu_speed.attention(module, query, key, value, mask, scaling=0.5, dropout=0.0)
-    reference = F.scaled_dot_product_attention(query, k, v, attn_mask=None if mask is None else allowed,
-                                               is_causal=mask is None, scale=0.5).transpose(1, 2)
+    reference = F.scaled_dot_product_attention(
+        query, k, v, attn_mask=None if mask is None else allowed, is_causal=mask is None, scale=0.5
+    ).transpose(1, 2)
     assert torch.allclose(out[rows], reference[rows], atol=1e-5)
 
 
@@ -110,8 +110,24 @@ def test_swapped_model_gives_the_same_loss_gradients_and_eval_logits(tmp_path):
 
 def test_cli_runs_with_and_without_cpu_kernels(workdir, tmp_path):
     plain_dir = make_model_dir(tmp_path / "plain", "gpt2", dropout=False)
-    base = ["train", SAMPLE, "--model", plain_dir, "--steps", 3, "--batch-size", 4, "--block-size", 32,
-            "--log-every", 1, "--eval-every", 0, "--sample-every", 0]
+    base = [
+        "train",
+        SAMPLE,
+        "--model",
+        plain_dir,
+        "--steps",
+        3,
+        "--batch-size",
+        4,
+        "--block-size",
+        32,
+        "--log-every",
+        1,
+        "--eval-every",
+        0,
+        "--sample-every",
+        0,
+    ]
     fast = run_cli(*base, "--run-name", "fast")
     run_cli(*base, "--run-name", "slow", "--no-cpu-kernels")
     assert "CPU fast paths: GELU" in fast.stderr

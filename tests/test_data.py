@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
@@ -37,8 +36,14 @@ def test_documents_split_on_eos_string_and_lines(tmp_path):
 
 def test_documents_are_joined_with_the_real_eos_id(tmp_path, tokenizer):
     (tmp_path / "a.txt").write_text("hello world<|endoftext|>goodbye")
-    prepared = prepare_data(resolve_files([str(tmp_path / "a.txt")]), tokenizer, 4, val_fraction=0,
-                            cache_dir=str(tmp_path / "c"), log=lambda _m: None)
+    prepared = prepare_data(
+        resolve_files([str(tmp_path / "a.txt")]),
+        tokenizer,
+        4,
+        val_fraction=0,
+        cache_dir=str(tmp_path / "c"),
+        log=lambda _m: None,
+    )
     tokens = np.asarray(prepared.train.tokens).tolist()
     hello = tokenizer("hello world", add_special_tokens=False).input_ids
     bye = tokenizer("goodbye", add_special_tokens=False).input_ids
@@ -50,8 +55,14 @@ def test_documents_are_joined_with_the_real_eos_id(tmp_path, tokenizer):
 
 def test_blocks_cover_the_stream_and_validation_is_spread(tmp_path, tokenizer):
     (tmp_path / "a.txt").write_text(" ".join(f"word{i}" for i in range(3000)))
-    prepared = prepare_data(resolve_files([str(tmp_path / "a.txt")]), tokenizer, 16, val_fraction=0.1,
-                            cache_dir=str(tmp_path / "c"), log=lambda _m: None)
+    prepared = prepare_data(
+        resolve_files([str(tmp_path / "a.txt")]),
+        tokenizer,
+        16,
+        val_fraction=0.1,
+        cache_dir=str(tmp_path / "c"),
+        log=lambda _m: None,
+    )
     n_blocks = len(prepared.train) + len(prepared.val)
     assert len(prepared.val) == round(n_blocks * 0.1)
     assert set(prepared.train.indices).isdisjoint(prepared.val.indices)
@@ -100,8 +111,13 @@ def test_streamed_pieces_and_workers_give_the_exact_tokens_of_whole_documents(tm
     and a long document all split across reads; 2 worker processes change nothing either."""
     import finetune.reading as reading
 
-    text = ("Crème brûlée, naïve café — 12 × 3.\nSecond line here.\n  indented line\n" * 40 + "<|endoftext|>"
-            + "short doc" + "<|endoftext|>" + "Ünïcödé tail " * 30)
+    text = (
+        "Crème brûlée, naïve café — 12 × 3.\nSecond line here.\n  indented line\n" * 40
+        + "<|endoftext|>"
+        + "short doc"
+        + "<|endoftext|>"
+        + "Ünïcödé tail " * 30
+    )
     path = tmp_path / "long.txt"
     path.write_text(text, encoding="utf-8")
     eos = tokenizer.eos_token_id

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import SAMPLE, make_read_only, make_writable, run_cli
 
 
@@ -49,8 +48,22 @@ def test_bad_data_files(files, name, message):
 
 
 def test_wrong_encoding_is_fixed_by_the_flag(files, gpt2_dir):
-    run_cli("train", "latin.txt", "--encoding", "cp1252", "--model", gpt2_dir, "--steps", 1, "--block-size", 16,
-            "--sample-every", 0, "--run-name", "latin")
+    run_cli(
+        "train",
+        "latin.txt",
+        "--encoding",
+        "cp1252",
+        "--model",
+        gpt2_dir,
+        "--steps",
+        1,
+        "--block-size",
+        16,
+        "--sample-every",
+        0,
+        "--run-name",
+        "latin",
+    )
 
 
 def test_directory_without_text_files(workdir):
@@ -108,15 +121,32 @@ def test_bad_config_files(workdir, yaml_text, message):
 
 
 def test_hub_model_without_network(workdir):
-    train_error(SAMPLE, "--model", "someone/some-model", message="pass a local directory with --model PATH, or --model tiny")
+    train_error(
+        SAMPLE, "--model", "someone/some-model", message="pass a local directory with --model PATH, or --model tiny"
+    )
 
 
 def test_missing_local_model_directory(workdir):
-    train_error(SAMPLE, "--model", "./models/nothing-here", message="model directory './models/nothing-here' does not exist")
+    train_error(
+        SAMPLE, "--model", "./models/nothing-here", message="model directory './models/nothing-here' does not exist"
+    )
 
 
 def test_existing_run_is_not_overwritten(workdir, gpt2_dir):
-    args = ["train", SAMPLE, "--model", gpt2_dir, "--steps", 2, "--block-size", 32, "--sample-every", 0, "--run-name", "keep"]
+    args = [
+        "train",
+        SAMPLE,
+        "--model",
+        gpt2_dir,
+        "--steps",
+        2,
+        "--block-size",
+        32,
+        "--sample-every",
+        0,
+        "--run-name",
+        "keep",
+    ]
     run_cli(*args)
     weights = workdir / "runs/keep/checkpoint-000002/model.safetensors"
     before = weights.read_bytes()
@@ -148,8 +178,18 @@ def test_unwritable_output_file(trained_run, workdir):
     if not make_read_only(workdir / "ro"):
         pytest.skip("cannot make a directory read-only here")
     try:
-        result = run_cli("generate", "--runs-dir", trained_run.parent, "--max-new-tokens", 2, "--n", 2,
-                         "--output", workdir / "ro" / "sub" / "x.txt", expect=None)
+        result = run_cli(
+            "generate",
+            "--runs-dir",
+            trained_run.parent,
+            "--max-new-tokens",
+            2,
+            "--n",
+            2,
+            "--output",
+            workdir / "ro" / "sub" / "x.txt",
+            expect=None,
+        )
     finally:
         make_writable(workdir / "ro")
     assert_one_clear_line(result, "cannot write samples to")

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import make_model_dir, run_cli
 
 ARCHITECTURES = ["gpt2", "llama", "qwen2", "qwen3", "mistral", "gpt_neox"]
@@ -26,8 +25,20 @@ def graph_ops(directory: Path) -> dict[str, str]:
 
 
 def greedy_text(*source_args: str, prompt: str = "Title: Lemon", tokens: int = 24) -> str:
-    return run_cli("generate", *source_args, "--prompt", prompt, "--prompt", "Serves", "--temperature", 0,
-                   "--max-new-tokens", tokens, "--batch-size", 2).stdout
+    return run_cli(
+        "generate",
+        *source_args,
+        "--prompt",
+        prompt,
+        "--prompt",
+        "Serves",
+        "--temperature",
+        0,
+        "--max-new-tokens",
+        tokens,
+        "--batch-size",
+        2,
+    ).stdout
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -93,8 +104,9 @@ def test_a_failed_fusion_keeps_the_plain_graph(workdir, gpt2_dir, monkeypatch):
         raise RuntimeError("pattern matcher gave up\nsecond line")
 
     monkeypatch.setattr(onnx_optimize, "fuse", broken)
-    out = export_expecting_standard_graph(gpt2_dir, workdir / "fallback",
-                                          "ONNX Runtime fusions not applied (RuntimeError: pattern matcher gave up)")
+    out = export_expecting_standard_graph(
+        gpt2_dir, workdir / "fallback", "ONNX Runtime fusions not applied (RuntimeError: pattern matcher gave up)"
+    )
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("model", "staging"))) == ["model.onnx"]
 
 
@@ -109,8 +121,11 @@ def test_a_fused_graph_that_fails_verification_is_redone_without_fusions(workdir
         return {**report, "passed": report["passed"] and not fused}
 
     monkeypatch.setattr(exporting, "_verify_onnx", fused_graphs_fail)
-    export_expecting_standard_graph(gpt2_dir, workdir / "redone",
-                                    "the fused graph failed verification; exporting again with standard ONNX operators")
+    export_expecting_standard_graph(
+        gpt2_dir,
+        workdir / "redone",
+        "the fused graph failed verification; exporting again with standard ONNX operators",
+    )
 
 
 @pytest.mark.parametrize("extra", [[], ["--quantize", "int8"]])
@@ -128,7 +143,19 @@ def test_external_data_exports(workdir, gpt2_dir, monkeypatch, extra):
 
 def test_int8_and_fp16_exports_of_a_trained_run(trained_run, trained_onnx, workdir):
     runs = trained_run.parent
-    run_cli("export", "--runs-dir", runs, "--run", "recipes", "--format", "onnx", "--quantize", "int8", "--output", workdir / "int8")
+    run_cli(
+        "export",
+        "--runs-dir",
+        runs,
+        "--run",
+        "recipes",
+        "--format",
+        "onnx",
+        "--quantize",
+        "int8",
+        "--output",
+        workdir / "int8",
+    )
     assert graph_ops(workdir / "int8")["MatMulNBits"] == "com.microsoft"
     assert "MatMulNBits" in json.loads((workdir / "int8" / "finetune_onnx.json").read_text())["quantization"]
     report = json.loads((workdir / "int8" / "verification.json").read_text())
@@ -140,9 +167,15 @@ def test_int8_and_fp16_exports_of_a_trained_run(trained_run, trained_onnx, workd
     vocab = json.loads((workdir / "int8" / "finetune_onnx.json").read_text())["vocab_size"]
     # The token table (vocab x width) is stored in int8, with one float scale per row.
     width = json.loads((workdir / "int8" / "config.json").read_text())["n_embd"]
-    tables = {t.data_type for t in onnx.load(str(workdir / "int8" / "model.onnx")).graph.initializer if list(t.dims) == [vocab, width]}
+    tables = {
+        t.data_type
+        for t in onnx.load(str(workdir / "int8" / "model.onnx")).graph.initializer
+        if list(t.dims) == [vocab, width]
+    }
     assert tables == {onnx.TensorProto.INT8}, tables
-    out = run_cli("generate", "--onnx", workdir / "int8", "--prompt", "Title:", "--max-new-tokens", 10, "--seed", 1).stdout
+    out = run_cli(
+        "generate", "--onnx", workdir / "int8", "--prompt", "Title:", "--max-new-tokens", 10, "--seed", 1
+    ).stdout
     assert out.startswith("Title:")
     run_cli("export", "--runs-dir", runs, "--format", "onnx", "--dtype", "fp16", "--output", workdir / "fp16")
     assert json.loads((workdir / "fp16" / "finetune_onnx.json").read_text())["inputs"][3]["dtype"] == "float16"
@@ -164,16 +197,39 @@ def test_onnx_generation_options(trained_run, trained_onnx, workdir):
     assert len(run_cli(*seeded).stdout.split("====================\n")[:-1]) == 3
     stopped = run_cli(*base, "--temperature", 0, "--stop", "\n", "--no-stream").stdout
     assert stopped.split("====================")[0].count("\n") == 1
-    torch_stopped = run_cli("generate", "--runs-dir", trained_run.parent, "--prompt", "Title:", "--max-new-tokens", 30,
-                            "--temperature", 0, "--stop", "Serves").stdout
+    torch_stopped = run_cli(
+        "generate",
+        "--runs-dir",
+        trained_run.parent,
+        "--prompt",
+        "Title:",
+        "--max-new-tokens",
+        30,
+        "--temperature",
+        0,
+        "--stop",
+        "Serves",
+    ).stdout
     assert run_cli(*base, "--temperature", 0, "--stop", "Serves").stdout == torch_stopped  # streamed, stop respected
     no_prompt = run_cli(*base, "--temperature", 0, "--no-include-prompt", "--no-stream").stdout
     assert not no_prompt.startswith("Title:")
     run_cli(*base, "--n", 2, "--seed", 1, "--output", workdir / "s.txt")
     assert (workdir / "s.txt").read_text().count("====================\n") == 2
     penalised = run_cli(*base, "--temperature", 0, "--repetition-penalty", 1.3, "--no-stream").stdout
-    torch_penalised = run_cli("generate", "--runs-dir", trained_run.parent, "--prompt", "Title:", "--max-new-tokens", 30,
-                              "--temperature", 0, "--repetition-penalty", 1.3, "--no-stream").stdout
+    torch_penalised = run_cli(
+        "generate",
+        "--runs-dir",
+        trained_run.parent,
+        "--prompt",
+        "Title:",
+        "--max-new-tokens",
+        30,
+        "--temperature",
+        0,
+        "--repetition-penalty",
+        1.3,
+        "--no-stream",
+    ).stdout
     assert penalised == torch_penalised
 
 
@@ -188,8 +244,9 @@ def test_onnx_generation_runs_without_torch(trained_run, trained_onnx):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    expected = run_cli("generate", "--runs-dir", trained_run.parent, "--prompt", "Title:", "--temperature", 0,
-                       "--max-new-tokens", 20).stdout
+    expected = run_cli(
+        "generate", "--runs-dir", trained_run.parent, "--prompt", "Title:", "--temperature", 0, "--max-new-tokens", 20
+    ).stdout
     assert result.stdout == expected
 
 
@@ -212,7 +269,11 @@ def test_safetensors_export_is_a_clean_hf_directory(trained_run, workdir):
     # (safetensors writes model.safetensors through a private 0600 temporary file).
     mode = 0o666 & ~_umask()
     written = [*out.iterdir(), *(trained_run / "checkpoint-000060").rglob("*")]
-    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written if p.is_file() and stat.S_IMODE(p.stat().st_mode) != mode} == {}
+    assert {
+        p.name: oct(stat.S_IMODE(p.stat().st_mode))
+        for p in written
+        if p.is_file() and stat.S_IMODE(p.stat().st_mode) != mode
+    } == {}
     card = (out / "README.md").read_text()
     assert "| base model | `tiny` |" in card and "| steps | 60 |" in card and "final validation loss" in card
     assert "recipes.txt" in card and "finetune train" in card and "from_pretrained" in card
@@ -257,7 +318,9 @@ def test_unsupported_architecture_and_missing_onnx(workdir, monkeypatch):
     assert "does not handle 'opt' models yet" in result.output and "--format safetensors" in result.output
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     result = run_cli("export", "--checkpoint", opt, "--format", "onnx", expect=2)
-    assert "ONNX export needs onnxscript; install them with: pip install " in result.output and "[onnx]'" in result.output
+    assert (
+        "ONNX export needs onnxscript; install them with: pip install " in result.output and "[onnx]'" in result.output
+    )
 
 
 def test_onnx_dir_errors(workdir):

@@ -6,15 +6,34 @@ import csv
 import json
 
 import pytest
-
 from conftest import SAMPLE, read_metrics, run_cli
 
 RECIPES = [r.strip() for r in SAMPLE.read_text().split("<|endoftext|>")][:40]
 
 
 def train(data, model_dir, run, *extra, expect=0):
-    return run_cli("train", *data, "--model", model_dir, "--run-name", run, "--steps", 2, "--block-size", 64,
-                   "--batch-size", 4, "--eval-every", 2, "--sample-every", 0, "--log-every", 1, *extra, expect=expect)
+    return run_cli(
+        "train",
+        *data,
+        "--model",
+        model_dir,
+        "--run-name",
+        run,
+        "--steps",
+        2,
+        "--block-size",
+        64,
+        "--batch-size",
+        4,
+        "--eval-every",
+        2,
+        "--sample-every",
+        0,
+        "--log-every",
+        1,
+        *extra,
+        expect=expect,
+    )
 
 
 @pytest.fixture
@@ -40,17 +59,31 @@ def files(workdir):
     datasets.Dataset.from_dict({"text": RECIPES}).save_to_disk(str(workdir / "saved"))
     pairs = [{"prompt": r.split("\n")[0] + "\n", "completion": "\n".join(r.split("\n")[1:])} for r in RECIPES]
     (workdir / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    chats = [{"messages": [{"role": "system", "content": "You write recipes."},
-                           {"role": "user", "content": r.split("\n")[0]},
-                           {"role": "assistant", "content": "\n".join(r.split("\n")[1:4])}]} for r in RECIPES]
+    chats = [
+        {
+            "messages": [
+                {"role": "system", "content": "You write recipes."},
+                {"role": "user", "content": r.split("\n")[0]},
+                {"role": "assistant", "content": "\n".join(r.split("\n")[1:4])},
+            ]
+        }
+        for r in RECIPES
+    ]
     (workdir / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
     return workdir
 
 
 @pytest.mark.parametrize(
     "name, extra",
-    [("recipes.csv", ["--text-column", "body"]), ("recipes.tsv", []), ("recipes.jsonl", []), ("recipes.json", []),
-     ("recipes.parquet", []), ("saved", []), ("saved/data-00000-of-00001.arrow", [])],
+    [
+        ("recipes.csv", ["--text-column", "body"]),
+        ("recipes.tsv", []),
+        ("recipes.jsonl", []),
+        ("recipes.json", []),
+        ("recipes.parquet", []),
+        ("saved", []),
+        ("saved/data-00000-of-00001.arrow", []),
+    ],
 )
 def test_each_format_trains(files, gpt2_dir, name, extra):
     result = train([name], gpt2_dir, "fmt", *extra)
@@ -73,8 +106,14 @@ def test_prompt_completion_labels_are_masked_token_by_token(files, gpt2_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
     (files / "one.jsonl").write_text(json.dumps({"prompt": "Title: Toast\n", "completion": "Serves: 1"}) + "\n")
-    prepared = prepare_data(resolve_files([str(files / "one.jsonl")]), tokenizer, 64, val_fraction=0,
-                            cache_dir=str(files / "c"), log=lambda _m: None)
+    prepared = prepare_data(
+        resolve_files([str(files / "one.jsonl")]),
+        tokenizer,
+        64,
+        val_fraction=0,
+        cache_dir=str(files / "c"),
+        log=lambda _m: None,
+    )
     batch = next(iter(make_dataloader(prepared.train, 1, 0, shuffle=False, pad_id=0)))
     prompt = tokenizer("Title: Toast\n").input_ids
     completion = tokenizer("Serves: 1", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
@@ -89,8 +128,14 @@ def test_padding_is_masked_and_batches_group_lengths(files, gpt2_dir):
     from finetune.data import make_dataloader, prepare_data, resolve_files
 
     tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
-    prepared = prepare_data(resolve_files([str(files / "pairs.jsonl")]), tokenizer, 512, val_fraction=0,
-                            cache_dir=str(files / "c"), log=lambda _m: None)
+    prepared = prepare_data(
+        resolve_files([str(files / "pairs.jsonl")]),
+        tokenizer,
+        512,
+        val_fraction=0,
+        cache_dir=str(files / "c"),
+        log=lambda _m: None,
+    )
     for batch in make_dataloader(prepared.train, 4, 0, shuffle=True, pad_id=0):
         padding = batch["attention_mask"] == 0
         assert (batch["labels"][padding] == -100).all()
@@ -119,8 +164,12 @@ def test_chat_masking_with_builtin_template(gpt2_dir):
     assert not tokenizer.chat_template
     ensure_chat_template(tokenizer)
     assert tokenizer.chat_template == SIMPLE_CHAT_TEMPLATE
-    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Serves 4"},
-                {"role": "user", "content": "More?"}, {"role": "assistant", "content": "Time 10"}]
+    messages = [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Serves 4"},
+        {"role": "user", "content": "More?"},
+        {"role": "assistant", "content": "Time 10"},
+    ]
     ids, mask = chat_example(tokenizer, messages)
     learned = _chat_mask_text(tokenizer, ids, mask)
     assert "Serves 4" in learned and "Time 10" in learned
@@ -134,12 +183,16 @@ def test_chat_masking_with_the_tokenizer_own_template(gpt2_dir):
     from finetune.examples import chat_example, ensure_chat_template
 
     tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
-    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    chatml = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     tokenizer.chat_template = chatml
     ensure_chat_template(tokenizer)
     assert tokenizer.chat_template == chatml  # a template the tokenizer has is kept
-    ids, mask = chat_example(tokenizer, [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Serves 2"}])
+    ids, mask = chat_example(
+        tokenizer, [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Serves 2"}]
+    )
     learned = _chat_mask_text(tokenizer, ids, mask)
     assert "Serves 2" in learned and "Hello" not in learned and "user" not in learned
 
@@ -154,13 +207,17 @@ def test_chat_run_trains_and_generate_applies_the_template(files, gpt2_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     model = AutoModelForCausalLM.from_pretrained(ckpt)
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Title: Toast"}], tokenize=False, add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Title: Toast"}], tokenize=False, add_generation_prompt=True
+    )
     ids = tokenizer(rendered, add_special_tokens=False, return_tensors="pt").input_ids
     import torch
 
     with torch.no_grad():
-        reference = model.generate(ids, do_sample=False, max_new_tokens=6, pad_token_id=0)[0, ids.shape[1]:]
-    out = run_cli("generate", "--run", "chat", "--prompt", "Title: Toast", "--temperature", 0, "--max-new-tokens", 6).stdout
+        reference = model.generate(ids, do_sample=False, max_new_tokens=6, pad_token_id=0)[0, ids.shape[1] :]
+    out = run_cli(
+        "generate", "--run", "chat", "--prompt", "Title: Toast", "--temperature", 0, "--max-new-tokens", 6
+    ).stdout
     assert out == "Title: Toast\n" + tokenizer.decode(reference, skip_special_tokens=True) + "\n"
 
 
@@ -196,7 +253,9 @@ def test_truncation_is_counted_not_dropped(files, gpt2_dir):
     assert "40 examples" in result.output and "40 truncated to 24 tokens" in result.output
     result = run_cli("prepare", "chats.jsonl", "--model", gpt2_dir, "--output", "shorter", "--block-size", 64)
     assert "left out because truncation removed every learned token (raise --block-size)" in result.output
-    result = run_cli("prepare", "chats.jsonl", "--model", gpt2_dir, "--output", "shortest", "--block-size", 16, expect=2)
+    result = run_cli(
+        "prepare", "chats.jsonl", "--model", gpt2_dir, "--output", "shortest", "--block-size", 16, expect=2
+    )
     assert "removed every learned token of all 40 examples; raise --block-size" in result.output
 
 
@@ -207,7 +266,11 @@ def test_truncation_is_counted_not_dropped(files, gpt2_dir):
         ("bad.csv", "text,b\n1,2\n1,2,3\n", "bad.csv:3: row has 3 fields, the header has 2"),
         ("bad.jsonl", '{"text": "ok"}\n{"text": oops}\n', "bad.jsonl:2: not valid JSON"),
         ("bad.jsonl", '{"text": "ok"}\n[1, 2]\n', "bad.jsonl:2: expected a JSON object"),
-        ("bad.jsonl", '{"body": "x", "id": 1}\n', "no 'text' field (nor prompt/completion or messages); fields present: body, id"),
+        (
+            "bad.jsonl",
+            '{"body": "x", "id": 1}\n',
+            "no 'text' field (nor prompt/completion or messages); fields present: body, id",
+        ),
         ("bad.json", '[{"text": "a"}, {"text": ', "bad.json:1: not valid JSON"),
     ],
 )

@@ -5,13 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
 
 
 def test_same_seed_same_text(trained_run: Path):
-    args = ["generate", "--runs-dir", trained_run.parent, "--run", "recipes", "--prompt", "Title:",
-            "--n", 3, "--max-new-tokens", 30, "--seed", 7]
+    args = [
+        "generate",
+        "--runs-dir",
+        trained_run.parent,
+        "--run",
+        "recipes",
+        "--prompt",
+        "Title:",
+        "--n",
+        3,
+        "--max-new-tokens",
+        30,
+        "--seed",
+        7,
+    ]
     first, second = run_cli(*args).stdout, run_cli(*args).stdout
     assert first == second
     samples = first.split("====================\n")[:-1]
@@ -25,8 +37,9 @@ def test_greedy_equals_transformers_generate(trained_run: Path):
 
     ckpt = trained_run / "checkpoint-000060"
     prompt = "Title: Lemon and Garlic"
-    out = run_cli("generate", "--checkpoint", ckpt, "--prompt", prompt, "--temperature", 0, "--max-new-tokens", 40,
-                  "--no-stream").stdout
+    out = run_cli(
+        "generate", "--checkpoint", ckpt, "--prompt", prompt, "--temperature", 0, "--max-new-tokens", 40, "--no-stream"
+    ).stdout
     ours = out.split("====================")[0].rstrip("\n")
 
     model = AutoModelForCausalLM.from_pretrained(ckpt)
@@ -34,7 +47,7 @@ def test_greedy_equals_transformers_generate(trained_run: Path):
     ids = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         ref = model.generate(**ids, do_sample=False, max_new_tokens=40, pad_token_id=tokenizer.eos_token_id)
-    expected = prompt + tokenizer.decode(ref[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
+    expected = prompt + tokenizer.decode(ref[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
     assert ours == expected.rstrip("\n")
 
 
@@ -47,26 +60,64 @@ def test_batched_left_padded_greedy_matches_one_by_one(trained_run: Path):
 
 
 def test_stop_strings_cut_the_text(trained_run: Path):
-    out = run_cli("generate", "--runs-dir", trained_run.parent, "--prompt", "Title:", "--temperature", 0,
-                  "--max-new-tokens", 60, "--stop", "\n", "--no-stream").stdout
+    out = run_cli(
+        "generate",
+        "--runs-dir",
+        trained_run.parent,
+        "--prompt",
+        "Title:",
+        "--temperature",
+        0,
+        "--max-new-tokens",
+        60,
+        "--stop",
+        "\n",
+        "--no-stream",
+    ).stdout
     sample = out.split("====================")[0]
     assert sample.startswith("Title:") and sample.count("\n") == 1  # only the line break before the delimiter
 
 
 def test_streaming_prints_one_sample_and_respects_stop(trained_run: Path):
-    full = run_cli("generate", "--runs-dir", trained_run.parent, "--prompt", "Title:", "--temperature", 0,
-                   "--max-new-tokens", 40).stdout
+    full = run_cli(
+        "generate", "--runs-dir", trained_run.parent, "--prompt", "Title:", "--temperature", 0, "--max-new-tokens", 40
+    ).stdout
     assert "====================" not in full  # one sample streams without the delimiter
-    stopped = run_cli("generate", "--runs-dir", trained_run.parent, "--prompt", "Title:", "--temperature", 0,
-                      "--max-new-tokens", 40, "--stop", "Serves").stdout
+    stopped = run_cli(
+        "generate",
+        "--runs-dir",
+        trained_run.parent,
+        "--prompt",
+        "Title:",
+        "--temperature",
+        0,
+        "--max-new-tokens",
+        40,
+        "--stop",
+        "Serves",
+    ).stdout
     assert "Serves" not in stopped and full.startswith(stopped.rstrip("\n"))
 
 
 def test_no_include_prompt_output_file_and_prompt_file(trained_run: Path, workdir):
     (workdir / "prompts.txt").write_text("Title:\n====================\nIngredients:\n")
     out_file = workdir / "out" / "samples.txt"
-    args = ["generate", "--runs-dir", trained_run.parent, "--prompt-file", "prompts.txt", "--n", 2, "--seed", 1,
-            "--max-new-tokens", 10, "--no-include-prompt", "--output", out_file]
+    args = [
+        "generate",
+        "--runs-dir",
+        trained_run.parent,
+        "--prompt-file",
+        "prompts.txt",
+        "--n",
+        2,
+        "--seed",
+        1,
+        "--max-new-tokens",
+        10,
+        "--no-include-prompt",
+        "--output",
+        out_file,
+    ]
     result = run_cli(*args)
     assert "appended 4 sample(s)" in result.output
     text = out_file.read_text()
@@ -100,6 +151,19 @@ def test_generate_errors(trained_run: Path, workdir, args, message):
 
 def test_static_cache_path_gives_the_same_greedy_tokens(trained_run: Path):
     """The CUDA default (static KV cache, compiled decoding) checked for correctness on CPU."""
-    base = ["generate", "--runs-dir", trained_run.parent, "--prompt", "Title:", "--prompt", "Method:\n1.",
-            "--temperature", 0, "--max-new-tokens", 20, "--batch-size", 2]
+    base = [
+        "generate",
+        "--runs-dir",
+        trained_run.parent,
+        "--prompt",
+        "Title:",
+        "--prompt",
+        "Method:\n1.",
+        "--temperature",
+        0,
+        "--max-new-tokens",
+        20,
+        "--batch-size",
+        2,
+    ]
     assert run_cli(*base, "--static-cache").stdout == run_cli(*base, "--no-static-cache").stdout

@@ -50,18 +50,63 @@ def observe(preset: str, kind: str, directory: Path) -> dict:
     data = write_data(kind, directory)
     cache = directory / "cache"
     run_cli(
-        "train", data, "--model", preset, "--runs-dir", directory / "runs", "--run-name", "golden", "--steps", 10,
-        "--batch-size", 4, "--block-size", 64, "--log-every", 1, "--eval-every", 5, "--sample-every", 0,
-        "--save-every", 0, "--cache-dir", cache, "--seed", 7,
+        "train",
+        data,
+        "--model",
+        preset,
+        "--runs-dir",
+        directory / "runs",
+        "--run-name",
+        "golden",
+        "--steps",
+        10,
+        "--batch-size",
+        4,
+        "--block-size",
+        64,
+        "--log-every",
+        1,
+        "--eval-every",
+        5,
+        "--sample-every",
+        0,
+        "--save-every",
+        0,
+        "--cache-dir",
+        cache,
+        "--seed",
+        7,
     )
     metrics = read_metrics(directory / "runs" / "golden")
     text = run_cli(
-        "generate", "--run", "golden", "--runs-dir", directory / "runs", "--prompt", PROMPT, "--temperature", 0,
-        "--max-new-tokens", 24,
+        "generate",
+        "--run",
+        "golden",
+        "--runs-dir",
+        directory / "runs",
+        "--prompt",
+        PROMPT,
+        "--temperature",
+        0,
+        "--max-new-tokens",
+        24,
     ).stdout
     sampled = run_cli(
-        "generate", "--run", "golden", "--runs-dir", directory / "runs", "--prompt", PROMPT, "--temperature", 1.0,
-        "--seed", 1, "--n", 2, "--max-new-tokens", 24,
+        "generate",
+        "--run",
+        "golden",
+        "--runs-dir",
+        directory / "runs",
+        "--prompt",
+        PROMPT,
+        "--temperature",
+        1.0,
+        "--seed",
+        1,
+        "--n",
+        2,
+        "--max-new-tokens",
+        24,
     ).stdout
     return {
         "loss": [m["loss"] for m in metrics if "loss" in m],
@@ -87,11 +132,21 @@ def observe_resume(directory: Path) -> dict:
 
     resumed = load_file(work / "runs/golden/checkpoint-000008/model.safetensors")
     saved = load_file(GOLDEN_RUN / "runs/golden/checkpoint-000008/model.safetensors")
-    text = run_cli("generate", "--checkpoint", work / "runs/golden/checkpoint-000004", "--prompt", PROMPT,
-                   "--temperature", 0, "--max-new-tokens", 12).stdout
+    text = run_cli(
+        "generate",
+        "--checkpoint",
+        work / "runs/golden/checkpoint-000004",
+        "--prompt",
+        PROMPT,
+        "--temperature",
+        0,
+        "--max-new-tokens",
+        12,
+    ).stdout
     # A random-weight model continues with varied tokens, so greedy decoding's arithmetic shows in the text.
-    base = run_cli("generate", "--model", work / "base", "--prompt", PROMPT, "--temperature", 0,
-                   "--max-new-tokens", 24).stdout
+    base = run_cli(
+        "generate", "--model", work / "base", "--prompt", PROMPT, "--temperature", 0, "--max-new-tokens", 24
+    ).stdout
     return {
         "loss": [m["loss"] for m in metrics if "loss" in m],
         "same_weights_as_saved": all(resumed[k].equal(saved[k]) for k in saved) and resumed.keys() == saved.keys(),

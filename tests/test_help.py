@@ -34,10 +34,32 @@ def test_recorded_command_line_round_trips_through_the_parser():
 
     from finetune.cli import _command_line
 
-    line = _command_line("train", ["a.txt"], {"config": None, "datasets": ["x/y", "z"], "lora_targets": ["q_proj", "v_proj"],
-                                              "lr": 0.001, "overwrite": True, "line_by_line": False})
-    assert shlex.split(line) == ["finetune", "train", "a.txt", "--dataset", "x/y", "--dataset", "z",
-                                 "--lora-targets", "q_proj,v_proj", "--lr", "0.001", "--overwrite"]
+    line = _command_line(
+        "train",
+        ["a.txt"],
+        {
+            "config": None,
+            "datasets": ["x/y", "z"],
+            "lora_targets": ["q_proj", "v_proj"],
+            "lr": 0.001,
+            "overwrite": True,
+            "line_by_line": False,
+        },
+    )
+    assert shlex.split(line) == [
+        "finetune",
+        "train",
+        "a.txt",
+        "--dataset",
+        "x/y",
+        "--dataset",
+        "z",
+        "--lora-targets",
+        "q_proj,v_proj",
+        "--lr",
+        "0.001",
+        "--overwrite",
+    ]
     from finetune.cli import train
 
     params = train.make_context("train", shlex.split(line)[2:]).params

@@ -14,7 +14,6 @@ import stat
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
 
 CHECKPOINT = "checkpoint-000001"
@@ -85,14 +84,34 @@ DAMAGE = {
     "config-field-type": (lambda d: edit_json(d / "config.json", n_embd="wide"), "config.json", "n_embd"),
     "config-width": (lambda d: edit_json(d / "config.json", n_embd=128), "config.json", "disagree"),
     "config-extra-layer": (lambda d: edit_json(d / "config.json", n_layer=3), "config.json", "disagree"),
-    "generation-config": (lambda d: (d / "generation_config.json").write_text("garbage"), "generation_config.json", "not valid JSON"),
+    "generation-config": (
+        lambda d: (d / "generation_config.json").write_text("garbage"),
+        "generation_config.json",
+        "not valid JSON",
+    ),
     "tokenizer-garbage": (lambda d: (d / "tokenizer.json").write_text("garbage"), "tokenizer.json", "not valid JSON"),
-    "tokenizer-not-a-tokenizer": (lambda d: (d / "tokenizer.json").write_text('{"model": {}}'), "tokenizer.json", "corrupt"),
+    "tokenizer-not-a-tokenizer": (
+        lambda d: (d / "tokenizer.json").write_text('{"model": {}}'),
+        "tokenizer.json",
+        "corrupt",
+    ),
     "tokenizer-missing": (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json", "has no tokenizer"),
     "tokenizer-empty": (lambda d: empty_vocabulary(d / "tokenizer.json"), "tokenizer.json", "has no vocabulary"),
-    "tokenizer-config": (lambda d: (d / "tokenizer_config.json").write_text("[]"), "tokenizer_config.json", "holds a JSON list"),
-    "adapter-config": (lambda d: (d / "adapter_config.json").write_text("{oops"), "adapter_config.json", "not valid JSON"),
-    "state-garbage": (lambda d: (d / "training_state" / "state.json").write_text("garbage"), "state.json", "not valid JSON"),
+    "tokenizer-config": (
+        lambda d: (d / "tokenizer_config.json").write_text("[]"),
+        "tokenizer_config.json",
+        "holds a JSON list",
+    ),
+    "adapter-config": (
+        lambda d: (d / "adapter_config.json").write_text("{oops"),
+        "adapter_config.json",
+        "not valid JSON",
+    ),
+    "state-garbage": (
+        lambda d: (d / "training_state" / "state.json").write_text("garbage"),
+        "state.json",
+        "not valid JSON",
+    ),
     "state-list": (lambda d: (d / "training_state" / "state.json").write_text("[]"), "state.json", "holds a JSON list"),
 }
 
@@ -104,7 +123,9 @@ def test_a_damaged_file_is_named(workdir, gpt2_dir, damage, command):
     change, file, words = DAMAGE[damage]
     change(checkpoint)
     if command == "generate":
-        result = run_cli("generate", "--checkpoint", checkpoint, "--prompt", "Title:", "--max-new-tokens", 4, expect=None)
+        result = run_cli(
+            "generate", "--checkpoint", checkpoint, "--prompt", "Title:", "--max-new-tokens", 4, expect=None
+        )
     else:
         result = run_cli(*export_args(checkpoint, workdir / "out"), expect=None)
         assert not (workdir / "out").exists()
@@ -114,7 +135,11 @@ def test_a_damaged_file_is_named(workdir, gpt2_dir, damage, command):
 def test_weights_holding_nan_are_refused_at_load(workdir, gpt2_dir):
     checkpoint = fake_run(workdir, gpt2_dir)
     damage_weights(checkpoint, make_nan)
-    expected = (f"the weights in {checkpoint / 'model.safetensors'} hold NaN/inf", "training diverged", "use an earlier checkpoint")
+    expected = (
+        f"the weights in {checkpoint / 'model.safetensors'} hold NaN/inf",
+        "training diverged",
+        "use an earlier checkpoint",
+    )
     assert_one_clear_line(run_cli("generate", "--checkpoint", checkpoint, "--prompt", "Title:", expect=None), *expected)
     result = run_cli(*export_args(checkpoint, workdir / "out"), expect=None)
     assert_one_clear_line(result, *expected)
@@ -136,14 +161,20 @@ def test_pickled_weights_are_never_unpickled(workdir, gpt2_dir):
     torch.save({"transformer.wte.weight": torch.zeros(2, 2), "x": Payload()}, model / "pytorch_model.bin")
     for args in (["generate", "--model", model, "--prompt", "Title:"], export_args(model, workdir / "out")):
         result = run_cli(*args, expect=None)
-        assert_one_clear_line(result, "pytorch_model.bin", "pickle", "only if you trust", "use_safetensors=False", "save_pretrained")
+        assert_one_clear_line(
+            result, "pytorch_model.bin", "pickle", "only if you trust", "use_safetensors=False", "save_pretrained"
+        )
     assert not marker.exists()
 
 
 def test_a_run_directory_where_a_checkpoint_is_expected(workdir, gpt2_dir):
     checkpoint = fake_run(workdir, gpt2_dir, name="recipes")
     run_dir = checkpoint.parent
-    for args in (["generate", "--model", run_dir], ["generate", "--checkpoint", run_dir], ["export", "--checkpoint", run_dir]):
+    for args in (
+        ["generate", "--model", run_dir],
+        ["generate", "--checkpoint", run_dir],
+        ["export", "--checkpoint", run_dir],
+    ):
         result = run_cli(*args, expect=None)
         assert_one_clear_line(result, "is a run directory", "--run recipes", f"--checkpoint {checkpoint}")
     assert_one_clear_line(run_cli("generate", "--model", workdir / "runs", expect=None), "holds runs", "--runs-dir")
@@ -245,12 +276,16 @@ def test_the_python_api_is_as_quiet_as_the_cli(workdir, gpt2_dir, capfd):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        finetune.export(checkpoint=str(gpt2_dir), output=str(workdir / "onnx"), format="onnx", verify=False, log=lambda _m: None)
+        finetune.export(
+            checkpoint=str(gpt2_dir), output=str(workdir / "onnx"), format="onnx", verify=False, log=lambda _m: None
+        )
         finetune.export(checkpoint=str(gpt2_dir), output=str(workdir / "hf"), log=lambda _m: None)
         finetune.generate("Title:", model=str(gpt2_dir), max_new_tokens=3, stream=False)
     assert [str(w.message) for w in caught] == []
     stderr = capfd.readouterr().err
-    assert "Writing model shards" not in stderr and "Loading weights" not in stderr and "warn" not in stderr.lower(), stderr
+    assert "Writing model shards" not in stderr and "Loading weights" not in stderr and "warn" not in stderr.lower(), (
+        stderr
+    )
 
 
 def onnx_dir(root: Path, gpt2_dir: Path, **manifest) -> Path:
@@ -259,10 +294,16 @@ def onnx_dir(root: Path, gpt2_dir: Path, **manifest) -> Path:
     directory.mkdir()
     shutil.copy(gpt2_dir / "tokenizer.json", directory)
     (directory / "model.onnx").write_bytes(b"not a graph")
-    inputs = [{"name": n, "dtype": "int64", "shape": ["batch", "sequence"]} for n in ("input_ids", "attention_mask", "position_ids")]
+    inputs = [
+        {"name": n, "dtype": "int64", "shape": ["batch", "sequence"]}
+        for n in ("input_ids", "attention_mask", "position_ids")
+    ]
     inputs.append({"name": "past_key_values.0.key", "dtype": "float32", "shape": ["batch", 2, "past_sequence", 32]})
-    (directory / "finetune_onnx.json").write_text(json.dumps(
-        {"file": "model.onnx", "dtype": "fp32", "inputs": inputs, "eos_token_id": 0, "pad_token_id": 0, **manifest}))
+    (directory / "finetune_onnx.json").write_text(
+        json.dumps(
+            {"file": "model.onnx", "dtype": "fp32", "inputs": inputs, "eos_token_id": 0, "pad_token_id": 0, **manifest}
+        )
+    )
     return directory
 
 
@@ -271,7 +312,10 @@ def onnx_dir(root: Path, gpt2_dir: Path, **manifest) -> Path:
     [
         (lambda d: (d / "finetune_onnx.json").write_text("garbage"), ["finetune_onnx.json", "not valid JSON"]),
         (lambda d: edit_json(d / "finetune_onnx.json", file=None), ["finetune_onnx.json", "'file'"]),
-        (lambda d: (d / "finetune_onnx.json").write_text('{"file": "model.onnx"}'), ["finetune_onnx.json", "lacks 'dtype'"]),
+        (
+            lambda d: (d / "finetune_onnx.json").write_text('{"file": "model.onnx"}'),
+            ["finetune_onnx.json", "lacks 'dtype'"],
+        ),
         (lambda d: edit_json(d / "finetune_onnx.json", inputs=[1, 2, 3, 4]), ["finetune_onnx.json", "'inputs'"]),
         (lambda d: (d / "tokenizer.json").write_text("garbage"), ["tokenizer.json", "not valid JSON"]),
         (lambda d: (d / "tokenizer.json").write_text('{"model": 1}'), ["tokenizer.json", "corrupt"]),
@@ -289,7 +333,9 @@ def test_a_lora_checkpoint_whose_base_model_is_gone(workdir, gpt2_dir):
     checkpoint = fake_run(workdir, gpt2_dir)
     (checkpoint / "model.safetensors").rename(checkpoint / "adapter_model.safetensors")
     (checkpoint / "config.json").unlink()
-    (checkpoint / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "models/deleted-base", "peft_type": "LORA"}))
+    (checkpoint / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": "models/deleted-base", "peft_type": "LORA"})
+    )
     result = run_cli("generate", "--checkpoint", checkpoint, "--prompt", "Title:", expect=None)
     assert_one_clear_line(result, "the base model 'models/deleted-base'", "adapter_config.json")
     assert "--model" not in result.output

@@ -34,7 +34,9 @@ def rows(with_ties: bool, vocab: int = 5000):
         yield "tied", np.round(rng.normal(size=vocab), 1)
 
 
-@pytest.mark.parametrize("top_k, top_p", [(50, 1.0), (50, 0.95), (0, 0.95), (0, 0.5), (0, 0.3), (0, 1.0), (3, 0.3), (0, 0.999)])
+@pytest.mark.parametrize(
+    "top_k, top_p", [(50, 1.0), (50, 0.95), (0, 0.95), (0, 0.5), (0, 0.3), (0, 1.0), (3, 0.3), (0, 0.999)]
+)
 def test_sampling_distribution_matches_transformers_warpers(top_k, top_p):
     cfg = GenerateConfig(top_k=top_k, top_p=top_p)
     for name, scores in rows(with_ties=top_p == 1.0):
@@ -48,7 +50,9 @@ def test_sampling_distribution_matches_transformers_warpers(top_k, top_p):
 def test_nucleus_prefilter_is_used_when_the_best_tokens_hold_the_mass(monkeypatch):
     sorted_sizes = []
     real_argsort = np.argsort
-    monkeypatch.setattr(np, "argsort", lambda a, *args, **kwargs: sorted_sizes.append(np.size(a)) or real_argsort(a, *args, **kwargs))
+    monkeypatch.setattr(
+        np, "argsort", lambda a, *args, **kwargs: sorted_sizes.append(np.size(a)) or real_argsort(a, *args, **kwargs)
+    )
     scores = np.zeros(50257)
     scores[:10] = 20.0
     ids, _ = sampling_distribution(scores, GenerateConfig(top_k=0, top_p=0.9))

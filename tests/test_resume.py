@@ -12,20 +12,50 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from conftest import SAMPLE, make_read_only, make_writable, read_metrics, run_cli
+
 from finetune import checkpoint as ckpt
 
 SAVE_STAGES = [
-    "tmp-created", "model-written", "tokenizer-written", "optimizer-written", "rng-written",
-    "state-written", "fsynced", "renamed", "latest-written", "pruned",
+    "tmp-created",
+    "model-written",
+    "tokenizer-written",
+    "optimizer-written",
+    "rng-written",
+    "state-written",
+    "fsynced",
+    "renamed",
+    "latest-written",
+    "pruned",
 ]
 
 
 def train_args(model_dir: Path, run: str, steps: int, save_every: int, *extra) -> list[str]:
-    return ["train", str(SAMPLE), "--model", str(model_dir), "--run-name", run, "--steps", str(steps),
-            "--save-every", str(save_every), "--block-size", "32", "--batch-size", "4", "--log-every", "1",
-            "--eval-every", "0", "--sample-every", "0", "--keep", "2", *map(str, extra)]
+    return [
+        "train",
+        str(SAMPLE),
+        "--model",
+        str(model_dir),
+        "--run-name",
+        run,
+        "--steps",
+        str(steps),
+        "--save-every",
+        str(save_every),
+        "--block-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--keep",
+        "2",
+        *map(str, extra),
+    ]
 
 
 def start(args: list[str], cwd: Path, pause_at: str | None = None) -> subprocess.Popen:
@@ -34,8 +64,9 @@ def start(args: list[str], cwd: Path, pause_at: str | None = None) -> subprocess
         env["FINETUNE_TEST_PAUSE_AT"] = pause_at
     # stderr to a file: an undrained pipe could fill up and block the child before it pauses.
     log = open(cwd / f"stderr-{time.monotonic_ns()}.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "finetune", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=log, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finetune", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=log, text=True
+    )
     proc.stderr_log = log
     return proc
 
@@ -228,7 +259,9 @@ def test_read_only_run_directory(workdir, gpt2_dir):
         result = run_cli(*args, expect=2)
     finally:
         make_writable(run_dir)
-    assert_one_error_line(result, "cannot write run config runs/ro/", "make the directory writable or choose another location")
+    assert_one_error_line(
+        result, "cannot write run config runs/ro/", "make the directory writable or choose another location"
+    )
     ckpt.verify_checkpoint(run_dir / "checkpoint-000001", for_resume=True)
 
 
@@ -281,8 +314,10 @@ def snapshot(root: Path) -> dict[str, str]:
     """Every file and directory under `root`, with a hash of each file's bytes."""
     import hashlib
 
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def assert_one_error_line(result, *fragments: str) -> None:
@@ -311,16 +346,23 @@ def copy_run(source: Path, workdir: Path) -> Path:
 STATE = "checkpoint-000002/training_state/state.json"
 
 
-@pytest.mark.parametrize("damage, expected", [
-    ({"state.json": "{not json"}, "is not valid JSON"),
-    ({"state.json": "[1, 2]"}, "holds a JSON list, expected an object"),
-    ({"state.json": '{"step": 2}'}, "lacks 'tokens_seen'"),
-    ({"rng.pt": "garbage"}, "rng.pt is corrupt"),
-    ({"optimizer.pt": "garbage"}, "optimizer.pt is corrupt"),
-    ({"--seed": "7"}, "cannot resume: --seed changed (42 -> 7)"),
-    ({"--optimizer": "sgd"}, "cannot resume: --optimizer changed ('adamw' -> 'sgd') since the checkpoint; "
-                             "the checkpoint's optimizer state belongs to the optimizer it was saved with"),
-], ids=["state-not-json", "state-list", "state-missing-key", "rng", "optimizer", "seed", "optimizer-name"])
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        ({"state.json": "{not json"}, "is not valid JSON"),
+        ({"state.json": "[1, 2]"}, "holds a JSON list, expected an object"),
+        ({"state.json": '{"step": 2}'}, "lacks 'tokens_seen'"),
+        ({"rng.pt": "garbage"}, "rng.pt is corrupt"),
+        ({"optimizer.pt": "garbage"}, "optimizer.pt is corrupt"),
+        ({"--seed": "7"}, "cannot resume: --seed changed (42 -> 7)"),
+        (
+            {"--optimizer": "sgd"},
+            "cannot resume: --optimizer changed ('adamw' -> 'sgd') since the checkpoint; "
+            "the checkpoint's optimizer state belongs to the optimizer it was saved with",
+        ),
+    ],
+    ids=["state-not-json", "state-list", "state-missing-key", "rng", "optimizer", "seed", "optimizer-name"],
+)
 def test_a_refused_resume_changes_nothing_in_the_run(workdir, gpt2_dir, two_step_run, damage, expected):
     run_dir = copy_run(two_step_run, workdir)
     extra = []
@@ -354,8 +396,11 @@ def test_nan_weights_in_a_checkpoint_are_named_and_an_earlier_one_offered(workdi
     save_file(tensors, path, metadata={"format": "pt"})
     before = snapshot(run_dir)
     result = run_cli(*train_args(gpt2_dir, "run", 4, 1), expect=None)
-    assert_one_error_line(result, "the weights in runs/run/checkpoint-000002/model.safetensors hold NaN/inf",
-                          "resume from an earlier checkpoint with --resume runs/run/checkpoint-000001")
+    assert_one_error_line(
+        result,
+        "the weights in runs/run/checkpoint-000002/model.safetensors hold NaN/inf",
+        "resume from an earlier checkpoint with --resume runs/run/checkpoint-000001",
+    )
     assert snapshot(run_dir) == before
     run_cli(*train_args(gpt2_dir, "run", 3, 1), "--resume", "runs/run/checkpoint-000001")
 
@@ -381,8 +426,10 @@ def test_extending_a_finished_run_gives_the_added_steps_a_schedule(workdir, gpt2
     """2 steps done; --steps 6 adds 4 steps: 2 warmup steps (--warmup 0.5) to --lr, then cosine decay to 0."""
     run_dir = copy_run(two_step_run, workdir)
     result = run_cli(*train_args(gpt2_dir, "run", 6, 1), "--warmup", 0.5, "--lr", 2e-4)
-    assert ("the 4 added steps get their own LR schedule: 2 warmup steps to --lr 0.0002, then cosine decay to step 6"
-            in result.output)
+    assert (
+        "the 4 added steps get their own LR schedule: 2 warmup steps to --lr 0.0002, then cosine decay to step 6"
+        in result.output
+    )
     # metrics.jsonl logs after each step the LR the next step uses
     logged = {m["step"]: m["lr"] for m in read_metrics(run_dir) if "lr" in m}
     expected = {3: 1e-4, 4: 2e-4, 5: 1e-4, 6: 0.0}
@@ -397,8 +444,16 @@ def stopped_run(tmp_path_factory, gpt2_dir):
     return root / "runs" / "run"
 
 
-@pytest.mark.parametrize("change", [("--lr", "3e-4"), ("--weight-decay", "0.5"), ("--schedule", "constant"),
-                                    ("--warmup", "0.9"), ("--max-grad-norm", "0.01")])
+@pytest.mark.parametrize(
+    "change",
+    [
+        ("--lr", "3e-4"),
+        ("--weight-decay", "0.5"),
+        ("--schedule", "constant"),
+        ("--warmup", "0.9"),
+        ("--max-grad-norm", "0.01"),
+    ],
+)
 def test_settings_changed_on_resume_take_effect(workdir, gpt2_dir, stopped_run, change):
     import shutil
 

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import SAMPLE, make_model_dir, run_cli
 from test_resume import losses, stderr_of, weights
 
@@ -32,17 +31,48 @@ def plain_model(tmp_path_factory) -> Path:
 
 
 def args_for(data: Path, model: Path, run: str, batch: int, *extra) -> list[str]:
-    return ["train", str(data), "--model", str(model), "--run-name", run, "--steps", str(STEPS), "--save-every", "3",
-            "--block-size", "16", "--batch-size", str(batch), "--val-fraction", "0", "--log-every", "1",
-            "--eval-every", "0", "--sample-every", "0", "--keep", "5", *map(str, extra)]
+    return [
+        "train",
+        str(data),
+        "--model",
+        str(model),
+        "--run-name",
+        run,
+        "--steps",
+        str(STEPS),
+        "--save-every",
+        "3",
+        "--block-size",
+        "16",
+        "--batch-size",
+        str(batch),
+        "--val-fraction",
+        "0",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--keep",
+        "5",
+        *map(str, extra),
+    ]
 
 
 def kill_when_paused(args: list[str], cwd: Path, pause_at: str, timeout: float = 300) -> None:
     """Run `finetune ARGS` until it prints PAUSED at `pause_at`, then SIGKILL it and all its processes."""
     env = {**os.environ, "FINETUNE_TEST_PAUSE_AT": pause_at}
     log = open(cwd / f"stderr-{time.monotonic_ns()}.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "finetune", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=log, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finetune", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        start_new_session=True,
+    )
     proc.stderr_log = log
     deadline = time.monotonic() + timeout
     try:
@@ -57,7 +87,9 @@ def kill_when_paused(args: list[str], cwd: Path, pause_at: str, timeout: float =
 
 
 def run_finetune(args: list[str], cwd: Path) -> str:
-    result = subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stderr
 

@@ -73,7 +73,15 @@ def test_accelerate_ranks_other_than_0_do_not_lock(workdir, gpt2_dir, monkeypatc
         with training.run_lock(run_dir):
             assert locking.holder_pid(run_dir) == os.getpid()
         monkeypatch.setenv("RANK", "0")
-        proc = subprocess.run([sys.executable, "-c", "from pathlib import Path; from finetune import training\n"
-                               f"with training.run_lock(Path({str(run_dir)!r})): pass"],
-                              capture_output=True, text=True, env={**os.environ, "RANK": "0"})
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from pathlib import Path; from finetune import training\n"
+                f"with training.run_lock(Path({str(run_dir)!r})): pass",
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "RANK": "0"},
+        )
         assert proc.returncode != 0 and f"(pid {os.getpid()})" in proc.stderr

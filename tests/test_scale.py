@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, SAMPLE, make_model_dir, read_metrics, run_cli
 
 
@@ -19,8 +18,29 @@ def plain_gpt2(tmp_path_factory) -> Path:
 
 
 def base_args(model_dir: Path, run: str, steps: int, batch: int, *extra) -> list:
-    return ["train", SAMPLE, "--model", model_dir, "--run-name", run, "--steps", steps, "--batch-size", batch,
-            "--block-size", 32, "--log-every", 1, "--eval-every", 2, "--sample-every", 0, "--save-every", 2, *extra]
+    return [
+        "train",
+        SAMPLE,
+        "--model",
+        model_dir,
+        "--run-name",
+        run,
+        "--steps",
+        steps,
+        "--batch-size",
+        batch,
+        "--block-size",
+        32,
+        "--log-every",
+        1,
+        "--eval-every",
+        2,
+        "--sample-every",
+        0,
+        "--save-every",
+        2,
+        *extra,
+    ]
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -42,9 +62,17 @@ def test_two_processes_match_one_process_and_resume(workdir, plain_gpt2):
         return result.stderr
 
     # 2 gloo processes x batch 2 = the same global batch of 4, through an accelerate config file.
-    err = launch(*base_args(plain_gpt2, "ddp", 2, 2), "--num-processes", 2,
-                 "--accelerate-config", REPO / "configs/accelerate/ddp.yaml")
-    assert "2 blocks per device x 1 accumulation x 2 processes" in err or "(2 per device x 1 accumulation x 2 processes)" in err
+    err = launch(
+        *base_args(plain_gpt2, "ddp", 2, 2),
+        "--num-processes",
+        2,
+        "--accelerate-config",
+        REPO / "configs/accelerate/ddp.yaml",
+    )
+    assert (
+        "2 blocks per device x 1 accumulation x 2 processes" in err
+        or "(2 per device x 1 accumulation x 2 processes)" in err
+    )
     launch(*base_args(plain_gpt2, "ddp", 4, 2), "--num-processes", 2)  # resumes from step 2
     single, ddp = losses(workdir / "runs/single"), losses(workdir / "runs/ddp")
     assert len(ddp) == 4, "only the main process logs, once per step"
@@ -53,7 +81,13 @@ def test_two_processes_match_one_process_and_resume(workdir, plain_gpt2):
     evals = [m for m in read_metrics(workdir / "runs/ddp") if "val_loss" in m]
     assert [m["step"] for m in evals] == [2, 4]
     assert sorted(p.name for p in (workdir / "runs/ddp").iterdir()) == [
-        "checkpoint-000002", "checkpoint-000004", "config.yaml", "latest", "metrics.jsonl", "samples"]
+        "checkpoint-000002",
+        "checkpoint-000004",
+        "config.yaml",
+        "latest",
+        "metrics.jsonl",
+        "samples",
+    ]
     # The optimizer file holds whole moments keyed by parameter name, equal to the single process's.
     import torch
 
@@ -64,7 +98,9 @@ def test_two_processes_match_one_process_and_resume(workdir, plain_gpt2):
     assert set(one["state"]) == set(two["state"]) and "lm_head.weight" not in one["state"]  # tied to wte
     assert "transformer.h.0.attn.c_attn.weight" in two["state"]
     for name in one["state"]:
-        torch.testing.assert_close(one["state"][name]["exp_avg_sq"], two["state"][name]["exp_avg_sq"], rtol=1e-3, atol=1e-9)
+        torch.testing.assert_close(
+            one["state"][name]["exp_avg_sq"], two["state"][name]["exp_avg_sq"], rtol=1e-3, atol=1e-9
+        )
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -79,8 +115,16 @@ def test_fsdp_training_saves_and_resumes_like_one_process(workdir, plain_gpt2, l
     from finetune.checkpoint import load_torch_file
 
     def fsdp(*args):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "tests/fsdp_cli.py"),
-               *map(str, args)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(REPO / "tests/fsdp_cli.py"),
+            *map(str, args),
+        ]
         result = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         return result.stderr
@@ -94,7 +138,10 @@ def test_fsdp_training_saves_and_resumes_like_one_process(workdir, plain_gpt2, l
         err = fsdp(*base_args(plain_gpt2, fsdp_run, steps, 2), *flat, "--sample-every", 2)
     assert f"resuming run '{fsdp_run}' from checkpoint-000002" in err and "warning" not in err
     # Sampling needs every rank's shard of the weights: all ranks generate, rank 0 writes.
-    assert sorted(p.name for p in (workdir / "runs" / fsdp_run / "samples").iterdir()) == ["samples-000002.txt", "samples-000004.txt"]
+    assert sorted(p.name for p in (workdir / "runs" / fsdp_run / "samples").iterdir()) == [
+        "samples-000002.txt",
+        "samples-000004.txt",
+    ]
     one, sharded = losses(workdir / "runs" / one_run), losses(workdir / "runs" / fsdp_run)
     assert len(sharded) == 4 and all(abs(a - b) < 1e-4 for a, b in zip(one, sharded)), (one, sharded)
     state = "checkpoint-000004/training_state/optimizer.pt"
@@ -111,7 +158,9 @@ def test_fsdp_training_saves_and_resumes_like_one_process(workdir, plain_gpt2, l
     for name in ours:
         torch.testing.assert_close(ours[name], reference[name], rtol=1e-3, atol=1e-5)
     # and generates like any checkpoint
-    assert run_cli("generate", "--run", fsdp_run, "--prompt", "Title:", "--max-new-tokens", 4).stdout.startswith("Title:")
+    assert run_cli("generate", "--run", fsdp_run, "--prompt", "Title:", "--max-new-tokens", 4).stdout.startswith(
+        "Title:"
+    )
 
 
 def test_fsdp_optimizer_state_is_gathered_and_resharded(tmp_path):
@@ -119,8 +168,16 @@ def test_fsdp_optimizer_state_is_gathered_and_resharded(tmp_path):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests/fsdp_optimizer_worker.py"), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(REPO / "tests/fsdp_optimizer_worker.py"),
+        str(tmp_path),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and (tmp_path / "ok").is_file(), result.stdout[-2000:] + result.stderr[-3000:]
 
@@ -161,7 +218,9 @@ def test_lora_train_generate_resume_and_merged_export(workdir, architecture):
     # ONNX: the adapter merged, the graph fused and verified, the same greedy text as the torch path.
     run_cli("export", "--run", "lora", "--format", "onnx", "--output", workdir / "lora-onnx")
     assert json.loads((workdir / "lora-onnx" / "verification.json").read_text())["greedy_identical"]
-    onnx_text = run_cli("generate", "--onnx", workdir / "lora-onnx", "--prompt", "Title:", "--max-new-tokens", 5, "--temperature", 0).stdout
+    onnx_text = run_cli(
+        "generate", "--onnx", workdir / "lora-onnx", "--prompt", "Title:", "--max-new-tokens", 5, "--temperature", 0
+    ).stdout
     assert onnx_text == text
 
 
@@ -172,8 +231,20 @@ def test_lora_errors(workdir, gpt2_dir):
     assert "--load-in-4bit (QLoRA) needs a CUDA GPU" in result.output
     result = run_cli("train", SAMPLE, "--model", gpt2_dir, "--load-in-4bit", "--steps", 1, expect=2)
     assert "add --lora" in result.output
-    result = run_cli("train", SAMPLE, "--model", gpt2_dir, "--lora", "--lora-targets", "nope", "--steps", 1,
-                     "--block-size", 32, expect=2)
+    result = run_cli(
+        "train",
+        SAMPLE,
+        "--model",
+        gpt2_dir,
+        "--lora",
+        "--lora-targets",
+        "nope",
+        "--steps",
+        1,
+        "--block-size",
+        32,
+        expect=2,
+    )
     assert "check --lora-targets" in result.output
 
 
@@ -243,10 +314,14 @@ def test_dry_run_estimate_is_within_25_percent_of_measured_peak(workdir, archite
         config.hidden_size, config.intermediate_size, config.num_hidden_layers = 256, 688, 4
     AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
     out = run_cli("train", SAMPLE, "--model", model_dir, "--batch-size", 8, "--block-size", 128, "--dry-run").output
-    estimate = float(next(l for l in out.splitlines() if l.strip().startswith("total")).split()[1].replace(",", "")) * 1e6
+    estimate = (
+        float(next(l for l in out.splitlines() if l.strip().startswith("total")).split()[1].replace(",", "")) * 1e6
+    )
     measured = _measured_peak_bytes(model_dir, 8, 128)
     ratio = estimate / measured
-    print(f"{architecture}: dry-run estimate {estimate / 1e6:.0f} MB, measured peak {measured / 1e6:.0f} MB, ratio {ratio:.2f}")
+    print(
+        f"{architecture}: dry-run estimate {estimate / 1e6:.0f} MB, measured peak {measured / 1e6:.0f} MB, ratio {ratio:.2f}"
+    )
     assert 0.75 <= ratio <= 1.25, (estimate, measured)
     assert "effective batch: 8 blocks = 1,024 tokens per optimizer step" in out
     assert not (workdir / "runs").exists(), "a dry run trains and writes nothing"
@@ -257,7 +332,9 @@ def test_dry_run_lora_counts_and_oom_warning(workdir, gpt2_dir):
     line = next(l for l in out.splitlines() if l.startswith("parameters:"))
     trainable = int(line.split("(")[1].split()[0].replace(",", ""))
     assert 0 < trainable < 50_000
-    huge = run_cli("train", SAMPLE, "--model", gpt2_dir, "--dry-run", "--batch-size", 200000, "--block-size", 256).output
+    huge = run_cli(
+        "train", SAMPLE, "--model", gpt2_dir, "--dry-run", "--batch-size", 200000, "--block-size", 256
+    ).output
     assert "will probably run out of memory" in huge
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import SAMPLE, make_model_dir, read_metrics, run_cli
 
 
@@ -36,8 +35,24 @@ def test_chunked_loss_equals_the_model_loss_and_gradients(plain_models, architec
 def test_padded_vocabulary_keeps_the_loss_and_clean_checkpoints(workdir, plain_models):
     import json
 
-    base = ["train", SAMPLE, "--model", plain_models["gpt2"], "--steps", 3, "--batch-size", 4, "--block-size", 32,
-            "--log-every", 1, "--eval-every", 0, "--sample-every", 3]
+    base = [
+        "train",
+        SAMPLE,
+        "--model",
+        plain_models["gpt2"],
+        "--steps",
+        3,
+        "--batch-size",
+        4,
+        "--block-size",
+        32,
+        "--log-every",
+        1,
+        "--eval-every",
+        0,
+        "--sample-every",
+        3,
+    ]
     run_cli(*base, "--run-name", "plain")
     run_cli(*base, "--run-name", "fast", "--fused-loss", "--pad-vocab", "--loss-sync-every", 2)
     plain = [m["loss"] for m in read_metrics(workdir / "runs/plain") if "loss" in m]
@@ -79,8 +94,24 @@ def test_flops_and_mfu_helpers(plain_models):
 
 @pytest.mark.slow
 def test_compiled_training_matches_eager(workdir, plain_models):
-    base = ["train", SAMPLE, "--model", plain_models["gpt2"], "--steps", 2, "--batch-size", 4, "--block-size", 32,
-            "--log-every", 1, "--eval-every", 0, "--sample-every", 0]
+    base = [
+        "train",
+        SAMPLE,
+        "--model",
+        plain_models["gpt2"],
+        "--steps",
+        2,
+        "--batch-size",
+        4,
+        "--block-size",
+        32,
+        "--log-every",
+        1,
+        "--eval-every",
+        0,
+        "--sample-every",
+        0,
+    ]
     run_cli(*base, "--run-name", "eager")
     run_cli(*base, "--run-name", "compiled", "--compile")
     eager = [m["loss"] for m in read_metrics(workdir / "runs/eager") if "loss" in m]
@@ -91,11 +122,31 @@ def test_compiled_training_matches_eager(workdir, plain_models):
 @pytest.mark.slow
 def test_the_cuda_default_combination_runs_on_cpu(workdir, plain_models):
     """compile + chunked loss + padded vocabulary + deferred loss reads, as CUDA runs by default."""
-    base = ["train", SAMPLE, "--model", plain_models["gpt2"], "--steps", 3, "--batch-size", 4, "--block-size", 32,
-            "--log-every", 1, "--eval-every", 3, "--sample-every", 3, "--save-every", 3]
+    base = [
+        "train",
+        SAMPLE,
+        "--model",
+        plain_models["gpt2"],
+        "--steps",
+        3,
+        "--batch-size",
+        4,
+        "--block-size",
+        32,
+        "--log-every",
+        1,
+        "--eval-every",
+        3,
+        "--sample-every",
+        3,
+        "--save-every",
+        3,
+    ]
     run_cli(*base, "--run-name", "eager")
     run_cli(*base, "--run-name", "cudalike", "--compile", "--fused-loss", "--pad-vocab", "--loss-sync-every", 2)
     eager = [m["loss"] for m in read_metrics(workdir / "runs/eager") if "loss" in m]
     fast = [m["loss"] for m in read_metrics(workdir / "runs/cudalike") if "loss" in m]
     assert len(fast) == 3 and all(abs(a - b) < 1e-4 for a, b in zip(eager, fast)), (eager, fast)
-    run_cli("train", *base[1:], "--run-name", "cudalike", "--compile", "--fused-loss", "--pad-vocab", "--steps", 4)  # resume
+    run_cli(
+        "train", *base[1:], "--run-name", "cudalike", "--compile", "--fused-loss", "--pad-vocab", "--steps", 4
+    )  # resume

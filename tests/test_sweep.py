@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-
 from sweep_cases import COMMANDS, FAULTS, LATEST, REQUIRED_KEYS, Case, Sweep, all_cases, build_trees, describe, group
 
 DEFAULT_CASES = [
@@ -54,8 +53,9 @@ def sweep(tmp_path_factory) -> Sweep:
     return Sweep(build_trees(tmp_path_factory.mktemp("sweep-trees")), tmp_path_factory.mktemp("sweep-cases"))
 
 
-@pytest.mark.parametrize("command", [pytest.param(name, marks=pytest.mark.slow) if name == "resume" else name
-                                     for name in COMMANDS])
+@pytest.mark.parametrize(
+    "command", [pytest.param(name, marks=pytest.mark.slow) if name == "resume" else name for name in COMMANDS]
+)
 def test_commands_succeed_on_intact_trees(sweep, command):
     """The control: each command works on the undamaged tree (and its result is what damaged runs match)."""
     sweep.baseline(command)
@@ -83,8 +83,11 @@ def test_full_sweep(sweep, command, fault):
         pytest.skip(f"no entry of the {COMMANDS[command].tree} tree takes the {fault} fault")
     outcomes = [sweep.run(case) for case in cases]
     failing = [outcome for outcome in outcomes if not outcome.passed]
-    report = "\n".join(f"  {cause} ({len(items)}):\n" + "\n".join(f"    {describe(o)}" for o in items)
-                       for cause, items in group(failing).items() if items)
+    report = "\n".join(
+        f"  {cause} ({len(items)}):\n" + "\n".join(f"    {describe(o)}" for o in items)
+        for cause, items in group(failing).items()
+        if items
+    )
     assert not failing, f"{len(failing)} of {len(outcomes)} cases fail:\n{report}"
 
 
@@ -116,25 +119,41 @@ def manifest(sweep) -> dict:
 
 
 # No shrinking: each example runs a command, and the drawn value is printed with a failure anyway.
-@settings(max_examples=15, deadline=None, database=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=15,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=st.data())
 def test_any_wrong_onnx_manifest(sweep, manifest, data):
     value = data.draw(wrong_json(manifest, REQUIRED_KEYS[MANIFEST]), label="manifest")
-    outcome = sweep.run(Case("generate-onnx", MANIFEST, "json-value"),
-                        damage=lambda path: path.write_text(json.dumps(value)))
+    outcome = sweep.run(
+        Case("generate-onnx", MANIFEST, "json-value"), damage=lambda path: path.write_text(json.dumps(value))
+    )
     assert outcome.passed, describe(outcome)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command, relative", [
-    ("generate-checkpoint", f"{LATEST}/config.json"),
-    ("resume", f"{LATEST}/training_state/state.json"),
-    ("train-prepared", "meta.json"),
-    ("train-prepared", "finetune_prepared.json"),
-])
-@settings(max_examples=8, deadline=None, database=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@pytest.mark.parametrize(
+    "command, relative",
+    [
+        ("generate-checkpoint", f"{LATEST}/config.json"),
+        ("resume", f"{LATEST}/training_state/state.json"),
+        ("train-prepared", "meta.json"),
+        ("train-prepared", "finetune_prepared.json"),
+    ],
+)
+@settings(
+    max_examples=8,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=st.data())
 def test_any_wrong_json(sweep, command, relative, data):
     original = json.loads((sweep.trees[COMMANDS[command].tree] / relative).read_text())

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, SAMPLE, read_metrics, run_cli
 
 CONFIG_FILES = sorted((REPO / "configs").glob("*.yaml"))
@@ -28,7 +27,13 @@ def test_run_directory_layout(trained_run: Path):
     assert checkpoints == ["checkpoint-000060"], "keep=1 prunes older checkpoints"
     assert (trained_run / "latest").read_text().strip() == "checkpoint-000060"
     ckpt = trained_run / "checkpoint-000060"
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "training_state/state.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+        "training_state/state.json",
+    ):
         assert (ckpt / name).is_file(), name
     assert sorted(p.name for p in (trained_run / "samples").iterdir()) == ["samples-000030.txt", "samples-000060.txt"]
     assert (trained_run / "samples" / "samples-000060.txt").read_text().strip()
@@ -54,13 +59,28 @@ def test_checkpoint_loads_with_auto_classes(trained_run: Path):
 
 
 def test_llama_preset_trains_and_generates(workdir):
-    run_cli("train", SAMPLE, "--model", "tiny-llama", "--steps", 12, "--eval-every", 6, "--sample-every", 0, "--run-name", "llama")
+    run_cli(
+        "train",
+        SAMPLE,
+        "--model",
+        "tiny-llama",
+        "--steps",
+        12,
+        "--eval-every",
+        6,
+        "--sample-every",
+        0,
+        "--run-name",
+        "llama",
+    )
     metrics = read_metrics(workdir / "runs" / "llama")
     evals = [m["val_loss"] for m in metrics if "val_loss" in m]
     assert evals[-1] < evals[0]
     config = yaml.safe_load((workdir / "runs/llama/checkpoint-000012/config.json").read_text())
     assert config["model_type"] == "llama"
-    out = run_cli("generate", "--run", "llama", "--prompt", "Title:", "--n", 2, "--max-new-tokens", 8, "--seed", 3).output
+    out = run_cli(
+        "generate", "--run", "llama", "--prompt", "Title:", "--n", 2, "--max-new-tokens", 8, "--seed", 3
+    ).output
     assert out.count("====================") == 2 and out.startswith("Title:")
 
 
@@ -68,8 +88,26 @@ def test_llama_preset_trains_and_generates(workdir):
 def test_finetune_a_local_model_directory(workdir, arch_fixture, request):
     """The fine-tuning path (a pretrained model by path) for both architectures."""
     model_dir = request.getfixturevalue(arch_fixture)
-    run_cli("train", SAMPLE, "--model", model_dir, "--steps", 6, "--block-size", 64, "--batch-size", 4,
-            "--eval-every", 3, "--sample-every", 3, "--run-name", "ft", "--lr", "1e-3")
+    run_cli(
+        "train",
+        SAMPLE,
+        "--model",
+        model_dir,
+        "--steps",
+        6,
+        "--block-size",
+        64,
+        "--batch-size",
+        4,
+        "--eval-every",
+        3,
+        "--sample-every",
+        3,
+        "--run-name",
+        "ft",
+        "--lr",
+        "1e-3",
+    )
     run_dir = workdir / "runs" / "ft"
     evals = [m["val_loss"] for m in read_metrics(run_dir) if "val_loss" in m]
     assert evals[-1] < evals[0]
@@ -78,8 +116,22 @@ def test_finetune_a_local_model_directory(workdir, arch_fixture, request):
 
 
 def test_second_run_on_same_data_reuses_the_cache(workdir, gpt2_dir):
-    args = ["train", SAMPLE, "--model", gpt2_dir, "--steps", 1, "--cache-dir", workdir / "cache",
-            "--block-size", 64, "--sample-every", 0, "--eval-every", 0]
+    args = [
+        "train",
+        SAMPLE,
+        "--model",
+        gpt2_dir,
+        "--steps",
+        1,
+        "--cache-dir",
+        workdir / "cache",
+        "--block-size",
+        64,
+        "--sample-every",
+        0,
+        "--eval-every",
+        0,
+    ]
     first = run_cli(*args, "--run-name", "a")
     second = run_cli(*args, "--run-name", "b")
     assert "data (tokenized)" in first.output
@@ -90,7 +142,20 @@ def test_second_run_on_same_data_reuses_the_cache(workdir, gpt2_dir):
 
 
 def test_cache_hit_does_not_tokenize(workdir, gpt2_dir, monkeypatch):
-    args = ["train", SAMPLE, "--model", gpt2_dir, "--steps", 1, "--block-size", 48, "--sample-every", 0, "--eval-every", 0]
+    args = [
+        "train",
+        SAMPLE,
+        "--model",
+        gpt2_dir,
+        "--steps",
+        1,
+        "--block-size",
+        48,
+        "--sample-every",
+        0,
+        "--eval-every",
+        0,
+    ]
     run_cli(*args, "--run-name", "warm")
     import finetune.data
 
@@ -105,8 +170,22 @@ def test_cache_hit_does_not_tokenize(workdir, gpt2_dir, monkeypatch):
 def test_every_bundled_config_runs(workdir, config_file, gpt2_dir):
     """Configs cannot rot: each runs for a few steps (on a tiny model when it names a hub model)."""
     cfg = yaml.safe_load(config_file.read_text())
-    args = ["train", SAMPLE, "--config", config_file, "--steps", 3, "--eval-every", 2, "--sample-every", 2,
-            "--save-every", 2, "--run-name", "cfg"]
+    args = [
+        "train",
+        SAMPLE,
+        "--config",
+        config_file,
+        "--steps",
+        3,
+        "--eval-every",
+        2,
+        "--sample-every",
+        2,
+        "--save-every",
+        2,
+        "--run-name",
+        "cfg",
+    ]
     if cfg.get("model", {}).get("name") not in ("tiny", "tiny-llama"):
         args += ["--model", gpt2_dir, "--block-size", 64, "--batch-size", 2]
     run_cli(*args)
@@ -114,7 +193,9 @@ def test_every_bundled_config_runs(workdir, config_file, gpt2_dir):
 
 
 def test_config_file_and_flags_layer(workdir, gpt2_dir):
-    (workdir / "my.yaml").write_text("train:\n  steps: 2\n  lr: 3e-4\n  eval_every: 0\n  sample_every: 0\ndata:\n  block_size: 32\n")
+    (workdir / "my.yaml").write_text(
+        "train:\n  steps: 2\n  lr: 3e-4\n  eval_every: 0\n  sample_every: 0\ndata:\n  block_size: 32\n"
+    )
     run_cli("train", SAMPLE, "--model", gpt2_dir, "--config", "my.yaml", "--steps", 3, "--run-name", "layers")
     resolved = yaml.safe_load((workdir / "runs/layers/config.yaml").read_text())
     assert resolved["train"]["steps"] == 3  # flag beats file
@@ -126,8 +207,23 @@ def test_config_file_and_flags_layer(workdir, gpt2_dir):
 def test_line_by_line_and_epochs(workdir, gpt2_dir):
     data = workdir / "lines.txt"
     data.write_text("\n".join(f"line number {i} says hello" for i in range(200)) + "\n")
-    result = run_cli("train", data, "--model", gpt2_dir, "--line-by-line", "--epochs", 1, "--block-size", 32,
-                     "--batch-size", 8, "--sample-every", 0, "--run-name", "lines")
+    result = run_cli(
+        "train",
+        data,
+        "--model",
+        gpt2_dir,
+        "--line-by-line",
+        "--epochs",
+        1,
+        "--block-size",
+        32,
+        "--batch-size",
+        8,
+        "--sample-every",
+        0,
+        "--run-name",
+        "lines",
+    )
     assert "200 documents" in result.output
     state = read_metrics(workdir / "runs/lines")
     assert max(m["step"] for m in state) >= 1
@@ -140,25 +236,73 @@ def test_val_file_and_directory_and_glob(workdir, gpt2_dir):
     for i, chunk in enumerate(text[:40]):
         (docs / f"r{i:02d}.txt").write_text(chunk)
     (workdir / "val.txt").write_text("<|endoftext|>".join(text[40:50]))
-    result = run_cli("train", docs, "--model", gpt2_dir, "--val-file", "val.txt", "--steps", 2, "--block-size", 64,
-                     "--eval-every", 2, "--sample-every", 0, "--run-name", "dir")
+    result = run_cli(
+        "train",
+        docs,
+        "--model",
+        gpt2_dir,
+        "--val-file",
+        "val.txt",
+        "--steps",
+        2,
+        "--block-size",
+        64,
+        "--eval-every",
+        2,
+        "--sample-every",
+        0,
+        "--run-name",
+        "dir",
+    )
     assert "40 documents" in result.output
     assert any("val_loss" in m for m in read_metrics(workdir / "runs/dir"))
-    result = run_cli("train", str(docs / "r0*.txt"), "--model", gpt2_dir, "--steps", 1, "--block-size", 64,
-                     "--eval-every", 0, "--sample-every", 0, "--run-name", "glob")
+    result = run_cli(
+        "train",
+        str(docs / "r0*.txt"),
+        "--model",
+        gpt2_dir,
+        "--steps",
+        1,
+        "--block-size",
+        64,
+        "--eval-every",
+        0,
+        "--sample-every",
+        0,
+        "--run-name",
+        "glob",
+    )
     assert "10 documents" in result.output
 
 
 def test_corpus_shorter_than_a_block_still_trains(workdir, gpt2_dir):
     (workdir / "short.txt").write_text("Title: Toast\nServes: 1\n")
-    result = run_cli("train", "short.txt", "--model", gpt2_dir, "--steps", 2, "--sample-every", 0, "--run-name", "short")
+    result = run_cli(
+        "train", "short.txt", "--model", gpt2_dir, "--steps", 2, "--sample-every", 0, "--run-name", "short"
+    )
     assert "fewer than one block" in result.output
     assert (workdir / "runs/short/checkpoint-000002").is_dir()
 
 
 def test_seeded_cpu_runs_are_reproducible(workdir, gpt2_dir):
-    args = ["train", SAMPLE, "--model", gpt2_dir, "--steps", 4, "--block-size", 32, "--batch-size", 2,
-            "--log-every", 1, "--eval-every", 0, "--sample-every", 0]
+    args = [
+        "train",
+        SAMPLE,
+        "--model",
+        gpt2_dir,
+        "--steps",
+        4,
+        "--block-size",
+        32,
+        "--batch-size",
+        2,
+        "--log-every",
+        1,
+        "--eval-every",
+        0,
+        "--sample-every",
+        0,
+    ]
     run_cli(*args, "--run-name", "s1")
     run_cli(*args, "--run-name", "s2")
     loss = lambda r: [m["loss"] for m in read_metrics(workdir / "runs" / r)]

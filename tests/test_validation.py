@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import SAMPLE, read_metrics, run_cli
 
 
@@ -42,8 +41,29 @@ def summed_loss(checkpoint: Path, blocks) -> tuple[float, int]:
 
 
 def train_with_validation(gpt2_dir: Path, val_file: Path, run: str, *extra):
-    return run_cli("train", SAMPLE, "--model", gpt2_dir, "--run-name", run, "--val-file", val_file, "--steps", 2,
-                   "--block-size", 16, "--batch-size", 4, "--eval-every", 2, "--sample-every", 0, "--save-every", 2, *extra)
+    return run_cli(
+        "train",
+        SAMPLE,
+        "--model",
+        gpt2_dir,
+        "--run-name",
+        run,
+        "--val-file",
+        val_file,
+        "--steps",
+        2,
+        "--block-size",
+        16,
+        "--batch-size",
+        4,
+        "--eval-every",
+        2,
+        "--sample-every",
+        0,
+        "--save-every",
+        2,
+        *extra,
+    )
 
 
 def eval_batches_config(workdir: Path, batches: int) -> Path:
@@ -72,8 +92,10 @@ def test_validation_loss_is_weighted_by_tokens(workdir, gpt2_dir, val_text):
 def test_capped_validation_covers_the_split_evenly_and_says_so(workdir, gpt2_dir, val_text):
     result = train_with_validation(gpt2_dir, val_text, "capped", "--config", eval_batches_config(workdir, 2))
     notes = [line for line in result.output.splitlines() if line.startswith("validation:")]
-    assert notes == ["validation: 2 of the 4 validation batches, evenly spaced over the split "
-                     "(train.eval_batches: 2; raise it in a --config file to validate on more)"], result.output
+    assert notes == [
+        "validation: 2 of the 4 validation batches, evenly spaced over the split "
+        "(train.eval_batches: 2; raise it in a --config file to validate on more)"
+    ], result.output
     checkpoint = workdir / "runs/capped/checkpoint-000002"
     blocks = val_blocks(checkpoint, val_text)
     picked = blocks[0:4] + blocks[8:12]  # batches 0 and 2 of 4, not the first two
@@ -87,11 +109,33 @@ def test_validation_under_two_processes_adds_sums_and_counts(workdir, gpt2_dir, 
     import subprocess
     import sys
 
-    args = ["train", SAMPLE, "--model", gpt2_dir, "--run-name", "two", "--val-file", val_text, "--steps", 2,
-            "--block-size", 16, "--batch-size", 4, "--eval-every", 2, "--sample-every", 0, "--save-every", 2,
-            "--num-processes", 2]
-    result = subprocess.run([sys.executable, "-m", "finetune", *map(str, args)], cwd=workdir, capture_output=True,
-                            text=True, timeout=600)
+    args = [
+        "train",
+        SAMPLE,
+        "--model",
+        gpt2_dir,
+        "--run-name",
+        "two",
+        "--val-file",
+        val_text,
+        "--steps",
+        2,
+        "--block-size",
+        16,
+        "--batch-size",
+        4,
+        "--eval-every",
+        2,
+        "--sample-every",
+        0,
+        "--save-every",
+        2,
+        "--num-processes",
+        2,
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune", *map(str, args)], cwd=workdir, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = workdir / "runs/two/checkpoint-000002"
     total, count = summed_loss(checkpoint, val_blocks(checkpoint, val_text))
