@@ -92,10 +92,12 @@ def main() -> None:
         print("| pipeline | seconds | MB/s | peak RSS MB | ratio |")
         print("| --- | --- | --- | --- | --- |")
         print(
-            f"| single-process loop | {single['seconds']:.1f} | {args.mb / single['seconds']:.1f} | {single['peak_rss_mb']:.0f} | 1.00x |"
+            f"| single-process loop | {single['seconds']:.1f} | {args.mb / single['seconds']:.1f} "
+            f"| {single['peak_rss_mb']:.0f} | 1.00x |"
         )
         print(
-            f"| finetune (worker processes) | {ours['seconds']:.1f} | {args.mb / ours['seconds']:.1f} | {ours['peak_rss_mb']:.0f} | {single['seconds'] / ours['seconds']:.2f}x |"
+            f"| finetune (worker processes) | {ours['seconds']:.1f} | {args.mb / ours['seconds']:.1f} "
+            f"| {ours['peak_rss_mb']:.0f} | {single['seconds'] / ours['seconds']:.2f}x |"
         )
 
         big = tmp / "cache.txt"
@@ -112,8 +114,9 @@ def main() -> None:
             workers = min(os.cpu_count() or 1, 8)
             total = result["peak_rss_mb"] + workers * result.get("worker_peak_rss_mb", 0)
             print(
-                f"preparing a {args.big_mb} MB corpus: {result['seconds']:.0f} s, peak RSS {result['peak_rss_mb']:.0f} MB "
-                f"(main) + {workers} x {result.get('worker_peak_rss_mb', 0):.0f} MB (largest worker) <= {total:.0f} MB in all"
+                f"preparing a {args.big_mb} MB corpus: {result['seconds']:.0f} s, "
+                f"peak RSS {result['peak_rss_mb']:.0f} MB (main) "
+                f"+ {workers} x {result.get('worker_peak_rss_mb', 0):.0f} MB (largest worker) <= {total:.0f} MB in all"
             )
 
 

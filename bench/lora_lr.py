@@ -143,7 +143,8 @@ def main() -> None:
             rows.append(("LoRA r=8 alpha=16", lr, run(f"lora-{lr:g}", lr=lr, lora=True)))
 
     print(
-        f"\nrecipes validation perplexity, untuned base: {untuned:.2f}; {args.steps} steps, cosine, batch 8 x {args.block_size} tokens"
+        f"\nrecipes validation perplexity, untuned base: {untuned:.2f}; {args.steps} steps, cosine, "
+        f"batch 8 x {args.block_size} tokens"
     )
     print("| run | lr | perplexity | cut vs base |\n| --- | --- | --- | --- |")
     for name, lr, ppl in rows:

@@ -6,7 +6,8 @@ Builds GPT-2 124M (random weights, the real GPT-2 BPE from ../shared/gpt2-tokeni
 exports it with finetune's exporter (fp32 and int8, each with standard ONNX operators and with
 ONNX Runtime's fused operators), then times new tokens/s for HF `generate` and for finetune's ONNX
 Runtime loop, side by side in one process in alternating rounds, and reports greedy agreement with
-HF and the memory-bandwidth ceiling for fp32; then the same with finetune's default sampling knobs. Target (issue 4): ORT fp32 >= 2x, int8 >= 3x HF generate.
+HF and the memory-bandwidth ceiling for fp32; then the same with finetune's default sampling knobs.
+Target (issue 4): ORT fp32 >= 2x, int8 >= 3x HF generate.
 """
 
 from __future__ import annotations
@@ -171,10 +172,12 @@ def main() -> None:
         if "fp32" in row[0] and "sampling" not in row[0]:
             print(f"  {row[0]}: {row[1] / roofline:.0%} of the fp32 roofline")
     print(
-        f"{args.rounds} alternating rounds; tokens/s and ratio from the median round time; per-round ratios to HF listed;"
+        f"{args.rounds} alternating rounds; tokens/s and ratio from the median round time; "
+        "per-round ratios to HF listed;"
     )
     print(
-        f"sampling rows: temperature {knobs.temperature}, top-k {knobs.top_k}, top-p {knobs.top_p} (finetune generate's defaults), vs HF sampling"
+        f"sampling rows: temperature {knobs.temperature}, top-k {knobs.top_k}, top-p {knobs.top_p} "
+        "(finetune generate's defaults), vs HF sampling"
     )
     print("| backend | new tokens/s | vs HF | greedy agreement with HF | export s | size MB | per-round vs HF |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

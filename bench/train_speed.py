@@ -74,7 +74,7 @@ def run_ours(
         overwrite=True,
         cpu_kernels=cpu_kernels,
     )
-    metrics = [json.loads(l) for l in (run_dir / name / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (run_dir / name / "metrics.jsonl").read_text().splitlines()]
     steady = [m for m in metrics if "tokens_per_s" in m and m["step"] > warmup]
     return {
         # Equal tokens per step, so total tokens / total time is the harmonic mean of the step rates
@@ -188,7 +188,7 @@ def main() -> None:
                 )
                 if out.returncode:
                     sys.exit(out.stderr[-3000:])
-                rounds[side].append(json.loads(next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))[7:]))
+                rounds[side].append(json.loads(next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))[7:]))
     # Each side's median round by tokens/s.
     results = {side: sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2] for side, runs in rounds.items()}
     base = results["trainer"]["tokens_per_s"]
