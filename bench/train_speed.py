@@ -2,6 +2,10 @@
 
     python bench/train_speed.py --preset tiny                      # CPU: the tiny preset (target >= 1.3x)
     python bench/train_speed.py --preset gpt2 --device cuda        # GPU: GPT-2 124M, bf16, seq 1024, batch 16
+    python bench/train_speed.py --preset tiny --before ../old      # also finetune as an earlier checkout has it
+
+`--before DIR` adds a row for the finetune of another checkout (e.g. `git worktree add ../old <commit>`), run by
+that checkout's own copy of this script in alternating rounds with the others: a refactor shows it stayed in noise.
 
 Each side runs in its own process (clean memory statistics) on the same token blocks. Tokens/s is
 measured after warm-up steps (compilation, allocator growth) for both. GPU rows add MFU (nanoGPT's
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -149,6 +154,7 @@ def main() -> None:
         type=int,
         help="alternating runs of each side; the median is reported [default: 5 on CPU, 1 on CUDA]",
     )
+    parser.add_argument("--before", help="a checkout of an earlier commit: adds its finetune as a row")
     parser.add_argument("--side", choices=["ours", "ours-plain", "trainer"], help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -167,25 +173,18 @@ def main() -> None:
         build_model_dir(name, root)
         # On CPU also finetune without its CPU kernels (--no-cpu-kernels), to show what they add.
         sides = ("trainer", "ours") if args.device == "cuda" else ("trainer", "ours-plain", "ours")
+        sides += ("before",) if args.before else ()
         rounds = {side: [] for side in sides}
         for _ in range(args.rounds):  # alternating sides, so a noisy neighbour slows both alike
             for side in sides:
-                out = subprocess.run(
-                    [
-                        sys.executable,
-                        __file__,
-                        "--preset",
-                        args.preset,
-                        "--device",
-                        args.device,
-                        "--side",
-                        side,
-                        "--root",
-                        str(root),
-                    ],
-                    capture_output=True,
-                    text=True,
-                )
+                script, env = Path(__file__), None
+                if side == "before":  # the earlier checkout's script and package
+                    script = Path(args.before).resolve() / "bench" / "train_speed.py"
+                    env = {**os.environ, "PYTHONPATH": str(script.parents[1])}
+                child_side = "ours" if side == "before" else side
+                command = [sys.executable, str(script), "--preset", args.preset, "--device", args.device]
+                command += ["--side", child_side, "--root", str(root)]
+                out = subprocess.run(command, capture_output=True, text=True, env=env)
                 if out.returncode:
                     sys.exit(out.stderr[-3000:])
                 rounds[side].append(json.loads(next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))[7:]))
@@ -203,6 +202,8 @@ def main() -> None:
     print("| loop | tokens/s | MFU | peak memory GB | vs Trainer |")
     print("| --- | --- | --- | --- | --- |")
     labels = {"trainer": "HF Trainer", "ours-plain": "finetune --no-cpu-kernels", "ours": "finetune"}
+    if args.before:
+        labels["before"] = f"finetune at {args.before}"
     for side, label in labels.items():
         if side not in results:
             continue
