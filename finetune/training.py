@@ -327,7 +327,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
     accelerator = Accelerator(
         mixed_precision=resolve_precision(t.precision),
         cpu=not torch.cuda.is_available(),
-        # With pinned batches (data.make_dataloader), host-to-GPU copies overlap the previous step.
+        # With pinned batches (batching.make_dataloader), host-to-GPU copies overlap the previous step.
         dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
     )
     is_main = accelerator.is_main_process
