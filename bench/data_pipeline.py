@@ -26,13 +26,16 @@ import numpy as np
 from pathlib import Path
 sys.path.insert(0, {repo!r})
 from bench.data_pipeline import gpt2_tokenizer
-from finetune.data import prepare_data, resolve_files, tokenize_to_file
+from finetune.config import DataConfig
+from finetune.data_files import resolve_files
+from finetune.token_cache import prepare_data
+from finetune.tokenizing import tokenize_to_file
 from finetune.reading import iter_pieces
 mode, corpus, cache = sys.argv[1], sys.argv[2], sys.argv[3]
 tok = gpt2_tokenizer()
 start = time.perf_counter()
 if mode == "prepare":
-    prepare_data(resolve_files([corpus]), tok, 1024, cache_dir=cache, log=lambda m: None)
+    prepare_data(resolve_files([corpus]), tok, 1024, DataConfig(cache_dir=cache), log=lambda m: None)
 else:
     workers = 1 if mode == "single" else min(os.cpu_count(), 8)
     pieces = iter_pieces([Path(corpus)], "<|endoftext|>", False, "utf-8", split_long=True)

@@ -36,9 +36,11 @@ def build_model_dir(name: str, root: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from finetune import data, modeling
+    from finetune import modeling
+    from finetune.config import DataConfig
+    from finetune.documents import training_texts
 
-    texts = data.training_texts([SAMPLE], [], None, "text", "<|endoftext|>", False, "utf-8")
+    texts = training_texts([SAMPLE], DataConfig())
     tokenizer = modeling.train_scratch_tokenizer("tiny", texts, "bench", root / "cache")
     if name == "tiny":
         config = modeling.scratch_config("tiny", vocab_size=len(tokenizer), eos_id=tokenizer.eos_token_id)
@@ -95,12 +97,13 @@ def run_trainer(model_dir: Path, batch: int, seq: int, steps: int, warmup: int, 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-    from finetune import data, speed
+    from finetune import speed
+    from finetune.config import DataConfig
+    from finetune.token_cache import prepare_data
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prepared = data.prepare_data(
-        [SAMPLE], tokenizer, seq, val_fraction=0, cache_dir=str(root / "cache"), log=lambda _m: None
-    )
+    data = DataConfig(val_fraction=0, cache_dir=str(root / "cache"))
+    prepared = prepare_data([SAMPLE], tokenizer, seq, data, log=lambda _m: None)
     blocks = [
         {"input_ids": torch.from_numpy(prepared.train[i]), "labels": torch.from_numpy(prepared.train[i])}
         for i in range(len(prepared.train))

@@ -236,16 +236,17 @@ def prepare(
 
     >>> finetune.prepare("chats.jsonl", model="gpt2", output="prepared/chats")
     """
-    from finetune import data as data_lib
+    from finetune.data_files import resolve_files
     from finetune.locking import exclusive
+    from finetune.prepared import is_prepared_dir
     from finetune.reading import check_encoding
 
     if data is not None:
         options["data"] = _paths(data)
     cfg = resolve_run_config(config, overrides_from_keywords(options))
-    files = data_lib.resolve_files(cfg.data.paths)
+    files = resolve_files(cfg.data.paths)
     check_encoding(cfg.data.encoding)  # before the output is taken and the tokenizer loaded
-    if len(files) == 1 and data_lib.is_prepared_dir(files[0]):
+    if len(files) == 1 and is_prepared_dir(files[0]):
         raise FinetuneError(f"{files[0]} is already prepared; train on it with `finetune train {files[0]}`")
     target = Path(output)
     from finetune.checkpoint import refuse_training_output
@@ -262,40 +263,27 @@ def prepare(
 def _prepare_into(cfg, files: list[Path], output: Path, log):
     """Tokenize into a temporary directory beside `output`, renamed into place only when complete."""
     from finetune import checkpoint as ckpt
-    from finetune import data as data_lib
     from finetune import modeling
+    from finetune import prepared as prepared_dirs
+    from finetune.token_cache import block_size_for, prepare_data, write_error
 
     try:  # a taken --output fails before any tokenizing
         tmp = ckpt.start_output_dir(output, offer_overwrite=False)
     except OSError as exc:
-        raise data_lib.write_error(output, exc, "output directory", "--output") from None
+        raise write_error(output, exc, "output directory", "--output") from None
     try:
         if modeling.is_scratch_preset(cfg.model.name):
             tokenizer = modeling.tokenizer_from_data(cfg, files)
         else:
             tokenizer = modeling.load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
         context = modeling.context_length(modeling.load_model_config(cfg.model.name, cfg.model.trust_remote_code))
-        block_size = cfg.data.block_size or min(1024, context)
-        prepared = data_lib.prepare_data(
-            files,
-            tokenizer,
-            block_size,
-            line_by_line=cfg.data.line_by_line,
-            val_fraction=cfg.data.val_fraction,
-            eos_string=cfg.data.eos_string,
-            encoding=cfg.data.encoding,
-            cache_dir=cfg.data.cache_dir,
-            text_field=cfg.data.text_field,
-            data_format=cfg.data.format,
-            skip_bad_rows=cfg.data.skip_bad_rows,
-            hub=tuple((name, cfg.data.split) for name in cfg.data.datasets),
-            log=log,
-        )
+        block_size = block_size_for(cfg.data.block_size, context)
+        prepared = prepare_data(files, tokenizer, block_size, cfg.data, log=log)
         try:
-            data_lib.write_prepared(prepared, tokenizer, tmp, cfg.model.name)
+            prepared_dirs.write_prepared(prepared, tokenizer, tmp, cfg.model.name)
             ckpt.finish_output_dir(tmp, output)
         except OSError as exc:
-            raise data_lib.write_error(output, exc, "prepared data", "--output") from None
+            raise write_error(output, exc, "prepared data", "--output") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

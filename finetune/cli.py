@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from finetune.errors import FinetuneError
+from finetune.records import FORMATS
 
 EXIT_USER_ERROR = 2
 
@@ -127,7 +128,7 @@ DATA_OPTIONS = [
     click.option(
         "--format",
         "format",
-        type=click.Choice(["text", "csv", "tsv", "jsonl", "json", "parquet", "arrow"]),
+        type=click.Choice(FORMATS),
         help="Data format.  [default: from the file extension]",
     ),
     click.option(

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from finetune.errors import FinetuneError
+from finetune.records import FORMATS
 
 # Built-in model presets that are created from scratch (no hub access needed). Their training
 # defaults differ from fine-tuning a pretrained model: a random model needs a much higher
@@ -76,7 +77,7 @@ class DataConfig:
     paths: list[str] = field(default_factory=list)  # files (.txt .csv .tsv .jsonl .json .parquet), directories or globs
     datasets: list[str] = field(default_factory=list)  # hub dataset ids (need network)
     split: str = "train"  # split of hub datasets and of saved DatasetDicts
-    format: Optional[str] = None  # text|csv|tsv|jsonl|json|parquet|arrow; None: from the file extension
+    format: Optional[str] = None  # one of records.FORMATS; None: from the file extension
     text_field: str = "text"  # field / column holding the text of plain records
     skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping
     block_size: Optional[int] = None  # tokens per training block; None: min(1024, model context)
@@ -332,8 +333,8 @@ def validate_run_config(cfg: RunConfig) -> None:
         "no training data given; pass one or more files, directories or globs (or --dataset NAME)",
     )
     _require(
-        d.format in (None, "text", "csv", "tsv", "jsonl", "json", "parquet", "arrow"),
-        "data.format (--format) must be one of text, csv, tsv, jsonl, json, parquet, arrow",
+        d.format is None or d.format in FORMATS,
+        f"data.format (--format) must be one of {', '.join(FORMATS)}",
     )
     _require(d.block_size is None or d.block_size >= 2, "data.block_size (--block-size) must be at least 2")
     _require(0 <= d.val_fraction < 1, "data.val_fraction (--val-fraction) must be in [0, 1), e.g. 0.05")

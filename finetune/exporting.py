@@ -280,6 +280,8 @@ def _export_graph(model, path: Path, layout, external: bool) -> None:
 
 
 def _manifest(model, tokenizer, layout, dtype: str, quantize: Optional[str]) -> dict:
+    from finetune.modeling import declared_context, pad_id
+
     num_layers = len(layout)
     inputs, outputs = _io_names(num_layers)
     float_type = "float16" if dtype == "fp16" else "float32"
@@ -326,23 +328,15 @@ def _manifest(model, tokenizer, layout, dtype: str, quantize: Optional[str]) -> 
         "quantize": quantize,
         "num_layers": num_layers,
         "vocab_size": model.config.vocab_size,
-        "max_positions": _context(model.config),
+        "max_positions": declared_context(model.config),
         "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        "pad_token_id": pad_id(tokenizer),
         "bos_token_id": tokenizer.bos_token_id,
         "inputs": spec_in,
         "outputs": spec_out,
         "usage": "prompt: feed empty past (past_sequence = 0); each step: feed the new token, the grown "
         "attention_mask, its position, and the previous step's present.* as past_key_values.*",
     }
-
-
-def _context(config) -> Optional[int]:
-    for attr in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int):
-            return value
-    return None
 
 
 def _verify_onnx(model, tokenizer, directory: Path, dtype: str, quantize: Optional[str]) -> dict:

@@ -132,7 +132,7 @@ def _encode_prompts(tokenizer, prompts: list[str], chat: bool = False) -> list[l
     encoded = []
     for prompt in prompts:
         if chat:  # the rendered template carries its own special tokens
-            from finetune.examples import chat_prompt
+            from finetune.supervised import chat_prompt
 
             encoded.append(tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"])
             continue
@@ -175,6 +175,8 @@ def generate_texts(
     import torch
     from transformers import GenerationConfig
 
+    from finetune.modeling import declared_context, pad_id
+
     jobs = [prompt for prompt in cfg.prompts for _ in range(cfg.n)]
     stream = cfg.stream if cfg.stream is not None else len(jobs) == 1
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
@@ -190,8 +192,8 @@ def generate_texts(
         # graphs): batch-1 decoding is launch-bound, and this removes most of the launches.
         gen_config.cache_implementation = "static"
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    pad = pad_id(tokenizer)
+    context = declared_context(model.config)
     texts: list[str] = []
     for start in range(0, len(jobs), cfg.batch_size):
         prompts = jobs[start : start + cfg.batch_size]

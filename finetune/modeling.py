@@ -319,12 +319,23 @@ def finish_tokenizer(tokenizer):
     return tokenizer
 
 
-def context_length(config) -> int:
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def declared_context(config) -> Optional[int]:
+    """The longest sequence the model's config declares it takes; None when it declares none."""
     for attr in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
         value = getattr(config, attr, None)
         if isinstance(value, int) and value > 0:
             return value
-    return 1024
+    return None
+
+
+def context_length(config) -> int:
+    """The model's context, for sizing training blocks: 1024 when its config declares none."""
+    return declared_context(config) or 1024
 
 
 def load_model_config(name: str, trust_remote_code: bool = False):
@@ -372,13 +383,13 @@ def train_scratch_tokenizer(preset: str, texts: Iterable[str], digest: str, cach
     """A byte-level BPE tokenizer learned from the training data, cached by the data's digest.
 
     Byte-level BPE (GPT-2's scheme) can encode any text, so prompts with unseen characters still work.
-    `digest` names everything that decides the texts (data.documents_key); `size`, the data's bytes,
+    `digest` names everything that decides the texts (cache_keys.documents_key); `size`, the data's bytes,
     sizes the progress bar.
     """
     from transformers import AutoTokenizer
 
-    from finetune import data
     from finetune.files import short
+    from finetune.token_cache import discard, write_entry, write_error
 
     vocab_size = SCRATCH_MODELS[preset]["vocab_size"]
     key = hashlib.sha256(f"{preset}:{vocab_size}:{LEARNER_VERSION}:{digest}".encode()).hexdigest()[:24]
@@ -390,10 +401,10 @@ def train_scratch_tokenizer(preset: str, texts: Iterable[str], digest: str, cach
                 return finish_tokenizer(AutoTokenizer.from_pretrained(target))
             except Exception as exc:  # a damaged entry (a crash, a full disk, a hand edit): learn it again
                 say(f"warning: the cached tokenizer {target} is unreadable ({short(exc)}); learning it again")
-                data.discard(target)
-        data.write_entry(target, lambda tmp: _learn_tokenizer(texts, vocab_size, size).save_pretrained(tmp))
+                discard(target)
+        write_entry(target, lambda tmp: _learn_tokenizer(texts, vocab_size, size).save_pretrained(tmp))
     except OSError as exc:
-        raise data.write_error(target.parent, exc, "the tokenizer cache", "--cache-dir") from None
+        raise write_error(target.parent, exc, "the tokenizer cache", "--cache-dir") from None
     return finish_tokenizer(AutoTokenizer.from_pretrained(target))
 
 
@@ -403,8 +414,8 @@ def _learn_tokenizer(texts: Iterable[str], vocab_size: int, size: int):
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from finetune.data import PROGRESS_MIN_BYTES, progress_bar
     from finetune.reading import bounded_runs
+    from finetune.tokenizing import PROGRESS_MIN_BYTES, progress_bar
 
     def counted(items):  # the learner pulls texts as it counts their words: this bar follows it
         with progress_bar(size, "learning the tokenizer", size) as bar:
@@ -429,18 +440,18 @@ def tokenizer_from_data(cfg, files: list[Path]):
     decides the texts it learns from (contents, each file's format, encoding, text field...)."""
     import json
 
-    from finetune import data
+    from finetune.cache_keys import documents_key
+    from finetune.data_files import data_bytes
+    from finetune.documents import training_texts
+    from finetune.token_cache import cache_root
 
-    hub = [(name, cfg.data.split) for name in cfg.data.datasets]
-    d = cfg.data
-    key = data.documents_key(files, hub, d.format, d.text_field, d.eos_string, d.line_by_line, d.encoding)
-    texts = data.training_texts(files, hub, d.format, d.text_field, d.eos_string, d.line_by_line, key["encoding"])
+    key = documents_key(files, cfg.data)
     return train_scratch_tokenizer(
         cfg.model.name,
-        texts,
+        training_texts(files, cfg.data),
         json.dumps(key, sort_keys=True),
-        data.cache_root(d.cache_dir),
-        size=data.data_bytes(files),
+        cache_root(cfg.data.cache_dir),
+        size=data_bytes(files),
     )
 
 

@@ -116,6 +116,7 @@ def plan(
     import torch
 
     from finetune import modeling
+    from finetune.token_cache import block_size_for
 
     model, config = _meta_model(cfg, vocab_size)
     t = cfg.train
@@ -124,7 +125,7 @@ def plan(
     layers = text.num_hidden_layers
     heads = text.num_attention_heads
     vocab = text.vocab_size
-    seq = block_size or cfg.data.block_size or min(1024, modeling.context_length(config))
+    seq = block_size or block_size_for(cfg.data.block_size, modeling.context_length(config))
     cuda = torch.cuda.is_available()
     precision = t.precision if t.precision != "auto" else ("bf16" if cuda else "fp32")
     act_bytes = 4 if precision == "fp32" else 2
@@ -183,9 +184,10 @@ def plan(
 
 def dry_run(cfg: RunConfig, num_processes: int = 1, log=print) -> MemoryPlan:
     """Print the plan; nothing is trained or written (a from-scratch tokenizer is learned and cached)."""
-    from finetune import data, modeling
+    from finetune import modeling
+    from finetune.data_files import resolve_files
 
-    files = data.resolve_files(cfg.data.paths)
+    files = resolve_files(cfg.data.paths)
     vocab_size = None
     if modeling.is_scratch_preset(cfg.model.name):
         vocab_size = len(modeling.tokenizer_from_data(cfg, files))

@@ -93,12 +93,9 @@ def decoded_chunks(path: Path, encoding: str = "utf-8") -> Iterator[str]:
     """The file's text a chunk at a time; binary files and undecodable bytes are errors.
 
     Undecodable bytes are not silently replaced: a model trained on mojibake learns mojibake. The
-    message names the likely encoding so the fix is one flag.
+    message names the likely encoding so the fix is one flag. `encoding` has passed check_encoding.
     """
-    try:
-        decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
-    except LookupError:
-        raise FinetuneError(f"unknown encoding '{encoding}'; use a Python codec name such as utf-8 or cp1252") from None
+    decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
     offset = 0
     with open(path, "rb") as fh:
         while True:
@@ -115,7 +112,8 @@ def decoded_chunks(path: Path, encoding: str = "utf-8") -> Iterator[str]:
                 position = max(0, offset + exc.start)
                 guess = _guess_encoding(raw)
                 raise FinetuneError(
-                    f"data file '{path}' is not valid {encoding} (byte 0x{exc.object[exc.start]:02x} at offset {position}); "
+                    f"data file '{path}' is not valid {encoding} "
+                    f"(byte 0x{exc.object[exc.start]:02x} at offset {position}); "
                     f"it looks like {guess}: pass --encoding {guess} or convert it to UTF-8"
                 ) from None
             if offset == 0:

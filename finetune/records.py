@@ -16,12 +16,15 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from finetune.errors import FinetuneError
 from finetune.files import reading
 
-FORMATS = ("text", "csv", "tsv", "jsonl", "json", "parquet", "arrow")
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+FORMATS = ("text", "csv", "tsv", "jsonl", "json", "parquet", "arrow")  # --format; config.py and cli.py read it here
 SUFFIX_FORMATS = {
     ".txt": "text",
     ".text": "text",
@@ -59,6 +62,14 @@ def detect_format(path: Path, override: Optional[str]) -> str:
     if is_saved_dataset(path):
         return "arrow"
     return SUFFIX_FORMATS.get(path.suffix.lower(), "text")
+
+
+def file_formats(files: list[Path], data_format: Optional[str]) -> list[str]:
+    """The format each file is read as (--format, else its suffix), checked against its first bytes."""
+    formats = [detect_format(p, data_format) for p in files]
+    for path, fmt in zip(files, formats):
+        check_signature(path, fmt)
+    return formats
 
 
 def check_signature(path: Path, data_format: str) -> None:
@@ -164,7 +175,7 @@ def _json_rows(path: Path, encoding: str) -> Iterator[tuple[str, dict]]:
         yield f"{path}[{i}]", record
 
 
-def _dataset_rows(dataset, where: str) -> Iterator[tuple[str, dict]]:
+def _dataset_rows(dataset: Dataset, where: str) -> Iterator[tuple[str, dict]]:
     for i, record in enumerate(dataset):
         yield f"{where}[{i}]", record
 
@@ -182,7 +193,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
                 row += 1
 
 
-def _load_arrow(path: Path, split: Optional[str]):
+def _load_arrow(path: Path, split: Optional[str]) -> Dataset:
     """A save_to_disk directory (a Dataset or a DatasetDict's split), or one .arrow file of one."""
     import datasets
 
@@ -216,14 +227,15 @@ def iter_rows(source: Source, encoding: str, bad: BadRows) -> Iterator[tuple[str
         raise FinetuneError(f"unknown format '{source.format}'; use one of {', '.join(FORMATS)}")
 
 
-def load_hub_dataset(name: str, split: str):
+def load_hub_dataset(name: str, split: str) -> Dataset:
     import datasets
 
     try:
         return datasets.load_dataset(name, split=split)
     except Exception as exc:  # datasets raises many types for "not reachable / not found"
         raise FinetuneError(
-            f"could not load dataset '{name}' (split {split}) from the Hugging Face Hub ({str(exc).splitlines()[0][:120]}); "
+            f"could not load dataset '{name}' (split {split}) from the Hugging Face Hub "
+            f"({str(exc).splitlines()[0][:120]}); "
             f"download it where there is network and pass the saved directory or files instead"
         ) from None
 

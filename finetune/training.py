@@ -23,9 +23,12 @@ from typing import Optional
 
 from finetune import checkpoint as ckpt
 from finetune import cpu_speed, files, modeling, optimizer_state, schedules, speed
-from finetune import data as data_lib
+from finetune.batching import endless_batches, make_dataloader
 from finetune.config import GenerateConfig, RunConfig, dump_yaml
+from finetune.data_files import resolve_files
 from finetune.errors import FinetuneError, install_hint
+from finetune.prepared import is_prepared_dir, load_prepared, read_manifest
+from finetune.token_cache import block_size_for, prepare_data
 
 DEFAULT_STEPS = 1000
 MAX_NONFINITE_STEPS = 3  # consecutive non-finite losses before the run stops
@@ -154,27 +157,6 @@ def peak_memory_bytes(baseline_rss: int) -> int:
 
 def _log_to(path: Path, record: dict) -> None:
     files.append_line(path, json.dumps(record), "metrics file")
-
-
-def _batches(loader, sampler, epoch: int, skip: int, accelerator):
-    """Endless (epoch, index-in-epoch, batch); each pass reshuffles via the sampler's epoch.
-
-    `skip` batches of the first epoch are passed over without being loaded, so a resumed run
-    continues with exactly the batch the interrupted run would have seen next.
-    """
-    while True:
-        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-        # The prepared loader (accelerate's DataLoaderShard) sets the sampler's epoch from its own
-        # pass counter at the start of every pass, overriding sampler.set_epoch: a resumed run's
-        # counter starts at 0, so its second pass would repeat the first one's order. Setting the
-        # epoch on the loader itself sets both.
-        if hasattr(epoch_loader, "set_epoch"):
-            epoch_loader.set_epoch(epoch)
-        else:
-            sampler.set_epoch(epoch)
-        for index, batch in enumerate(epoch_loader, start=skip):
-            yield epoch, index + 1, batch
-        epoch, skip = epoch + 1, 0
 
 
 def forward_loss(model, batch):
@@ -327,9 +309,8 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
     from tqdm.auto import tqdm
 
     t = cfg.train
-    data_files = data_lib.resolve_files(cfg.data.paths)
-    val_files = data_lib.resolve_files([cfg.data.val_file]) if cfg.data.val_file else None
-    hub = tuple((name, cfg.data.split) for name in cfg.data.datasets)
+    data_files = resolve_files(cfg.data.paths)
+    val_files = resolve_files([cfg.data.val_file]) if cfg.data.val_file else None
     run_name = run_dir.name
     resume_from = _resume_point(run_dir, t.resume, t.overwrite)
     if not t.overwrite:
@@ -346,7 +327,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
     accelerator = Accelerator(
         mixed_precision=resolve_precision(t.precision),
         cpu=not torch.cuda.is_available(),
-        # With pinned batches (data.make_dataloader), host-to-GPU copies overlap the previous step.
+        # With pinned batches (batching.make_dataloader), host-to-GPU copies overlap the previous step.
         dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
     )
     is_main = accelerator.is_main_process
@@ -357,7 +338,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
     # else the model's own.
     scratch = modeling.is_scratch_preset(cfg.model.name)
     with accelerator.main_process_first():
-        prepared_dir = data_files[0] if len(data_files) == 1 and data_lib.is_prepared_dir(data_files[0]) else None
+        prepared_dir = data_files[0] if len(data_files) == 1 and is_prepared_dir(data_files[0]) else None
         if resume_from is not None:
             tokenizer = modeling.load_tokenizer(str(resume_from))
         elif prepared_dir is not None and scratch:
@@ -376,11 +357,9 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
     model_config = modeling.load_model_config(model_source, cfg.model.trust_remote_code)
     context = modeling.context_length(model_config)
     if prepared_dir is not None:
-        block_size = (
-            cfg.data.block_size or json.loads((prepared_dir / data_lib.PREPARED_MANIFEST).read_text())["block_size"]
-        )
+        block_size = cfg.data.block_size or read_manifest(prepared_dir)["block_size"]
     else:
-        block_size = cfg.data.block_size or min(1024, context)
+        block_size = block_size_for(cfg.data.block_size, context)
     if block_size > context:
         raise FinetuneError(
             f"--block-size {block_size} exceeds the model's context of {context} tokens; use --block-size {context} or less"
@@ -388,24 +367,9 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
 
     with accelerator.main_process_first():
         prepared = (
-            data_lib.load_prepared(prepared_dir, tokenizer, cfg.data.block_size, log=say)
+            load_prepared(prepared_dir, tokenizer, cfg.data.block_size, log=say)
             if prepared_dir
-            else data_lib.prepare_data(
-                data_files,
-                tokenizer,
-                block_size,
-                line_by_line=cfg.data.line_by_line,
-                val_fraction=cfg.data.val_fraction,
-                val_files=val_files,
-                eos_string=cfg.data.eos_string,
-                encoding=cfg.data.encoding,
-                cache_dir=cfg.data.cache_dir,
-                text_field=cfg.data.text_field,
-                data_format=cfg.data.format,
-                skip_bad_rows=cfg.data.skip_bad_rows,
-                hub=hub,
-                log=say,
-            )
+            else prepare_data(data_files, tokenizer, block_size, cfg.data, val_files=val_files, log=say)
         )
     resolved = replace(cfg, train=replace(t, run_name=run_name), data=replace(cfg.data, block_size=prepared.block_size))
     changes: list[str] = []
@@ -482,11 +446,11 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
             say(f"CPU fast paths: {', '.join(swapped)} (--no-cpu-kernels turns them off)")
     sync_every = t.loss_sync_every or (10 if cuda else 1)
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_loader = data_lib.make_dataloader(prepared.train, t.batch_size, t.seed, shuffle=True, pad_id=pad)
+    pad = modeling.pad_id(tokenizer)
+    train_loader = make_dataloader(prepared.train, t.batch_size, t.seed, shuffle=True, pad_id=pad)
     train_sampler = train_loader.sampler
     val_loader = (
-        data_lib.make_dataloader(prepared.val, t.batch_size, t.seed, shuffle=False, pad_id=pad)
+        make_dataloader(prepared.val, t.batch_size, t.seed, shuffle=False, pad_id=pad)
         if prepared.val is not None
         else None
     )
@@ -570,7 +534,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
 
     last_checkpoint: Optional[Path] = resume_from
     nonfinite_streak = 0
-    batches = _batches(train_loader, train_sampler, epoch, batches_in_epoch, accelerator)
+    batches = endless_batches(train_loader, train_sampler, epoch, batches_in_epoch, accelerator)
     if rng_state is not None:
         # Last, so nothing above (model loading, iterator set-up) draws from the restored streams.
         ckpt.restore_rng_state(rng_state)

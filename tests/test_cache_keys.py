@@ -27,12 +27,15 @@ def data(workdir):
 
 
 def _key(data, default_tokenizer, **changes):
-    from finetune.data import cache_key, fingerprint
+    """The fingerprint for a.txt with block size 64 and the default data options, but for `changes`
+    (DataConfig fields, or files, tokenizer, block_size, val_files)."""
+    from finetune.cache_keys import cache_key, fingerprint
+    from finetune.config import DataConfig
 
-    kw = dict(files=[data / "a.txt"], tokenizer=default_tokenizer, block_size=64)
+    kw = dict(files=[data / "a.txt"], tokenizer=default_tokenizer, block_size=64, val_files=None)
     kw.update(changes)
-    files, tok, block = kw.pop("files"), kw.pop("tokenizer"), kw.pop("block_size")
-    return fingerprint(cache_key(files, tok, block, **kw))
+    files, tok, block, val_files = kw.pop("files"), kw.pop("tokenizer"), kw.pop("block_size"), kw.pop("val_files")
+    return fingerprint(cache_key(files, tok, block, DataConfig(**kw), val_files))
 
 
 def _other_tokenizer(tokenizer):
@@ -45,7 +48,7 @@ def _other_tokenizer(tokenizer):
     "change",
     [
         lambda d, t: dict(files=[d / "same-as-a.jsonl"]),  # the same bytes, read as JSON Lines
-        lambda d, t: dict(data_format="csv"),
+        lambda d, t: dict(format="csv"),
         lambda d, t: dict(encoding="latin-1"),
         lambda d, t: dict(encoding="cp1252"),
         lambda d, t: dict(text_field="body"),
@@ -56,7 +59,7 @@ def _other_tokenizer(tokenizer):
         lambda d, t: dict(val_fraction=0.2),
         lambda d, t: dict(block_size=32),
         lambda d, t: dict(tokenizer=_other_tokenizer(t)),
-        lambda d, t: dict(hub=(("someone/data", "train"),)),
+        lambda d, t: dict(datasets=["someone/data"]),
         lambda d, t: dict(files=[d / "b.txt"]),
     ],
     ids=[
@@ -81,17 +84,17 @@ def test_each_input_changes_the_cache_key(data, tokenizer, change):
 
 
 def test_the_reading_rules_version_changes_the_cache_key(data, tokenizer, monkeypatch):
-    import finetune.data
+    import finetune.cache_keys
 
     before = _key(data, tokenizer)
-    monkeypatch.setattr(finetune.data, "READING_RULES", finetune.data.READING_RULES + 1)
+    monkeypatch.setattr(finetune.cache_keys, "READING_RULES", finetune.cache_keys.READING_RULES + 1)
     assert _key(data, tokenizer) != before
 
 
 def test_unchanged_inputs_keep_their_key(data, tokenizer):
     """Same contents under another name, and another spelling of the same codec, share an entry;
     CACHE_VERSION 3 (from 2) renamed every entry once, because v2 keys lacked the format and encoding."""
-    from finetune.data import CACHE_VERSION
+    from finetune.cache_keys import CACHE_VERSION
 
     (data / "copy.txt").write_bytes((data / "a.txt").read_bytes())
     assert CACHE_VERSION == 3
@@ -166,7 +169,10 @@ def test_the_learned_tokenizer_is_keyed_by_format_and_encoding(data):
     """--model tiny learns its tokenizer from the data: the same bytes read otherwise learn another."""
     (data / "t.txt").write_text("".join(json.dumps({"text": r}) + "\n" for r in RECIPES))
     shutil.copy(data / "t.txt", data / "t.jsonl")
-    learned = lambda: sorted(p.name for p in (data / "cache" / "tokenizers").iterdir())
+
+    def learned():
+        return sorted(p.name for p in (data / "cache" / "tokenizers").iterdir())
+
     run_cli("train", "t.txt", "--model", "tiny", "--cache-dir", "cache", "--dry-run")
     first = learned()
     run_cli("train", "t.txt", "--model", "tiny", "--cache-dir", "cache", "--dry-run")

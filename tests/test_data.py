@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from finetune.data import _val_block_indices, prepare_data, resolve_files
+from finetune.config import DataConfig
+from finetune.data_files import resolve_files
 from finetune.modeling import finish_tokenizer
+from finetune.token_cache import _val_block_indices, prepare_data
 
 
 def split_documents(text: str, eos_string: str, line_by_line: bool) -> list[str]:
@@ -29,7 +31,10 @@ def test_documents_split_on_eos_string_and_lines(tmp_path):
 
     path = tmp_path / "d.txt"
     path.write_text("first doc\nline two<|endoftext|>\n\nsecond doc\n<|endoftext|>  \n")
-    texts = lambda lines: [p.text for p in iter_pieces([path], "<|endoftext|>", lines, "utf-8")]
+
+    def texts(lines):
+        return [p.text for p in iter_pieces([path], "<|endoftext|>", lines, "utf-8")]
+
     assert texts(False) == ["first doc\nline two", "second doc"]
     assert texts(True) == ["first doc", "line two", "second doc"]
 
@@ -40,8 +45,7 @@ def test_documents_are_joined_with_the_real_eos_id(tmp_path, tokenizer):
         resolve_files([str(tmp_path / "a.txt")]),
         tokenizer,
         4,
-        val_fraction=0,
-        cache_dir=str(tmp_path / "c"),
+        DataConfig(val_fraction=0, cache_dir=str(tmp_path / "c")),
         log=lambda _m: None,
     )
     tokens = np.asarray(prepared.train.tokens).tolist()
@@ -59,8 +63,7 @@ def test_blocks_cover_the_stream_and_validation_is_spread(tmp_path, tokenizer):
         resolve_files([str(tmp_path / "a.txt")]),
         tokenizer,
         16,
-        val_fraction=0.1,
-        cache_dir=str(tmp_path / "c"),
+        DataConfig(val_fraction=0.1, cache_dir=str(tmp_path / "c")),
         log=lambda _m: None,
     )
     n_blocks = len(prepared.train) + len(prepared.val)
@@ -87,18 +90,19 @@ def test_files_are_ordered_and_deduplicated(tmp_path):
 def test_cache_key_depends_on_content_not_name(tmp_path, tokenizer):
     (tmp_path / "one.txt").write_text("same words here " * 50)
     (tmp_path / "two.txt").write_text("same words here " * 50)
-    kw = dict(val_fraction=0.05, cache_dir=str(tmp_path / "c"), log=lambda _m: None)
-    first = prepare_data(resolve_files([str(tmp_path / "one.txt")]), tokenizer, 8, **kw)
-    second = prepare_data(resolve_files([str(tmp_path / "two.txt")]), tokenizer, 8, **kw)
+    options = DataConfig(val_fraction=0.05, cache_dir=str(tmp_path / "c"))
+    kw = dict(log=lambda _m: None)
+    first = prepare_data(resolve_files([str(tmp_path / "one.txt")]), tokenizer, 8, options, **kw)
+    second = prepare_data(resolve_files([str(tmp_path / "two.txt")]), tokenizer, 8, options, **kw)
     assert not first.from_cache and second.from_cache and first.cache_dir == second.cache_dir
     (tmp_path / "two.txt").write_text("other words here " * 50)
-    third = prepare_data(resolve_files([str(tmp_path / "two.txt")]), tokenizer, 8, **kw)
+    third = prepare_data(resolve_files([str(tmp_path / "two.txt")]), tokenizer, 8, options, **kw)
     assert not third.from_cache
 
 
 def _ids_via_pipeline(tmp_path, tokenizer, files, workers, name):
-    from finetune.data import tokenize_to_file
     from finetune.reading import iter_pieces
+    from finetune.tokenizing import tokenize_to_file
 
     out = tmp_path / f"{name}.bin"
     pieces = iter_pieces(files, "<|endoftext|>", False, "utf-8", split_long=True)
@@ -143,3 +147,19 @@ def test_non_utf8_error_names_the_offset_across_chunks(tmp_path, monkeypatch):
     monkeypatch.setattr(reading, "CHUNK_BYTES", 16)
     with pytest.raises(FinetuneError, match="byte 0xe9 at offset 100.*--encoding cp1252"):
         list(reading.iter_pieces([path], "<|endoftext|>", False, "utf-8"))
+
+
+def test_an_unknown_format_is_named(tmp_path, tokenizer):
+    """prepare_data takes a DataConfig that config.validate_run_config has not seen: a format no reader
+    knows is named, not read as nothing."""
+    from finetune.errors import FinetuneError
+
+    (tmp_path / "a.xml").write_text("<doc>hello</doc>")
+    with pytest.raises(FinetuneError, match="unknown format 'xml'; use one of text, csv, tsv, jsonl, json, parquet"):
+        prepare_data(
+            resolve_files([str(tmp_path / "a.xml")]),
+            tokenizer,
+            8,
+            DataConfig(format="xml", cache_dir=str(tmp_path / "c")),
+            log=lambda _m: None,
+        )

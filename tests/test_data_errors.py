@@ -1,4 +1,5 @@
-"""Data a user can get wrong, and disks that fail: one line naming the file and the fix, exit 2, nothing left half-written."""
+"""Data a user can get wrong, and disks that fail: one line naming the file and the fix, exit 2, nothing left
+half-written."""
 
 from __future__ import annotations
 
@@ -306,19 +307,20 @@ def test_a_full_disk_under_the_learned_tokenizer(text, monkeypatch):
         "--cache-dir",
         "cache",
         "--dry-run",
-        message="cannot write the tokenizer cache cache/tokenizers: the disk is full; free disk space or choose another --cache-dir",
+        message="cannot write the tokenizer cache cache/tokenizers: the disk is full; "
+        "free disk space or choose another --cache-dir",
     )
     assert _left_behind(text.parent / "cache" / "tokenizers") == []
 
 
 def test_a_full_disk_under_the_prepare_output(text, gpt2_dir, monkeypatch):
-    import finetune.data
+    import finetune.prepared
 
     def half_written(prepared, tokenizer, tmp, model_name):
         (tmp / "tokens.bin").write_bytes(b"\x00" * 10)
         _disk_full()
 
-    monkeypatch.setattr(finetune.data, "write_prepared", half_written)
+    monkeypatch.setattr(finetune.prepared, "write_prepared", half_written)
     fails(
         "prepare",
         "a.txt",
@@ -395,9 +397,9 @@ def test_a_long_line_without_whitespace_learns_a_tokenizer_in_seconds(workdir):
 
 
 def test_slow_steps_show_progress(text, monkeypatch):
-    import finetune.data
+    import finetune.tokenizing
 
-    monkeypatch.setattr(finetune.data, "PROGRESS_MIN_BYTES", 0)  # as if the data were large
+    monkeypatch.setattr(finetune.tokenizing, "PROGRESS_MIN_BYTES", 0)  # as if the data were large
     result = run_cli("train", "a.txt", "--model", "tiny", "--cache-dir", "cache", "--steps", 1, "--sample-every", 0)
     assert "learning the tokenizer" in result.output and "tokenizing" in result.output, result.output
 

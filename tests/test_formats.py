@@ -102,7 +102,10 @@ def test_formats_mix_in_one_run_and_format_override(files, gpt2_dir):
 def test_prompt_completion_labels_are_masked_token_by_token(files, gpt2_dir):
     from transformers import AutoTokenizer
 
-    from finetune.data import make_dataloader, prepare_data, resolve_files
+    from finetune.batching import make_dataloader
+    from finetune.config import DataConfig
+    from finetune.data_files import resolve_files
+    from finetune.token_cache import prepare_data
 
     tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
     (files / "one.jsonl").write_text(json.dumps({"prompt": "Title: Toast\n", "completion": "Serves: 1"}) + "\n")
@@ -110,8 +113,7 @@ def test_prompt_completion_labels_are_masked_token_by_token(files, gpt2_dir):
         resolve_files([str(files / "one.jsonl")]),
         tokenizer,
         64,
-        val_fraction=0,
-        cache_dir=str(files / "c"),
+        DataConfig(val_fraction=0, cache_dir=str(files / "c")),
         log=lambda _m: None,
     )
     batch = next(iter(make_dataloader(prepared.train, 1, 0, shuffle=False, pad_id=0)))
@@ -125,15 +127,17 @@ def test_prompt_completion_labels_are_masked_token_by_token(files, gpt2_dir):
 def test_padding_is_masked_and_batches_group_lengths(files, gpt2_dir):
     from transformers import AutoTokenizer
 
-    from finetune.data import make_dataloader, prepare_data, resolve_files
+    from finetune.batching import make_dataloader
+    from finetune.config import DataConfig
+    from finetune.data_files import resolve_files
+    from finetune.token_cache import prepare_data
 
     tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
     prepared = prepare_data(
         resolve_files([str(files / "pairs.jsonl")]),
         tokenizer,
         512,
-        val_fraction=0,
-        cache_dir=str(files / "c"),
+        DataConfig(val_fraction=0, cache_dir=str(files / "c")),
         log=lambda _m: None,
     )
     for batch in make_dataloader(prepared.train, 4, 0, shuffle=True, pad_id=0):
@@ -158,7 +162,7 @@ def _chat_mask_text(tokenizer, ids, mask):
 def test_chat_masking_with_builtin_template(gpt2_dir):
     from transformers import AutoTokenizer
 
-    from finetune.examples import SIMPLE_CHAT_TEMPLATE, chat_example, ensure_chat_template
+    from finetune.supervised import SIMPLE_CHAT_TEMPLATE, chat_example, ensure_chat_template
 
     tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
     assert not tokenizer.chat_template
@@ -180,7 +184,7 @@ def test_chat_masking_with_builtin_template(gpt2_dir):
 def test_chat_masking_with_the_tokenizer_own_template(gpt2_dir):
     from transformers import AutoTokenizer
 
-    from finetune.examples import chat_example, ensure_chat_template
+    from finetune.supervised import chat_example, ensure_chat_template
 
     tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
     chatml = (
@@ -227,7 +231,10 @@ def test_prepared_directory_trains_like_the_raw_files(files, gpt2_dir):
     assert (files / "prepared" / "finetune_prepared.json").is_file()
     train(["prepared"], gpt2_dir, "from-prepared")
     train(["pairs.jsonl"], gpt2_dir, "from-raw")
-    first = lambda run: next(m["loss"] for m in read_metrics(files / "runs" / run) if "loss" in m)
+
+    def first(run):
+        return next(m["loss"] for m in read_metrics(files / "runs" / run) if "loss" in m)
+
     assert first("from-prepared") == first("from-raw")
     result = train(["prepared"], gpt2_dir, "bad-block", "--block-size", 32, expect=2)
     assert "was prepared with --block-size 64" in result.output
@@ -303,3 +310,19 @@ def test_prepare_refuses_a_taken_output_before_tokenizing(files, gpt2_dir):
     assert (files / "taken" / "mine.txt").read_text() == "keep"
     result = run_cli("prepare", "bad.jsonl", "--model", gpt2_dir, "--output", "never", expect=2)
     assert not (files / "never").exists() and not (files / ".tmp-never").exists()
+
+
+def test_the_data_formats_are_one_list():
+    """--format's choices and the config check read records.FORMATS, the formats the readers handle."""
+    from finetune.cli import main
+    from finetune.config import DataConfig, RunConfig, validate_run_config
+    from finetune.errors import FinetuneError
+    from finetune.records import FORMATS
+
+    for command in ("train", "prepare"):
+        (option,) = [p for p in main.commands[command].params if p.name == "format"]
+        assert tuple(option.type.choices) == FORMATS
+    for fmt in (None, *FORMATS):
+        validate_run_config(RunConfig(data=DataConfig(paths=["a.txt"], format=fmt)))
+    with pytest.raises(FinetuneError, match=f"must be one of {', '.join(FORMATS)}$"):
+        validate_run_config(RunConfig(data=DataConfig(paths=["a.txt"], format="xml")))

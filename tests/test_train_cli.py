@@ -157,12 +157,12 @@ def test_cache_hit_does_not_tokenize(workdir, gpt2_dir, monkeypatch):
         0,
     ]
     run_cli(*args, "--run-name", "warm")
-    import finetune.data
+    import finetune.token_cache
 
     def fail(*_a, **_k):
         raise AssertionError("tokenized on a cache hit")
 
-    monkeypatch.setattr(finetune.data, "tokenize_to_file", fail)
+    monkeypatch.setattr(finetune.token_cache, "tokenize_to_file", fail)
     run_cli(*args, "--run-name", "hit")
 
 

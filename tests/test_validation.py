@@ -18,10 +18,12 @@ def val_text(tmp_path_factory) -> Path:
 
 
 def val_blocks(checkpoint: Path, val_file: Path):
-    from finetune import data, modeling
+    from finetune import modeling
+    from finetune.config import DataConfig
+    from finetune.token_cache import prepare_data
 
     tokenizer = modeling.load_tokenizer(str(checkpoint))
-    prepared = data.prepare_data([SAMPLE], tokenizer, 16, val_files=[val_file], log=lambda _m: None)
+    prepared = prepare_data([SAMPLE], tokenizer, 16, DataConfig(), val_files=[val_file], log=lambda _m: None)
     return [prepared.val[i] for i in range(len(prepared.val))]
 
 

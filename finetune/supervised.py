@@ -4,17 +4,26 @@ Prompt/completion: the prompt is context, the completion and a closing EOS are l
 Chat: the conversation is rendered with the tokenizer's chat template (or SIMPLE_CHAT_TEMPLATE when
 it has none); only the assistant turns (and EOS) are learned. Examples are not packed together: each
 is one row, truncated to the block size (counted), and batches are padded to their longest row with
-rows of similar length grouped together (see data.EpochShuffleSampler), so no example ever attends
-to another and little compute goes to padding.
+rows of similar length grouped together (see batching.EpochShuffleSampler), so no example ever attends
+to another and little compute goes to padding. `examples` reads them from a run's sources.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
 from finetune.errors import FinetuneError
+from finetune.reading import iter_pieces
+from finetune.records import BadRows, Source, iter_rows, record_kind, validate_messages
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from finetune.documents import DocumentRules
 
 # Used when the tokenizer has no chat template; saved with the checkpoints so `generate` and any
 # transformers user render prompts the same way.
@@ -28,22 +37,24 @@ SIMPLE_CHAT_TEMPLATE = (
 )
 
 
-def ensure_chat_template(tokenizer) -> None:
+def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = SIMPLE_CHAT_TEMPLATE
 
 
-def _render(tokenizer, messages, add_generation_prompt: bool = False) -> str:
+def _render(tokenizer: PreTrainedTokenizerBase, messages, add_generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def prompt_completion_example(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+def prompt_completion_example(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str
+) -> tuple[list[int], list[int]]:
     prompt_ids = tokenizer(prompt)["input_ids"]  # with the model's BOS where it uses one
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
 
 
-def chat_example(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+def chat_example(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[list[int], list[int]]:
     """Render once; mark the characters of each assistant turn; map them to tokens by offsets."""
     text = _render(tokenizer, messages)
     spans = []
@@ -66,12 +77,12 @@ def chat_example(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]
     return ids, mask
 
 
-def text_example(tokenizer, text: str) -> tuple[list[int], list[int]]:
+def text_example(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[int]]:
     ids = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
     return ids, [1] * len(ids)
 
 
-def chat_prompt(tokenizer, prompt: str, system: Optional[str] = None) -> str:
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, system: Optional[str] = None) -> str:
     """A user prompt rendered as the start of an assistant turn (for `generate` on chat runs)."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     return _render(tokenizer, messages, add_generation_prompt=True)
@@ -94,26 +105,25 @@ class Examples:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)[self.indices]
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.lengths().sum())
 
-
-def collate_examples(pad_id: int):
-    """Pad a batch on the right to its longest example; padding and context tokens get label -100."""
-
-    def collate(items):
-        import torch
-
-        width = max(len(ids) for ids, _ in items)
-        input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(items), width), -100, dtype=torch.long)
-        attention = torch.zeros((len(items), width), dtype=torch.long)
-        for row, (ids, mask) in enumerate(items):
-            n = len(ids)
-            input_ids[row, :n] = torch.from_numpy(ids)
-            labels[row, :n] = torch.from_numpy(np.where(mask == 1, ids, -100))
-            attention[row, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-
-    return collate
+def examples(
+    sources: list[Source], rules: DocumentRules, tokenizer: PreTrainedTokenizerBase, bad: BadRows
+) -> Iterator[tuple[list[int], list[int]]]:
+    """Supervised examples: prompt/completion and chat records, and plain documents (all tokens learned)."""
+    for source in sources:
+        if source.format == "text":
+            for piece in iter_pieces([Path(source.path)], rules.eos_string, rules.line_by_line, rules.encoding):
+                yield text_example(tokenizer, piece.text)
+            continue
+        for where, record in iter_rows(source, rules.encoding, bad):
+            kind = record_kind(record, rules.text_field, where)
+            if kind == "chat":
+                yield chat_example(tokenizer, validate_messages(record["messages"], where))
+            elif kind == "prompt_completion":
+                prompt, completion = record["prompt"], record["completion"]
+                if not isinstance(prompt, str) or not isinstance(completion, str) or not completion.strip():
+                    bad(f"{where}: 'prompt' and 'completion' must be text and the completion non-empty")
+                    continue
+                yield prompt_completion_example(tokenizer, prompt, completion)
+            elif isinstance(record[rules.text_field], str) and record[rules.text_field].strip():
+                yield text_example(tokenizer, record[rules.text_field].strip())
