@@ -110,7 +110,7 @@ class TrainConfig:
     fused_loss: Optional[bool] = None  # chunked cross-entropy (no full fp32 logits); None: on with CUDA
     pad_vocab: Optional[bool] = None  # pad embeddings to a multiple of 64 (for tensor cores); None: on with CUDA
     cpu_kernels: Optional[bool] = (
-        None  # GELU, dropout, attention and allocator fast paths (cpu_speed.py); None: on without CUDA
+        None  # GELU, dropout, attention and allocator fast paths (cpu_kernels.py); None: on without CUDA
     )
     loss_sync_every: Optional[int] = None  # read the loss back to the host every N steps; None: 1 on CPU, 10 on CUDA
     freeze_layers: int = 0  # freeze the embeddings and the first N transformer blocks

@@ -17,11 +17,11 @@ from typing import Optional
 
 from finetune import checkpoint as ckpt
 from finetune import onnx_optimize
+from finetune.architectures import architecture, onnx_architectures
 from finetune.errors import FinetuneError, install_hint
 from finetune.files import writing
 from finetune.onnx_generation import MANIFEST
 
-ONNX_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "gpt_neox")
 ONNX_FILE = "model.onnx"
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with headroom for the graph itself
 OPSET = 18
@@ -471,9 +471,9 @@ def _export_onnx(
         raise FinetuneError("--quantize int8 starts from fp32 weights; drop --dtype fp16")
     model, tokenizer = _load_model(source, dtype)
     model_type = model.config.model_type
-    if model_type not in ONNX_ARCHITECTURES:
+    if not architecture(model_type).onnx:
         raise FinetuneError(
-            f"the ONNX exporter does not handle '{model_type}' models yet (supported: {', '.join(ONNX_ARCHITECTURES)}); "
+            f"the ONNX exporter does not handle '{model_type}' models yet (supported: {', '.join(onnx_architectures())}); "
             f"export --format safetensors instead"
         )
     if tokenizer.pad_token_id is None:

@@ -4,18 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from finetune.architectures import architecture
 from finetune.errors import FinetuneError, install_hint
 
 ADAPTER_CONFIG = "adapter_config.json"
-
-# Linear layers worth adapting per architecture: attention and MLP projections.
-DEFAULT_TARGETS = {
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
-for _name in ("qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3"):
-    DEFAULT_TARGETS[_name] = DEFAULT_TARGETS["llama"]
 
 
 def _peft():
@@ -34,11 +26,12 @@ def targets_for(model, requested: list[str]) -> list[str]:
     if requested:
         return requested
     model_type = model.config.model_type
-    if model_type not in DEFAULT_TARGETS:
+    targets = architecture(model_type).lora_targets
+    if not targets:
         raise FinetuneError(
             f"no default LoRA targets for '{model_type}' models; name the layers with --lora-targets q_proj,v_proj,..."
         )
-    return DEFAULT_TARGETS[model_type]
+    return list(targets)
 
 
 def wrap_with_lora(model, r: int, alpha: int, dropout: float, targets: list[str], gradient_checkpointing: bool = False):
@@ -52,7 +45,7 @@ def wrap_with_lora(model, r: int, alpha: int, dropout: float, targets: list[str]
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=targets_for(model, targets),
-        fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2 stores its projections as Conv1D (in x out)
+        fan_in_fan_out=architecture(model.config.model_type).conv1d_projections,
     )
     try:
         return peft.get_peft_model(model, config)

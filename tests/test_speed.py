@@ -17,7 +17,7 @@ def test_chunked_loss_equals_the_model_loss_and_gradients(plain_models, architec
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune.speed import chunked_causal_lm_loss
+    from finetune.fast_paths import chunked_causal_lm_loss
 
     model = AutoModelForCausalLM.from_pretrained(plain_models[architecture], dtype=torch.float32)
     ids = torch.randint(0, model.config.vocab_size, (3, 40))
