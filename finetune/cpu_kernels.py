@@ -13,7 +13,12 @@ fuses them.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from finetune.architectures import architecture
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 ATTENTION_NAME = "finetune_cpu"
 _MALLOC_TUNED = False
@@ -113,7 +118,7 @@ def tune_allocator() -> bool:
     return _MALLOC_TUNED
 
 
-def apply(model) -> list[str]:
+def apply(model: PreTrainedModel) -> list[str]:
     """Swap in the fast kernels (no parameters change); returns what was swapped, for the log."""
     import torch
     from transformers.activations import NewGELUActivation

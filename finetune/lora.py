@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune.architectures import architecture
 from finetune.errors import FinetuneError, install_hint
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -22,7 +28,7 @@ def is_adapter_checkpoint(path: Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def targets_for(model, requested: list[str]) -> list[str]:
+def targets_for(model: PreTrainedModel, requested: list[str]) -> list[str]:
     if requested:
         return requested
     model_type = model.config.model_type
@@ -34,7 +40,14 @@ def targets_for(model, requested: list[str]) -> list[str]:
     return list(targets)
 
 
-def wrap_with_lora(model, r: int, alpha: int, dropout: float, targets: list[str], gradient_checkpointing: bool = False):
+def wrap_with_lora(
+    model: PreTrainedModel,
+    r: int,
+    alpha: int,
+    dropout: float,
+    targets: list[str],
+    gradient_checkpointing: bool = False,
+) -> PeftModel:
     """Freeze the base model and add trainable LoRA adapters to the target layers."""
     peft = _peft()
     if gradient_checkpointing:
@@ -53,13 +66,13 @@ def wrap_with_lora(model, r: int, alpha: int, dropout: float, targets: list[str]
         raise FinetuneError(f"LoRA could not be attached ({str(exc).splitlines()[0]}); check --lora-targets") from None
 
 
-def load_adapter_for_training(base_model, checkpoint: Path):
+def load_adapter_for_training(base_model: PreTrainedModel, checkpoint: Path) -> PeftModel:
     """Base model + the checkpoint's adapter, trainable (for resuming)."""
     peft = _peft()
     return peft.PeftModel.from_pretrained(base_model, str(checkpoint), is_trainable=True)
 
 
-def load_merged(checkpoint: Path, dtype, trust_remote_code: bool = False):
+def load_merged(checkpoint: Path, dtype: torch.dtype | None, trust_remote_code: bool = False) -> PreTrainedModel:
     """The base model with the adapter folded into its weights: a plain transformers model.
 
     The base is loaded (and checked) like any model; then the adapter, whose bad file is named.
