@@ -13,10 +13,36 @@ from pathlib import Path
 
 import click
 
+from finetune.config import (
+    ADAPTER_DEFAULTS,
+    PRESET_DEFAULTS,
+    SCRATCH_PRESETS,
+    DataConfig,
+    GenerateConfig,
+    ModelConfig,
+    TrainConfig,
+    choices,
+    default,
+)
 from finetune.errors import FinetuneError
 from finetune.records import FORMATS
 
 EXIT_USER_ERROR = 2
+
+
+def shown(value) -> str:
+    """A default as help texts write it: on/off for switches, 1e-4 rather than 0.0001 for small numbers."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and 0 < abs(value) < 0.01:
+        mantissa, exponent = f"{value:e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return str(value)
+
+
+def _default(section: type, name: str) -> str:
+    """The `[default: ...]` of a help text, read from the config dataclass."""
+    return f"[default: {shown(default(section, name))}]"
 
 
 def _echo_err(message: str) -> None:
@@ -123,8 +149,12 @@ def main():
 DATA_OPTIONS = [
     click.option("--block-size", type=int, help="Tokens per training block.  [default: min(1024, model context)]"),
     click.option("--line-by-line/--no-line-by-line", default=None, help="Each non-empty line is a document."),
-    click.option("--val-fraction", type=float, help="Share of blocks held out for validation.  [default: 0.05]"),
-    click.option("--encoding", help="Text encoding of the data files.  [default: utf-8]"),
+    click.option(
+        "--val-fraction",
+        type=float,
+        help=f"Share of blocks held out for validation.  {_default(DataConfig, 'val_fraction')}",
+    ),
+    click.option("--encoding", help=f"Text encoding of the data files.  {_default(DataConfig, 'encoding')}"),
     click.option(
         "--format",
         "format",
@@ -135,12 +165,12 @@ DATA_OPTIONS = [
         "--text-field",
         "--text-column",
         "text_field",
-        help="Field/column with the text of plain records.  [default: text]",
+        help=f"Field/column with the text of plain records.  {_default(DataConfig, 'text_field')}",
     ),
     click.option(
         "--dataset", "datasets", multiple=True, help="A Hugging Face Hub dataset id (needs network); repeatable."
     ),
-    click.option("--split", help="Split of --dataset and of saved DatasetDicts.  [default: train]"),
+    click.option("--split", help=f"Split of --dataset and of saved DatasetDicts.  {_default(DataConfig, 'split')}"),
     click.option(
         "--skip-bad-rows", is_flag=True, default=None, help="Skip (and count) malformed CSV rows / JSON lines."
     ),
@@ -158,56 +188,93 @@ def data_options(command):
 @click.argument("data", nargs=-1)
 @data_options
 @click.option(
-    "--model", "-m", help="Hub id, local model directory, or a from-scratch preset: tiny, tiny-llama.  [default: gpt2]"
+    "--model",
+    "-m",
+    help=f"Hub id, local model directory, or a from-scratch preset: {', '.join(SCRATCH_PRESETS)}.  "
+    f"{_default(ModelConfig, 'name')}",
 )
 @click.option("--config", "config_file", help="YAML config file, or a preset name from configs/ (tiny, gpt2, gpu).")
 @click.option("--run-name", help="Name of the run under --runs-dir.  [default: the first data file's name]")
-@click.option("--runs-dir", help="Directory holding all runs.  [default: runs]")
+@click.option("--runs-dir", help=f"Directory holding all runs.  {_default(TrainConfig, 'runs_dir')}")
 @click.option("--steps", type=int, help="Optimizer steps.  [default: 1000, or from --epochs]")
 @click.option("--epochs", type=float, help="Passes over the data (used when --steps is not given).")
-@click.option("--batch-size", type=int, help="Blocks per device per micro-step.  [default: 8]")
-@click.option("--grad-accum", type=int, help="Micro-steps per optimizer step.  [default: 1]")
-@click.option("--lr", type=float, help="Peak learning rate.  [default: 1e-4; 1e-3 with --lora; 2e-3 for tiny]")
-@click.option("--warmup", type=float, help="Warmup: a fraction of steps if < 1, else a step count.  [default: 0.02]")
 @click.option(
-    "--schedule", type=click.Choice(["cosine", "linear", "constant"]), help="LR decay after warmup.  [default: cosine]"
+    "--batch-size", type=int, help=f"Blocks per device per micro-step.  {_default(TrainConfig, 'batch_size')}"
 )
-@click.option("--weight-decay", type=float, help="AdamW weight decay (never on biases/norms).  [default: 0.01]")
-@click.option("--max-grad-norm", type=float, help="Gradient clipping norm; 0 disables.  [default: 1.0]")
+@click.option("--grad-accum", type=int, help=f"Micro-steps per optimizer step.  {_default(TrainConfig, 'grad_accum')}")
+@click.option(
+    "--lr",
+    type=float,
+    help=f"Peak learning rate.  [default: {shown(default(TrainConfig, 'lr'))}; "
+    f"{shown(ADAPTER_DEFAULTS['train']['lr'])} with --lora; {shown(PRESET_DEFAULTS['tiny']['train']['lr'])} for tiny]",
+)
+@click.option(
+    "--warmup",
+    type=float,
+    help=f"Warmup: a fraction of steps if < 1, else a step count.  {_default(TrainConfig, 'warmup')}",
+)
+@click.option(
+    "--schedule",
+    type=click.Choice(choices(TrainConfig, "schedule")),
+    help=f"LR decay after warmup.  {_default(TrainConfig, 'schedule')}",
+)
+@click.option(
+    "--weight-decay",
+    type=float,
+    help=f"AdamW weight decay (never on biases/norms).  {_default(TrainConfig, 'weight_decay')}",
+)
+@click.option(
+    "--max-grad-norm", type=float, help=f"Gradient clipping norm; 0 disables.  {_default(TrainConfig, 'max_grad_norm')}"
+)
 @click.option(
     "--precision",
-    type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
-    help="auto: bf16 (or fp16) on GPU, fp32 on CPU.  [default: auto]",
+    type=click.Choice(choices(TrainConfig, "precision")),
+    help=f"auto: bf16 (or fp16) on GPU, fp32 on CPU.  {_default(TrainConfig, 'precision')}",
 )
 @click.option("--val-file", help="A separate validation text file (instead of --val-fraction).")
-@click.option("--eval-every", type=int, help="Steps between validation passes; 0 disables.  [default: 100]")
 @click.option(
-    "--sample-every", type=int, help="Steps between samples written to the run's samples/; 0 disables.  [default: 200]"
+    "--eval-every",
+    type=int,
+    help=f"Steps between validation passes; 0 disables.  {_default(TrainConfig, 'eval_every')}",
 )
-@click.option("--save-every", type=int, help="Steps between checkpoints; 0 saves only at the end.  [default: 500]")
-@click.option("--log-every", type=int, help="Steps between metrics.jsonl entries.  [default: 10]")
-@click.option("--keep", type=int, help="Checkpoints kept (the newest).  [default: 3]")
-@click.option("--seed", type=int, help="Random seed (data order, init, samples).  [default: 42]")
+@click.option(
+    "--sample-every",
+    type=int,
+    help=f"Steps between samples written to the run's samples/; 0 disables.  {_default(TrainConfig, 'sample_every')}",
+)
+@click.option(
+    "--save-every",
+    type=int,
+    help=f"Steps between checkpoints; 0 saves only at the end.  {_default(TrainConfig, 'save_every')}",
+)
+@click.option(
+    "--log-every", type=int, help=f"Steps between metrics.jsonl entries.  {_default(TrainConfig, 'log_every')}"
+)
+@click.option("--keep", type=int, help=f"Checkpoints kept (the newest).  {_default(TrainConfig, 'keep')}")
+@click.option("--seed", type=int, help=f"Random seed (data order, init, samples).  {_default(TrainConfig, 'seed')}")
 @click.option(
     "--resume",
-    help="For an existing run: latest (continue it), fresh (start over; needs --overwrite if it has checkpoints) or a checkpoint directory.  [default: latest]",
+    help="For an existing run: latest (continue it), fresh (start over; needs --overwrite if it has checkpoints) "
+    f"or a checkpoint directory.  {_default(TrainConfig, 'resume')}",
 )
 @click.option("--overwrite", is_flag=True, default=None, help="Delete an existing run of the same name and start over.")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow model code from the hub repo to run.")
 @click.option("--lora", is_flag=True, default=None, help="Train LoRA adapters (peft) instead of all weights.")
-@click.option("--lora-r", type=int, help="LoRA rank.  [default: 8]")
-@click.option("--lora-alpha", type=int, help="LoRA alpha (scale = alpha / r).  [default: 16]")
-@click.option("--lora-dropout", type=float, help="Dropout on the LoRA path.  [default: 0.05]")
+@click.option("--lora-r", type=int, help=f"LoRA rank.  {_default(ModelConfig, 'lora_r')}")
+@click.option("--lora-alpha", type=int, help=f"LoRA alpha (scale = alpha / r).  {_default(ModelConfig, 'lora_alpha')}")
+@click.option("--lora-dropout", type=float, help=f"Dropout on the LoRA path.  {_default(ModelConfig, 'lora_dropout')}")
 @click.option("--lora-targets", help="Comma-separated layer names to adapt.  [default: per architecture]")
 @click.option("--load-in-4bit", is_flag=True, default=None, help="QLoRA: 4-bit base weights (CUDA + bitsandbytes).")
-@click.option("--optimizer", type=click.Choice(["adamw", "adamw8bit", "adafactor", "sgd"]), help="[default: adamw]")
+@click.option(
+    "--optimizer", type=click.Choice(choices(TrainConfig, "optimizer")), help=_default(TrainConfig, "optimizer")
+)
 @click.option(
     "--gradient-checkpointing", is_flag=True, default=None, help="Recompute activations: less memory, ~30% slower."
 )
 @click.option(
     "--compile/--no-compile", "compile", default=None, help="torch.compile the model.  [default: on with CUDA]"
 )
-@click.option("--tf32/--no-tf32", default=None, help="TF32 matmuls on Ampere+ GPUs.  [default: on]")
+@click.option("--tf32/--no-tf32", default=None, help=f"TF32 matmuls on Ampere+ GPUs.  {_default(TrainConfig, 'tf32')}")
 @click.option(
     "--fused-loss/--no-fused-loss",
     default=None,
@@ -280,7 +347,11 @@ def train(data, config_file, dry_run, num_processes, accelerate_config, **flags)
 @main.command(context_settings={"show_default": True})
 @click.argument("data", nargs=-1)
 @data_options
-@click.option("--model", "-m", help="The model whose tokenizer to use (hub id, directory, or tiny).  [default: gpt2]")
+@click.option(
+    "--model",
+    "-m",
+    help=f"The model whose tokenizer to use (hub id, directory, or tiny).  {_default(ModelConfig, 'name')}",
+)
 @click.option("--output", "-o", required=True, help="Directory to write; `finetune train DIR` reads it.")
 @click.option("--config", "config_file", help="YAML config file, or a preset name from configs/.")
 def prepare(data, output, config_file, **flags):
@@ -345,19 +416,49 @@ def _read_prompt_file(path: str) -> list[str]:
 @click.option("--checkpoint", help="Sample from this checkpoint directory.")
 @click.option("--model", "-m", help="Sample from a hub id or model directory.")
 @click.option("--onnx", "onnx_dir", help="Sample from an ONNX export with ONNX Runtime (no torch needed).")
-@click.option("--runs-dir", default="runs", help="Directory holding all runs.")
+@click.option("--runs-dir", default=default(TrainConfig, "runs_dir"), help="Directory holding all runs.")
 @click.option("--prompt", "-p", "prompts", multiple=True, help="Text to continue; repeat for several prompts.")
 @click.option("--prompt-file", help="File with a prompt (several separated by ==================== lines).")
-@click.option("--n", "n", type=int, default=1, help="Samples per prompt.")
-@click.option("--batch-size", type=int, default=8, help="Samples decoded together.")
-@click.option("--max-new-tokens", "--length", type=int, default=200, help="Tokens generated per sample.")
-@click.option("--temperature", type=float, default=0.8, help="Randomness; 0 is greedy (always the likeliest token).")
-@click.option("--top-k", type=int, default=50, help="Sample among the k likeliest tokens; 0 disables.")
-@click.option("--top-p", type=float, default=0.95, help="Nucleus sampling probability mass; 1 disables.")
-@click.option("--repetition-penalty", type=float, default=1.0, help="Above 1 discourages repetition.")
+@click.option("--n", "n", type=int, default=default(GenerateConfig, "n"), help="Samples per prompt.")
+@click.option("--batch-size", type=int, default=default(GenerateConfig, "batch_size"), help="Samples decoded together.")
+@click.option(
+    "--max-new-tokens",
+    "--length",
+    type=int,
+    default=default(GenerateConfig, "max_new_tokens"),
+    help="Tokens generated per sample.",
+)
+@click.option(
+    "--temperature",
+    type=float,
+    default=default(GenerateConfig, "temperature"),
+    help="Randomness; 0 is greedy (always the likeliest token).",
+)
+@click.option(
+    "--top-k",
+    type=int,
+    default=default(GenerateConfig, "top_k"),
+    help="Sample among the k likeliest tokens; 0 disables.",
+)
+@click.option(
+    "--top-p",
+    type=float,
+    default=default(GenerateConfig, "top_p"),
+    help="Nucleus sampling probability mass; 1 disables.",
+)
+@click.option(
+    "--repetition-penalty",
+    type=float,
+    default=default(GenerateConfig, "repetition_penalty"),
+    help="Above 1 discourages repetition.",
+)
 @click.option("--seed", type=int, help="Fix the randomness: the same seed gives the same samples.")
 @click.option("--stop", multiple=True, help="Cut each sample at this string; repeatable.")
-@click.option("--include-prompt/--no-include-prompt", default=True, help="Start each sample with its prompt.")
+@click.option(
+    "--include-prompt/--no-include-prompt",
+    default=default(GenerateConfig, "include_prompt"),
+    help="Start each sample with its prompt.",
+)
 @click.option("--output", "-o", help="Append samples to this file (separated by ==================== lines).")
 @click.option(
     "--stream/--no-stream", default=None, help="Print tokens as they arrive.  [default: when one sample is asked for]"
@@ -433,7 +534,7 @@ def generate(run, checkpoint, model, onnx_dir, runs_dir, prompts, prompt_file, t
 )
 @click.option("--verify/--no-verify", default=True, help="Check the export against PyTorch (logits and greedy tokens).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
-@click.option("--runs-dir", default="runs", help="Directory holding all runs.")
+@click.option("--runs-dir", default=default(TrainConfig, "runs_dir"), help="Directory holding all runs.")
 def export(run, checkpoint, fmt, output, dtype, quantize, optimize, verify, overwrite, runs_dir):
     """Export a trained model for serving or sharing.
 

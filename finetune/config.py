@@ -111,7 +111,7 @@ class TrainConfig:
     fused_loss: Optional[bool] = None  # chunked cross-entropy (no full fp32 logits); None: on with CUDA
     pad_vocab: Optional[bool] = None  # pad embeddings to a multiple of 64 (for tensor cores); None: on with CUDA
     cpu_kernels: Optional[bool] = (
-        None  # GELU, dropout, attention and allocator fast paths (cpu_speed.py); None: on without CUDA
+        None  # GELU, dropout, attention and allocator fast paths (cpu_kernels.py); None: on without CUDA
     )
     loss_sync_every: Optional[int] = None  # read the loss back to the host every N steps; None: 1 on CPU, 10 on CUDA
     freeze_layers: int = 0  # freeze the embeddings and the first N transformer blocks
@@ -164,6 +164,17 @@ class GenerateConfig:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
 
+def default(section: type, name: str) -> Any:
+    """The default of a config field: the one place it is written (the CLI's help reads it here)."""
+    (spec,) = [f for f in dataclasses.fields(section) if f.name == name]
+    return spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+
+
+def choices(section: type, name: str) -> tuple[str, ...]:
+    """The values a Literal-typed config field allows (the CLI's click.Choice reads them here)."""
+    return typing.get_args(typing.get_type_hints(section)[name])
+
+
 def _describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is typing.Union:
@@ -190,35 +201,50 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             raise bad
         return value
     if origin is list:
-        if isinstance(value, str):
-            return [value]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise bad
-        return list(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise bad from None
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise bad
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
-    raise TypeError(f"unsupported config type {tp}")
+        return _coerce_list(value, bad)
+    return _SCALARS[tp](value, bad)  # _describe has already refused any other type
+
+
+def _coerce_list(value: Any, bad: FinetuneError) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise bad
+    return list(value)
+
+
+def _coerce_bool(value: Any, bad: FinetuneError) -> bool:
+    if not isinstance(value, bool):
+        raise bad
+    return value
+
+
+def _coerce_int(value: Any, bad: FinetuneError) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad
+    return value
+
+
+def _coerce_float(value: Any, bad: FinetuneError) -> float:
+    if isinstance(value, bool):
+        raise bad
+    if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            raise bad from None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise bad
+    return float(value)
+
+
+def _coerce_str(value: Any, bad: FinetuneError) -> str:
+    if not isinstance(value, str):
+        raise bad
+    return value
+
+
+_SCALARS = {bool: _coerce_bool, int: _coerce_int, float: _coerce_float, str: _coerce_str}
 
 
 def _apply(section_obj: Any, section: str, values: dict[str, Any], origin: str) -> None:

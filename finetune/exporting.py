@@ -13,16 +13,21 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from finetune import checkpoint as ckpt
 from finetune import onnx_optimize
+from finetune.architectures import architecture, onnx_architectures
 from finetune.errors import FinetuneError, install_hint
 from finetune.files import writing
-from finetune.onnx_generation import MANIFEST
+from finetune.model_card import model_card
 
-ONNX_ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "gpt_neox")
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 ONNX_FILE = "model.onnx"
+MANIFEST = "finetune_onnx.json"  # names the graph's inputs, outputs and special tokens; marks an ONNX export
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with headroom for the graph itself
 OPSET = 18
 VERIFY_PROMPTS = ("Title: Lemon and garlic chicken\nServes: 4", "Once upon a time")
@@ -51,7 +56,7 @@ def _require_onnx() -> None:
         raise FinetuneError(f"ONNX export needs {', '.join(missing)}; install them with: {install_hint('onnx')}")
 
 
-def _load_model(source: Path, dtype_name: str):
+def _load_model(source: Path, dtype_name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The checkpoint's model (a LoRA adapter merged into its base) and its tokenizer, every file checked."""
     import torch
 
@@ -60,77 +65,6 @@ def _load_model(source: Path, dtype_name: str):
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
     model, tokenizer = load_model_and_tokenizer(str(source), dtype, finish=False)  # the tokenizer exported as trained
     return model.eval(), tokenizer
-
-
-def model_card(run_dir: Optional[Path], source: Path, fmt: str, dtype: str, fused: bool = False) -> str:
-    """README.md for the export: what it was trained from and on, how well, and how to load it."""
-    from finetune.generation import training_state
-
-    state = training_state(str(source))
-    config = state.get("config") if isinstance(state.get("config"), dict) else {}
-    if not config and run_dir is not None and (run_dir / "config.yaml").is_file():
-        from finetune.config import load_yaml
-
-        config = load_yaml(run_dir / "config.yaml")
-    base = _field(config, "model").get("name", "unknown")
-    data = _field(config, "data")
-    val_loss = state.get("val_loss") if isinstance(state.get("val_loss"), (int, float)) else None
-    paths = data.get("paths") if isinstance(data.get("paths"), list) else []
-    lines = [
-        f"# {run_dir.name if run_dir else source.name}",
-        "",
-        f"A causal language model fine-tuned with [finetune](https://pypi.org/project/finetune/), exported as {fmt} ({dtype}).",
-        "",
-        "| | |",
-        "| --- | --- |",
-        f"| base model | `{base}` |",
-        f"| training data | {', '.join(f'`{Path(str(p)).name}`' for p in paths) or 'unknown'} |",
-        f"| block size | {data.get('block_size', 'unknown')} tokens |",
-        f"| steps | {state.get('step', 'unknown')} |",
-        f"| tokens seen | {state.get('tokens_seen', 'unknown'):,} |"
-        if isinstance(state.get("tokens_seen"), int)
-        else "| tokens seen | unknown |",
-    ]
-    if val_loss is not None:
-        import math
-
-        lines.append(f"| final validation loss | {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f}) |")
-    if state.get("command"):
-        lines.append(f"| command | `{state['command']}` |")
-    lines += ["", "## Load it", ""]
-    if fmt == "safetensors":
-        lines += [
-            "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            'model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")',
-            'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")',
-            "```",
-            "",
-            'or sample from it: `finetune generate --model path/to/this/directory --prompt "..."`.',
-        ]
-    else:
-        lines += [
-            f"`{ONNX_FILE}` is a decoder with a KV cache; `{MANIFEST}` names its inputs, outputs, shapes and",
-            "special token ids."
-            + (
-                " It uses ONNX Runtime's fused operators (domain com.microsoft), so it needs ONNX"
-                " Runtime; `finetune export --no-optimize` writes standard ONNX operators only."
-                if fused
-                else ""
-            ),
-            "Sample from it without torch (onnxruntime, numpy and tokenizers only):",
-            "",
-            '    finetune generate --onnx path/to/this/directory --prompt "..."',
-            "",
-            "`verification.json` holds the parity check against PyTorch made at export time.",
-        ]
-    return "\n".join(lines) + "\n"
-
-
-def _field(config: dict, section: str) -> dict:
-    """A section of a run's config, {} where a hand-edited file holds something else."""
-    value = config.get(section) if isinstance(config, dict) else None
-    return value if isinstance(value, dict) else {}
 
 
 def export_safetensors(
@@ -162,7 +96,8 @@ def export_safetensors(
                 (tmp / "verification.json").write_text(json.dumps(report, indent=1))
                 if diff != 0.0:
                     raise FinetuneError(
-                        f"the exported weights do not reproduce the checkpoint (max logit diff {diff:.2e}); please report this"
+                        f"the exported weights do not reproduce the checkpoint (max logit diff {diff:.2e}); "
+                        "please report this"
                     )
             ckpt.finish_output_dir(tmp, output)
     except BaseException:
@@ -177,7 +112,7 @@ def export_safetensors(
 # ---------------------------------------------------------------------------------------------
 
 
-def _cache_layout(model):
+def _cache_layout(model: PreTrainedModel) -> list[tuple[int, int, int]]:
     """Per-layer key/value shapes (heads, head_dim) read from one real forward pass."""
     import torch
 
@@ -186,7 +121,7 @@ def _cache_layout(model):
     return [(layer.keys.shape[1], layer.keys.shape[3], layer.values.shape[3]) for layer in out.past_key_values.layers]
 
 
-def _onnx_wrapper(model, num_layers: int):
+def _onnx_wrapper(model: PreTrainedModel, num_layers: int) -> torch.nn.Module:
     import torch
     from transformers import DynamicCache
 
@@ -223,7 +158,7 @@ def _io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
-def _untie_output_layer(model) -> None:
+def _untie_output_layer(model: PreTrainedModel) -> None:
     """Give the output layer its own copy of the embedding matrix.
 
     With tied weights the exported graph feeds Transpose(embedding) to the output MatMul, which
@@ -239,7 +174,7 @@ def _untie_output_layer(model) -> None:
             model.config.get_text_config(decoder=True).tie_word_embeddings = False
 
 
-def _export_graph(model, path: Path, layout, external: bool) -> None:
+def _export_graph(model: PreTrainedModel, path: Path, layout: list[tuple[int, int, int]], external: bool) -> None:
     import logging
 
     import torch
@@ -279,7 +214,13 @@ def _export_graph(model, path: Path, layout, external: bool) -> None:
     )
 
 
-def _manifest(model, tokenizer, layout, dtype: str, quantize: Optional[str]) -> dict:
+def _manifest(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    layout: list[tuple[int, int, int]],
+    dtype: str,
+    quantize: Optional[str],
+) -> dict:
     from finetune.modeling import declared_context, pad_id
 
     num_layers = len(layout)
@@ -339,7 +280,9 @@ def _manifest(model, tokenizer, layout, dtype: str, quantize: Optional[str]) -> 
     }
 
 
-def _verify_onnx(model, tokenizer, directory: Path, dtype: str, quantize: Optional[str]) -> dict:
+def _verify_onnx(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path, dtype: str, quantize: Optional[str]
+) -> dict:
     """Logits on a padded prompt batch and on one decode step with past, then greedy decoding."""
     import numpy as np
     import torch
@@ -443,6 +386,92 @@ def export_onnx(
         return _export_onnx(source, output, run_dir, dtype, quantize, overwrite, verify, log, optimize=False)
 
 
+def _check_onnx_request(dtype: str, quantize: Optional[str]) -> None:
+    _require_onnx()
+    if dtype == "bf16":
+        raise FinetuneError(
+            "ONNX export supports --dtype fp32 or fp16 (ONNX Runtime has no bf16 kernels on CPU); "
+            "use fp16 for GPU serving"
+        )
+    if quantize and dtype != "fp32":
+        raise FinetuneError("--quantize int8 starts from fp32 weights; drop --dtype fp16")
+
+
+def _require_onnx_architecture(model_type: str) -> None:
+    if not architecture(model_type).onnx:
+        raise FinetuneError(
+            f"the ONNX exporter does not handle '{model_type}' models yet "
+            f"(supported: {', '.join(onnx_architectures())}); export --format safetensors instead"
+        )
+
+
+def _fuse(graph: Path, staging: Path, external: bool, log: Callable[[str], None]) -> tuple[Path, dict[str, int]]:
+    """The graph with ONNX Runtime's fused operators and the fusion counts; the plain graph where fusing fails."""
+    fused = staging / "fused" / ONNX_FILE
+    fused.parent.mkdir()
+    try:
+        fusions = onnx_optimize.fuse(graph, fused, external)
+    except OSError:  # a full disk is not a fusion problem
+        raise
+    except Exception as exc:  # the plain graph is correct, only slower: keep it and say why
+        log(
+            f"ONNX Runtime fusions not applied ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+            f"the graph keeps standard ONNX operators"
+        )
+        return graph, {}
+    log("ONNX Runtime fusions: " + ", ".join(f"{name} x{count}" for name, count in fusions.items()))
+    return fused, fusions
+
+
+def _write_weights(
+    graph: Path, directory: Path, quantize: Optional[str], fused: bool, external: bool, log: Callable[[str], None]
+) -> Optional[str]:
+    """The final graph in `directory`, its weights quantized if asked; returns how they were quantized."""
+    if not quantize:
+        onnx_optimize.move_graph(graph, directory)
+        return None
+    log("quantizing the weights to int8 ...")
+    if fused:
+        onnx_optimize.quantize_int8_blocks(graph, directory / ONNX_FILE, external)
+        return onnx_optimize.INT8_BLOCKS_DESCRIPTION
+    onnx_optimize.quantize_int8_dynamic(graph, directory / ONNX_FILE, external)
+    return onnx_optimize.INT8_DYNAMIC_DESCRIPTION
+
+
+def _verify_export(
+    source: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    directory: Path,
+    dtype: str,
+    quantize: Optional[str],
+    fused: bool,
+    seconds: float,
+    log: Callable[[str], None],
+) -> dict:
+    """The parity report (verification.json) against the checkpoint as transformers loads it; raises if it fails."""
+    log("verifying the graph against PyTorch (logits and greedy tokens) ...")
+    reference, _ = _load_model(source, dtype)
+    report = _verify_onnx(reference, tokenizer, directory, dtype, quantize)
+    report["export_seconds"] = round(seconds, 2)
+    (directory / "verification.json").write_text(json.dumps(report, indent=1))
+    log(
+        f"verification: logits max |diff| {report['prompt_max_abs_logit_diff']:.2e} (prompt), "
+        f"{report['decode_step_max_abs_logit_diff']:.2e} (decode step); top-1 agreement "
+        f"{report['prompt_top1_agreement']:.1%}; greedy {GREEDY_STEPS} tokens x 2 (left-padded) agreement "
+        f"{report['greedy_token_agreement']:.1%}"
+    )
+    if not report["passed"]:
+        if fused:
+            raise _FusedGraphMismatch()
+        kind = quantize or dtype
+        raise FinetuneError(
+            f"the ONNX export does not match PyTorch closely enough (see the numbers above; "
+            f"thresholds: {LOGIT_TOLERANCE[kind]} logits, {MIN_TOP1_AGREEMENT[kind]:.0%} top-1); "
+            f"pass --no-verify to keep it anyway"
+        )
+    return report
+
+
 def _export_onnx(
     source: Path,
     output: Path,
@@ -456,20 +485,10 @@ def _export_onnx(
 ) -> ExportResult:
     import time
 
-    _require_onnx()
-    if dtype == "bf16":
-        raise FinetuneError(
-            "ONNX export supports --dtype fp32 or fp16 (ONNX Runtime has no bf16 kernels on CPU); use fp16 for GPU serving"
-        )
-    if quantize and dtype != "fp32":
-        raise FinetuneError("--quantize int8 starts from fp32 weights; drop --dtype fp16")
+    _check_onnx_request(dtype, quantize)
     model, tokenizer = _load_model(source, dtype)
     model_type = model.config.model_type
-    if model_type not in ONNX_ARCHITECTURES:
-        raise FinetuneError(
-            f"the ONNX exporter does not handle '{model_type}' models yet (supported: {', '.join(ONNX_ARCHITECTURES)}); "
-            f"export --format safetensors instead"
-        )
+    _require_onnx_architecture(model_type)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if quantize:
@@ -489,30 +508,8 @@ def _export_onnx(
             _export_graph(model, graph, layout, external)
             fusions: dict[str, int] = {}
             if optimize:
-                fused = tmp / "staging" / "fused" / ONNX_FILE
-                fused.parent.mkdir()
-                try:
-                    fusions = onnx_optimize.fuse(graph, fused, external)
-                    graph = fused
-                    log("ONNX Runtime fusions: " + ", ".join(f"{name} x{count}" for name, count in fusions.items()))
-                except OSError:  # a full disk is not a fusion problem
-                    raise
-                except Exception as exc:  # the plain graph is correct, only slower: keep it and say why
-                    log(
-                        f"ONNX Runtime fusions not applied ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
-                        f"the graph keeps standard ONNX operators"
-                    )
-            quantization = None
-            if quantize:
-                log("quantizing the weights to int8 ...")
-            if quantize and fusions:
-                onnx_optimize.quantize_int8_blocks(graph, tmp / ONNX_FILE, external)
-                quantization = onnx_optimize.INT8_BLOCKS_DESCRIPTION
-            elif quantize:
-                onnx_optimize.quantize_int8_dynamic(graph, tmp / ONNX_FILE, external)
-                quantization = onnx_optimize.INT8_DYNAMIC_DESCRIPTION
-            else:
-                onnx_optimize.move_graph(graph, tmp)
+                graph, fusions = _fuse(graph, tmp / "staging", external, log)
+            quantization = _write_weights(graph, tmp, quantize, bool(fusions), external, log)
             shutil.rmtree(tmp / "staging")
             seconds = time.perf_counter() - started
             tokenizer.save_pretrained(tmp)
@@ -528,25 +525,7 @@ def _export_onnx(
             report = None
             if verify:
                 del model  # verify against the checkpoint as transformers loads it, without the export's module swaps
-                log("verifying the graph against PyTorch (logits and greedy tokens) ...")
-                reference, _ = _load_model(source, dtype)
-                report = _verify_onnx(reference, tokenizer, tmp, dtype, quantize)
-                report["export_seconds"] = round(seconds, 2)
-                (tmp / "verification.json").write_text(json.dumps(report, indent=1))
-                log(
-                    f"verification: logits max |diff| {report['prompt_max_abs_logit_diff']:.2e} (prompt), "
-                    f"{report['decode_step_max_abs_logit_diff']:.2e} (decode step); top-1 agreement "
-                    f"{report['prompt_top1_agreement']:.1%}; greedy {GREEDY_STEPS} tokens x 2 (left-padded) agreement "
-                    f"{report['greedy_token_agreement']:.1%}"
-                )
-                if not report["passed"]:
-                    if fusions:
-                        raise _FusedGraphMismatch()
-                    raise FinetuneError(
-                        f"the ONNX export does not match PyTorch closely enough (see the numbers above; "
-                        f"thresholds: {LOGIT_TOLERANCE[quantize or dtype]} logits, {MIN_TOP1_AGREEMENT[quantize or dtype]:.0%} top-1); "
-                        f"pass --no-verify to keep it anyway"
-                    )
+                report = _verify_export(source, tokenizer, tmp, dtype, quantize, bool(fusions), seconds, log)
             ckpt.finish_output_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from finetune.architectures import architecture
 from finetune.errors import FinetuneError, install_hint
 
-ADAPTER_CONFIG = "adapter_config.json"
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
-# Linear layers worth adapting per architecture: attention and MLP projections.
-DEFAULT_TARGETS = {
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
-for _name in ("qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3"):
-    DEFAULT_TARGETS[_name] = DEFAULT_TARGETS["llama"]
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def _peft():
@@ -30,18 +28,26 @@ def is_adapter_checkpoint(path: Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def targets_for(model, requested: list[str]) -> list[str]:
+def targets_for(model: PreTrainedModel, requested: list[str]) -> list[str]:
     if requested:
         return requested
     model_type = model.config.model_type
-    if model_type not in DEFAULT_TARGETS:
+    targets = architecture(model_type).lora_targets
+    if not targets:
         raise FinetuneError(
             f"no default LoRA targets for '{model_type}' models; name the layers with --lora-targets q_proj,v_proj,..."
         )
-    return DEFAULT_TARGETS[model_type]
+    return list(targets)
 
 
-def wrap_with_lora(model, r: int, alpha: int, dropout: float, targets: list[str], gradient_checkpointing: bool = False):
+def wrap_with_lora(
+    model: PreTrainedModel,
+    r: int,
+    alpha: int,
+    dropout: float,
+    targets: list[str],
+    gradient_checkpointing: bool = False,
+) -> PeftModel:
     """Freeze the base model and add trainable LoRA adapters to the target layers."""
     peft = _peft()
     if gradient_checkpointing:
@@ -52,7 +58,7 @@ def wrap_with_lora(model, r: int, alpha: int, dropout: float, targets: list[str]
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=targets_for(model, targets),
-        fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2 stores its projections as Conv1D (in x out)
+        fan_in_fan_out=architecture(model.config.model_type).conv1d_projections,
     )
     try:
         return peft.get_peft_model(model, config)
@@ -60,13 +66,13 @@ def wrap_with_lora(model, r: int, alpha: int, dropout: float, targets: list[str]
         raise FinetuneError(f"LoRA could not be attached ({str(exc).splitlines()[0]}); check --lora-targets") from None
 
 
-def load_adapter_for_training(base_model, checkpoint: Path):
+def load_adapter_for_training(base_model: PreTrainedModel, checkpoint: Path) -> PeftModel:
     """Base model + the checkpoint's adapter, trainable (for resuming)."""
     peft = _peft()
     return peft.PeftModel.from_pretrained(base_model, str(checkpoint), is_trainable=True)
 
 
-def load_merged(checkpoint: Path, dtype, trust_remote_code: bool = False):
+def load_merged(checkpoint: Path, dtype: torch.dtype | None, trust_remote_code: bool = False) -> PreTrainedModel:
     """The base model with the adapter folded into its weights: a plain transformers model.
 
     The base is loaded (and checked) like any model; then the adapter, whose bad file is named.

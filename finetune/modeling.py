@@ -9,11 +9,17 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 from urllib.parse import urlparse
 
 from finetune.errors import FinetuneError, install_hint
 from finetune.files import read_json, reading, short
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from finetune.config import RunConfig
 
 EOS = "<|endoftext|>"
 
@@ -148,7 +154,8 @@ def _load_error(name: str, exc: Exception) -> FinetuneError:
         return FinetuneError(f"model directory '{name}' does not exist; check the path")
     return FinetuneError(
         f"could not load model '{name}' from the Hugging Face Hub (no network, or no such model) "
-        f"and it is not in the local cache; pass a local directory with --model PATH, or --model tiny to train from scratch"
+        f"and it is not in the local cache; pass a local directory with --model PATH, "
+        f"or --model tiny to train from scratch"
     )
 
 
@@ -205,7 +212,7 @@ def check_model_files(directory: Path) -> str:
     problem = misplaced_run_dir(directory)
     if problem:
         raise FinetuneError(problem)
-    from finetune.onnx_generation import MANIFEST as ONNX_MANIFEST  # numpy only: no torch
+    from finetune.exporting import MANIFEST as ONNX_MANIFEST
 
     if (directory / ONNX_MANIFEST).exists() and not any(directory.glob("*.safetensors")):
         raise FinetuneError(
@@ -260,7 +267,7 @@ def _tokenizer_files(directory: Path) -> str:
     return ", ".join(names) or "no tokenizer files"
 
 
-def _load_local_tokenizer(directory: Path, trust_remote_code: bool):
+def _load_local_tokenizer(directory: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     fix = check_model_files(directory)
@@ -295,7 +302,7 @@ def _load_local_tokenizer(directory: Path, trust_remote_code: bool):
     return tokenizer
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False, finish: bool = True):
+def load_tokenizer(name: str, trust_remote_code: bool = False, finish: bool = True) -> PreTrainedTokenizerBase:
     """A model's tokenizer; `finish` readies it for batched generation (left padding, a pad token)."""
     from transformers import AutoTokenizer
 
@@ -311,7 +318,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, finish: bool = Tr
     return finish_tokenizer(tokenizer) if finish else tokenizer
 
 
-def finish_tokenizer(tokenizer):
+def finish_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Padding for batched generation: decoder-only models pad on the left, with EOS if no pad."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -319,12 +326,12 @@ def finish_tokenizer(tokenizer):
     return tokenizer
 
 
-def pad_id(tokenizer) -> int:
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The id batches are padded with: the tokenizer's pad token, else its EOS."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def declared_context(config) -> Optional[int]:
+def declared_context(config: PretrainedConfig) -> Optional[int]:
     """The longest sequence the model's config declares it takes; None when it declares none."""
     for attr in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
         value = getattr(config, attr, None)
@@ -338,7 +345,7 @@ def context_length(config) -> int:
     return declared_context(config) or 1024
 
 
-def load_model_config(name: str, trust_remote_code: bool = False):
+def load_model_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
     from transformers import AutoConfig
 
     if is_scratch_preset(name):
@@ -367,7 +374,7 @@ def load_model_config(name: str, trust_remote_code: bool = False):
         raise _load_error(name, exc) from None
 
 
-def scratch_config(preset: str, vocab_size: int, eos_id: int = 0):
+def scratch_config(preset: str, vocab_size: int, eos_id: int = 0) -> PretrainedConfig:
     from transformers import AutoConfig
 
     spec = dict(SCRATCH_MODELS[preset])
@@ -435,7 +442,7 @@ def _learn_tokenizer(texts: Iterable[str], vocab_size: int, size: int):
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS)
 
 
-def tokenizer_from_data(cfg, files: list[Path]):
+def tokenizer_from_data(cfg: RunConfig, files: list[Path]) -> PreTrainedTokenizerBase:
     """The from-scratch preset's tokenizer, learned from this run's data and cached by everything that
     decides the texts it learns from (contents, each file's format, encoding, text field...)."""
     import json
@@ -455,7 +462,7 @@ def tokenizer_from_data(cfg, files: list[Path]):
     )
 
 
-def build_scratch_model(preset: str, tokenizer, seed: int):
+def build_scratch_model(preset: str, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -465,8 +472,12 @@ def build_scratch_model(preset: str, tokenizer, seed: int):
 
 
 def load_pretrained_model(
-    name: str, trust_remote_code: bool = False, dtype=None, load_in_4bit: bool = False, fix: Optional[str] = None
-):
+    name: str,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | None = None,
+    load_in_4bit: bool = False,
+    fix: Optional[str] = None,
+) -> PreTrainedModel:
     """A pretrained model whose weights match its config and hold only finite numbers.
 
     `fix` replaces the advice quoted when the weights are unusable (resuming suggests an earlier checkpoint).
@@ -504,7 +515,9 @@ def load_pretrained_model(
     return model
 
 
-def load_model_and_tokenizer(source: str, dtype=None, trust_remote_code: bool = False, finish: bool = True):
+def load_model_and_tokenizer(
+    source: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False, finish: bool = True
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A checkpoint, model directory or hub id for sampling or export, checked file by file.
 
     A LoRA checkpoint comes back merged into its base model: a plain, fast transformers model.
@@ -554,7 +567,9 @@ def _require_weights_match_config(info: dict, where, fix: str) -> None:
         )
 
 
-def require_finite(model, where, fix: str, weights_file: Optional[Callable[[str], str]] = None) -> None:
+def require_finite(
+    model: torch.nn.Module, where, fix: str, weights_file: Optional[Callable[[str], str]] = None
+) -> None:
     """Refuse weights holding NaN or inf: they sample garbage or crash deep inside sampling."""
     import torch
 
@@ -598,7 +613,7 @@ def _four_bit_config():
     )
 
 
-def transformer_blocks(model):
+def transformer_blocks(model: PreTrainedModel) -> torch.nn.ModuleList:
     """The ModuleList of transformer blocks (model.transformer.h, model.model.layers, ...)."""
     import torch
 
@@ -607,11 +622,12 @@ def transformer_blocks(model):
         if isinstance(module, torch.nn.ModuleList) and len(module) == count:
             return module
     raise FinetuneError(
-        f"cannot find the transformer blocks of this '{model.config.model_type}' model to freeze; drop --freeze-layers / --train-only-blocks"
+        f"cannot find the transformer blocks of this '{model.config.model_type}' model to freeze; "
+        f"drop --freeze-layers / --train-only-blocks"
     )
 
 
-def freeze_parameters(model, freeze_layers: int, train_only_blocks: bool) -> None:
+def freeze_parameters(model: PreTrainedModel, freeze_layers: int, train_only_blocks: bool) -> None:
     """--freeze-layers N: embeddings and the first N blocks stop training.
     --train-only-blocks: only the transformer blocks train (embeddings, final norm and head are frozen),
     like gpt-2-simple's only_train_transformer_layers. A tied output layer shares the embeddings' fate."""
@@ -632,9 +648,9 @@ def freeze_parameters(model, freeze_layers: int, train_only_blocks: bool) -> Non
             block.requires_grad_(False)
 
 
-def count_trainable(model) -> int:
+def count_trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def count_parameters(model) -> int:
+def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

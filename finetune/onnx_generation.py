@@ -15,10 +15,9 @@ import numpy as np
 
 from finetune.config import GenerateConfig
 from finetune.errors import FinetuneError, install_hint
+from finetune.exporting import MANIFEST
 from finetune.files import read_json, reading, short
 from finetune.generation import StopAwareStreamer, cut_at_stop
-
-MANIFEST = "finetune_onnx.json"
 
 
 def position_ids_for(mask: np.ndarray, new_tokens: int) -> np.ndarray:
@@ -74,7 +73,8 @@ class OnnxCausalLM:
             raise FinetuneError(f"ONNX export directory {directory} does not exist; check the path")
         if not manifest_path.is_file():
             raise FinetuneError(
-                f"{directory} is not a finetune ONNX export (no {MANIFEST}); create one with `finetune export --format onnx`"
+                f"{directory} is not a finetune ONNX export (no {MANIFEST}); "
+                f"create one with `finetune export --format onnx`"
             )
         try:
             import onnxruntime as ort

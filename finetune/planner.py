@@ -16,14 +16,19 @@ the runtime itself (libraries, allocator slack), a few hundred MB more.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from finetune.config import RunConfig
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig
 
 # Values kept per token per layer: ATTENTION_VALUES x hidden + MLP_VALUES[activation] x MLP width.
 # Korthikanti et al. count 34·h bytes (17 values) for GPT blocks with fused kernels; transformers'
 # eager MLPs keep more (GPT-2's tanh GELU is ~6 separate ops), gated SiLU MLPs keep gate, up and
 # their product. Calibrated on CPU with torch's MemTracker on tiny GPT-2 and Llama configs
-# (tests/test_scale.py checks both stay within 25%).
+# (tests/test_planner.py checks both stay within 25%).
 ATTENTION_VALUES = 2
 MLP_VALUES = {"gelu_new": 5.5, "gelu_fast": 5.5, "gelu": 2, "gelu_pytorch_tanh": 2, "relu": 2, "silu": 3, "swish": 3}
 LOGIT_COPIES = 4  # logits, saved log-softmax, and their two gradients
@@ -48,9 +53,12 @@ class MemoryPlan:
         return self.weights + self.gradients + self.optimizer + self.activations
 
     def lines(self) -> list[str]:
-        mb = lambda b: f"{b / 1e6:,.0f} MB"
+        def mb(b: int) -> str:
+            return f"{b / 1e6:,.0f} MB"
+
+        share_trainable = self.trainable / max(self.parameters, 1)
         out = [
-            f"parameters: {self.parameters:,} ({self.trainable:,} trainable, {self.trainable / max(self.parameters, 1):.1%})",
+            f"parameters: {self.parameters:,} ({self.trainable:,} trainable, {share_trainable:.1%})",
             f"effective batch: {self.effective_batch} blocks = {self.tokens_per_step:,} tokens per optimizer step",
             f"estimated memory per device ({self.device}):",
             f"  weights      {mb(self.weights)}",
@@ -70,7 +78,7 @@ class MemoryPlan:
         return out
 
 
-def _meta_model(cfg: RunConfig, vocab_size: int | None):
+def _meta_model(cfg: RunConfig, vocab_size: int | None) -> tuple[torch.nn.Module, PretrainedConfig]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -94,7 +102,7 @@ def _meta_model(cfg: RunConfig, vocab_size: int | None):
     return model, config
 
 
-def _optimizer_bytes(model, name: str) -> int:
+def _optimizer_bytes(model: torch.nn.Module, name: str) -> int:
     total = 0
     for p in model.parameters():
         if not p.requires_grad:

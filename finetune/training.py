@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from finetune import checkpoint as ckpt
-from finetune import cpu_speed, files, modeling, optimizer_state, schedules, speed
+from finetune import cpu_kernels, fast_paths, files, modeling, optimizer_state, schedules, speed, state_dicts
 from finetune.batching import endless_batches, make_dataloader
 from finetune.config import GenerateConfig, RunConfig, dump_yaml
 from finetune.data_files import resolve_files
@@ -416,11 +416,13 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
             )
     if resume_from is not None and adapter:  # the adapter's weights: a full checkpoint's were checked as it loaded
         modeling.require_finite(model, resume_from, resume_fix)
-    # Fast paths (speed.py): each on by default with CUDA, off on CPU, each with a flag.
+    # Fast paths (fast_paths.py): each on by default with CUDA, off on CPU, each with a flag.
     cuda = accelerator.device.type == "cuda"
     if cuda and t.tf32:
-        speed.enable_tf32()
-    use_chunked_loss = speed.resolve(t.fused_loss, cuda) and speed.supports_chunked_loss(model) and not adapter
+        fast_paths.enable_tf32()
+    use_chunked_loss = (
+        fast_paths.resolve(t.fused_loss, cuda) and fast_paths.supports_chunked_loss(model) and not adapter
+    )
     if t.fused_loss and not use_chunked_loss:
         say(
             "warning: --fused-loss is not available for this model (LoRA or an unlisted architecture); using the model's own loss"
@@ -428,20 +430,20 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
     lm = model  # the transformers model; `model` below is what trains (maybe wrapped, compiled, distributed)
     # Padding needs the chunked loss, which keeps the padded ids out of the softmax.
     vocab_size = (
-        speed.pad_vocabulary(lm)
-        if use_chunked_loss and speed.resolve(t.pad_vocab, cuda)
+        fast_paths.pad_vocabulary(lm)
+        if use_chunked_loss and fast_paths.resolve(t.pad_vocab, cuda)
         else lm.get_input_embeddings().weight.shape[0]
     )
     modeling.freeze_parameters(lm, t.freeze_layers, t.train_only_blocks)  # after padding, which makes new embeddings
     if use_chunked_loss:
-        model = speed.with_chunked_loss(lm, vocab_size)
+        model = fast_paths.with_chunked_loss(lm, vocab_size)
     # How this run's optimizer names and sizes parameters differently from a checkpoint (optimizer_state.portable).
-    wrapper_prefix = speed.LOSS_WRAPPER_PREFIX if use_chunked_loss else ""
+    wrapper_prefix = fast_paths.LOSS_WRAPPER_PREFIX if use_chunked_loss else ""
     padded_rows = lm.get_input_embeddings().weight.shape[0]
-    if speed.resolve(t.compile, cuda):
+    if fast_paths.resolve(t.compile, cuda):
         model = torch.compile(model)  # compile fuses dropout and GELU itself: no CPU kernels with it
     elif t.cpu_kernels if t.cpu_kernels is not None else not cuda:
-        swapped = cpu_speed.apply(lm)
+        swapped = cpu_kernels.apply(lm)
         if swapped:
             say(f"CPU fast paths: {', '.join(swapped)} (--no-cpu-kernels turns them off)")
     sync_every = t.loss_sync_every or (10 if cuda else 1)
@@ -548,9 +550,11 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
     sharded_weights = accelerator.distributed_type.name == "FSDP" or getattr(deepspeed, "zero_stage", 0) == 3
 
     def save() -> Path:
-        unwrapped = speed.inner_model(accelerator.unwrap_model(model))
-        state_dict = speed.inner_state_dict(accelerator.get_state_dict(model), unwrapped)
-        state_dict = speed.drop_tied_aliases(speed.unpad_state_dict(state_dict, unwrapped, vocab_size), unwrapped)
+        unwrapped = state_dicts.inner_model(accelerator.unwrap_model(model))
+        state_dict = state_dicts.inner_state_dict(accelerator.get_state_dict(model), unwrapped)
+        state_dict = state_dicts.drop_tied_aliases(
+            state_dicts.unpad_state_dict(state_dict, unwrapped, vocab_size), unwrapped
+        )
         finite = all(torch.isfinite(p).all() for p in state_dict.values() if p.is_floating_point())
         if world > 1:  # under FSDP only rank 0 holds the gathered weights: all ranks must stop together
             finite = (
@@ -622,7 +626,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
         gen_cfg = GenerateConfig(prompts=[""], n=2, max_new_tokens=t.sample_tokens, temperature=0.8, stream=False)
         # Sampling draws random numbers; fork the RNG so it does not change the training run.
         with torch.random.fork_rng(devices=[]):
-            sampler_model = speed.inner_model(accelerator.unwrap_model(model))
+            sampler_model = state_dicts.inner_model(accelerator.unwrap_model(model))
             texts = generate_texts(
                 sampler_model,
                 tokenizer,

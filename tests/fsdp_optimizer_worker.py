@@ -1,4 +1,4 @@
-"""Run by test_scale.py under torchrun with 2 gloo processes: FSDP2 (fully_shard) optimizer state
+"""Run by test_distributed.py under torchrun with 2 gloo processes: FSDP2 (fully_shard) optimizer state
 through finetune.optimizer_state, compared with an unsharded single-process reference.
 
 accelerate only enables FSDP on GPUs, so this drives torch's FSDP2 directly (it runs on CPU with

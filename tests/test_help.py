@@ -65,3 +65,74 @@ def test_recorded_command_line_round_trips_through_the_parser():
     params = train.make_context("train", shlex.split(line)[2:]).params
     assert params["datasets"] == ("x/y", "z") and params["lora_targets"] == "q_proj,v_proj"
     assert params["lr"] == 0.001 and params["overwrite"] is True and params["data"] == ("a.txt",)
+
+
+def _option(command, flag: str):
+    (option,) = [p for p in command.params if flag in p.opts]
+    return option
+
+
+# Besides switches that are off, lists and None (a value derived at run time), whose help says so in words.
+NO_DEFAULT_SHOWN = {"freeze_layers"}
+
+
+def _run_config_fields():
+    import dataclasses
+
+    from finetune.config import SECTIONS, default
+
+    for cls in SECTIONS.values():
+        for spec in dataclasses.fields(cls):
+            value = default(cls, spec.name)
+            if value is None or value is False or isinstance(value, list) or spec.name in NO_DEFAULT_SHOWN:
+                continue
+            yield spec.name, value
+
+
+def test_train_help_shows_each_dataclass_default():
+    """The defaults written in the help come from config.py's dataclasses: change one, the help follows."""
+    from finetune.cli import shown, train
+
+    flags = {"name": "--model"}
+    checked = []
+    rendered = " ".join(run_cli("train", "--help").output.split())
+    for name, value in _run_config_fields():
+        flag = flags.get(name, "--" + name.replace("_", "-"))
+        if not any(flag in p.opts for p in train.params):
+            continue  # a config-file-only key (eval_batches, sample_tokens, eos_string)
+        expected = f"[default: {shown(value)}" + ("]" if name != "lr" else ";")
+        assert expected in _option(train, flag).help, (flag, expected)
+        assert expected in rendered, (flag, expected)
+        checked.append(name)
+    assert len(checked) >= 20, checked
+    assert shown(1e-4) == "1e-4" and shown(2.5e-3) == "2.5e-3" and shown(0.05) == "0.05" and shown(True) == "on"
+
+
+def test_generate_defaults_are_the_dataclass_defaults():
+    import dataclasses
+
+    from finetune.cli import export, generate
+    from finetune.config import GenerateConfig, TrainConfig, default
+
+    compared = 0
+    for spec in dataclasses.fields(GenerateConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        value = default(GenerateConfig, spec.name)
+        if any(flag in p.opts for p in generate.params) and value is not None and not isinstance(value, list):
+            assert _option(generate, flag).default == value, flag
+            compared += 1
+    assert compared == 8
+    for command in (generate, export):
+        assert _option(command, "--runs-dir").default == default(TrainConfig, "runs_dir")
+
+
+def test_choices_are_the_literal_values_of_the_dataclass():
+    import typing
+
+    from finetune.cli import train
+    from finetune.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for name in ("schedule", "optimizer", "precision"):
+        assert typing.get_origin(hints[name]) is typing.Literal
+        assert tuple(_option(train, f"--{name}").type.choices) == typing.get_args(hints[name]), name

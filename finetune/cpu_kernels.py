@@ -13,10 +13,14 @@ fuses them.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from finetune.architectures import architecture
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 ATTENTION_NAME = "finetune_cpu"
-# Attention modules that call transformers' attention interface with nothing beyond a causal or
-# padding mask (no sliding window, soft-capping or sinks), so the function below computes them exactly.
-PLAIN_ATTENTION_ARCHITECTURES = ("gpt2", "gpt_neox", "llama")
 _MALLOC_TUNED = False
 
 
@@ -114,7 +118,7 @@ def tune_allocator() -> bool:
     return _MALLOC_TUNED
 
 
-def apply(model) -> list[str]:
+def apply(model: PreTrainedModel) -> list[str]:
     """Swap in the fast kernels (no parameters change); returns what was swapped, for the log."""
     import torch
     from transformers.activations import NewGELUActivation
@@ -132,7 +136,7 @@ def apply(model) -> list[str]:
     config = getattr(model, "config", None)
     if (
         config is not None
-        and getattr(config, "model_type", None) in PLAIN_ATTENTION_ARCHITECTURES
+        and architecture(getattr(config, "model_type", None)).cpu_attention
         and getattr(config, "_attn_implementation", None) == "sdpa"
         and any(getattr(config, key, 0) for key in ("attn_pdrop", "attention_dropout"))
     ):

@@ -1,4 +1,4 @@
-"""The CPU fast paths (cpu_speed.py) compute the model's own function: GELU and attention equal
+"""The CPU fast paths (cpu_kernels.py) compute the model's own function: GELU and attention equal
 the originals, dropout keeps each element with probability 1 - p and scales by 1/(1-p)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from conftest import SAMPLE, make_model_dir, read_metrics, run_cli
 def test_dropout_mask_keeps_1_minus_p_and_follows_the_seed():
     import torch
 
-    from finetune.cpu_speed import dropout_keep_mask
+    from finetune.cpu_kernels import dropout_keep_mask
 
     for p in (0.1, 0.5):
         torch.manual_seed(0)
@@ -30,7 +30,7 @@ def test_dropout_mask_keeps_1_minus_p_and_follows_the_seed():
 def test_fast_dropout_scales_kept_values_and_their_gradients():
     import torch
 
-    from finetune.cpu_speed import _fast_dropout_class
+    from finetune.cpu_kernels import _fast_dropout_class
 
     dropout = _fast_dropout_class()(0.25)
     x = torch.randn(64, 256, requires_grad=True)
@@ -48,7 +48,7 @@ def test_attention_equals_the_reference_formula(monkeypatch, mask_kind):
     import torch
     import torch.nn.functional as F
 
-    from finetune import cpu_speed
+    from finetune import cpu_kernels
 
     torch.manual_seed(0)
     query = torch.randn(2, 4, 6, 8)
@@ -61,10 +61,10 @@ def test_attention_equals_the_reference_formula(monkeypatch, mask_kind):
     if mask_kind == "causal":
         allowed = causal.expand(2, 1, 6, 6)
     keep = torch.rand(2, 4, 6, 6) > 0.3
-    monkeypatch.setattr(cpu_speed, "dropout_keep_mask", lambda shape, p, device: keep)
+    monkeypatch.setattr(cpu_kernels, "dropout_keep_mask", lambda shape, p, device: keep)
     module = torch.nn.Module()
     module.num_key_value_groups = 2  # what transformers' attention modules carry for grouped-query attention
-    out, _ = cpu_speed.attention(module, query, key, value, mask, scaling=0.5, dropout=0.3)
+    out, _ = cpu_kernels.attention(module, query, key, value, mask, scaling=0.5, dropout=0.3)
 
     k, v = key.repeat_interleave(2, dim=1), value.repeat_interleave(2, dim=1)
     scores = (query @ k.transpose(-1, -2) * 0.5).masked_fill(~allowed, float("-inf"))
@@ -73,7 +73,7 @@ def test_attention_equals_the_reference_formula(monkeypatch, mask_kind):
     rows = allowed.any(-1).expand(2, 4, 6).transpose(1, 2)  # query rows with something to attend to
     assert torch.allclose(out[rows], expected[rows], atol=1e-5)
     # Without dropout it is SDPA itself.
-    out, _ = cpu_speed.attention(module, query, key, value, mask, scaling=0.5, dropout=0.0)
+    out, _ = cpu_kernels.attention(module, query, key, value, mask, scaling=0.5, dropout=0.0)
     reference = F.scaled_dot_product_attention(
         query, k, v, attn_mask=None if mask is None else allowed, is_causal=mask is None, scale=0.5
     ).transpose(1, 2)
@@ -84,13 +84,13 @@ def test_swapped_model_gives_the_same_loss_gradients_and_eval_logits(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune import cpu_speed
+    from finetune import cpu_kernels
 
     model_dir = make_model_dir(tmp_path / "gpt2", "gpt2", dropout=True)
     plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     fast = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    assert cpu_speed.apply(fast)[:3] == ["GELU", "allocator", "attention"]
-    assert fast.config._attn_implementation == cpu_speed.ATTENTION_NAME
+    assert cpu_kernels.apply(fast)[:3] == ["GELU", "allocator", "attention"]
+    assert fast.config._attn_implementation == cpu_kernels.ATTENTION_NAME
     ids = torch.randint(0, plain.config.vocab_size, (3, 40))
     for model in (plain, fast):
         model.eval()  # no dropout: the swapped model must be the same function
@@ -105,7 +105,7 @@ def test_swapped_model_gives_the_same_loss_gradients_and_eval_logits(tmp_path):
         assert torch.allclose(a.grad, b.grad, atol=1e-5), name
     # The swap is not saved: the checkpoint loads anywhere with the stock attention.
     fast.save_pretrained(tmp_path / "saved")
-    assert cpu_speed.ATTENTION_NAME not in (tmp_path / "saved/config.json").read_text()
+    assert cpu_kernels.ATTENTION_NAME not in (tmp_path / "saved/config.json").read_text()
 
 
 def test_cli_runs_with_and_without_cpu_kernels(workdir, tmp_path):
@@ -151,13 +151,13 @@ def test_recomputed_dropout_masks_match_with_gradient_checkpointing(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune import cpu_speed
+    from finetune import cpu_kernels
 
     model_dir = make_model_dir(tmp_path / "gpt2", "gpt2", dropout=True)
     results = []
     for checkpointing in (False, True):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        cpu_speed.apply(model)
+        cpu_kernels.apply(model)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
