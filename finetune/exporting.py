@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from finetune import checkpoint as ckpt
-from finetune import onnx_optimize
+from finetune import onnx_optimize, output_dirs
 from finetune.errors import FinetuneError, install_hint
 from finetune.files import writing
 from finetune.onnx_generation import MANIFEST
@@ -64,17 +63,17 @@ def _load_model(source: Path, dtype_name: str):
 
 def model_card(run_dir: Optional[Path], source: Path, fmt: str, dtype: str, fused: bool = False) -> str:
     """README.md for the export: what it was trained from and on, how well, and how to load it."""
-    from finetune.generation import training_state
+    from finetune.run_state import TrainingState
 
-    state = training_state(str(source))
-    config = state.get("config") if isinstance(state.get("config"), dict) else {}
+    state = TrainingState.read_optional(str(source))
+    config = state.config if isinstance(state.config, dict) else {}
     if not config and run_dir is not None and (run_dir / "config.yaml").is_file():
         from finetune.config import load_yaml
 
         config = load_yaml(run_dir / "config.yaml")
     base = _field(config, "model").get("name", "unknown")
     data = _field(config, "data")
-    val_loss = state.get("val_loss") if isinstance(state.get("val_loss"), (int, float)) else None
+    val_loss = state.val_loss if isinstance(state.val_loss, (int, float)) else None
     paths = data.get("paths") if isinstance(data.get("paths"), list) else []
     lines = [
         f"# {run_dir.name if run_dir else source.name}",
@@ -86,17 +85,17 @@ def model_card(run_dir: Optional[Path], source: Path, fmt: str, dtype: str, fuse
         f"| base model | `{base}` |",
         f"| training data | {', '.join(f'`{Path(str(p)).name}`' for p in paths) or 'unknown'} |",
         f"| block size | {data.get('block_size', 'unknown')} tokens |",
-        f"| steps | {state.get('step', 'unknown')} |",
-        f"| tokens seen | {state.get('tokens_seen', 'unknown'):,} |"
-        if isinstance(state.get("tokens_seen"), int)
+        f"| steps | {'unknown' if state.step is None else state.step} |",
+        f"| tokens seen | {state.tokens_seen:,} |"
+        if isinstance(state.tokens_seen, int)
         else "| tokens seen | unknown |",
     ]
     if val_loss is not None:
         import math
 
         lines.append(f"| final validation loss | {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f}) |")
-    if state.get("command"):
-        lines.append(f"| command | `{state['command']}` |")
+    if state.command:
+        lines.append(f"| command | `{state.command}` |")
     lines += ["", "## Load it", ""]
     if fmt == "safetensors":
         lines += [
@@ -146,7 +145,7 @@ def export_safetensors(
     from transformers import AutoModelForCausalLM
 
     model, tokenizer = _load_model(source, dtype)
-    tmp = ckpt.start_output_dir(output, overwrite)
+    tmp = output_dirs.start_output_dir(output, overwrite)
     try:
         with writing(output, "export"):  # a full disk: one line, and the temporary directory goes
             model.save_pretrained(tmp, max_shard_size="2GB")
@@ -164,7 +163,7 @@ def export_safetensors(
                     raise FinetuneError(
                         f"the exported weights do not reproduce the checkpoint (max logit diff {diff:.2e}); please report this"
                     )
-            ckpt.finish_output_dir(tmp, output)
+            output_dirs.finish_output_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -485,7 +484,7 @@ def _export_onnx(
     layout = _cache_layout(model)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     external = size > EXTERNAL_DATA_BYTES
-    tmp = ckpt.start_output_dir(output, overwrite)
+    tmp = output_dirs.start_output_dir(output, overwrite)
     try:
         with writing(output, "export"):  # a full disk: one line, and the temporary directory goes
             started = time.perf_counter()
@@ -553,7 +552,7 @@ def _export_onnx(
                         f"thresholds: {LOGIT_TOLERANCE[quantize or dtype]} logits, {MIN_TOP1_AGREEMENT[quantize or dtype]:.0%} top-1); "
                         f"pass --no-verify to keep it anyway"
                     )
-            ckpt.finish_output_dir(tmp, output)
+            output_dirs.finish_output_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -144,20 +144,3 @@ def enable_tf32() -> None:
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-
-
-def flops_per_token(model, seq_len: int) -> float:
-    """nanoGPT's estimate: 6N + 12·L·H·Q·T for a forward and backward pass, per token."""
-    config = model.config
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    n_params = sum(p.numel() for p in model.parameters())
-    layers, heads = text.num_hidden_layers, text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return 6 * n_params + 12 * layers * heads * head_dim * seq_len
-
-
-def peak_flops(device_name: str) -> Optional[float]:
-    for key, value in PEAK_FLOPS.items():
-        if key in device_name:
-            return value
-    return None

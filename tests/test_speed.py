@@ -84,7 +84,7 @@ def test_padded_vocabulary_keeps_the_loss_and_clean_checkpoints(workdir, plain_m
 def test_flops_and_mfu_helpers(plain_models):
     from transformers import AutoModelForCausalLM
 
-    from finetune.speed import flops_per_token, peak_flops
+    from finetune.metrics import flops_per_token, peak_flops
 
     model = AutoModelForCausalLM.from_pretrained(plain_models["gpt2"])
     n = sum(p.numel() for p in model.parameters())
