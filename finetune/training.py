@@ -72,7 +72,9 @@ def resolve_precision(requested: str) -> str:
     return {"fp32": "no"}.get(requested, requested)
 
 
-def build_optimizer(model, name: str, lr: float, weight_decay: float, cuda: bool):
+def build_optimizer(
+    model: torch.nn.Module, name: str, lr: float, weight_decay: float, cuda: bool
+) -> torch.optim.Optimizer:
     """Trainable parameters only; biases, norms and other 1-D parameters get no weight decay."""
     import torch
 
@@ -147,7 +149,7 @@ def _batches(loader, sampler, epoch: int, skip: int, accelerator):
         epoch, skip = epoch + 1, 0
 
 
-def forward_loss(model, batch):
+def forward_loss(model: torch.nn.Module, batch) -> torch.Tensor:
     """Mean next-token cross-entropy (the model shifts labels itself); -100 labels are not learned."""
     if isinstance(batch, dict):  # supervised examples: padded, with masked labels
         return model(**batch).loss
@@ -173,7 +175,7 @@ def eval_batch_indices(available: int, cap: int) -> list[int]:
     return [i * available // cap for i in range(cap)]
 
 
-def _val_batch(loader, index: int, device):
+def _val_batch(loader: DataLoader, index: int, device: torch.device):
     """Batch `index` of an unshuffled loader, built directly (batches are read out of order)."""
     from accelerate.utils import send_to_device
 
@@ -182,7 +184,7 @@ def _val_batch(loader, index: int, device):
     return send_to_device(loader.collate_fn(items), device)
 
 
-def evaluate(model, loader, max_batches: int, accelerator) -> float:
+def evaluate(model: torch.nn.Module, loader: DataLoader, max_batches: int, accelerator: Accelerator) -> float:
     """Mean loss per predicted token over the validation batches eval_batch_indices picks.
 
     Weighted by tokens (a mean of per-batch means would weigh a short last batch like a full one).
