@@ -97,7 +97,7 @@ def run_trainer(model_dir: Path, batch: int, seq: int, steps: int, warmup: int, 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-    from finetune import speed
+    from finetune import metrics
     from finetune.config import DataConfig
     from finetune.token_cache import prepare_data
 
@@ -142,8 +142,8 @@ def run_trainer(model_dir: Path, batch: int, seq: int, steps: int, warmup: int, 
     tokens_per_s = (steps - warmup) * batch * seq / (Timer.end - Timer.start)
     result = {"tokens_per_s": tokens_per_s, "mfu": None, "peak_memory_gb": None}
     if cuda:
-        peak = speed.peak_flops(torch.cuda.get_device_name(0))
-        result["mfu"] = tokens_per_s * speed.flops_per_token(model, seq) / peak if peak else None
+        peak = metrics.peak_flops(torch.cuda.get_device_name(0))
+        result["mfu"] = tokens_per_s * metrics.flops_per_token(model, seq) / peak if peak else None
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return result
 

@@ -89,7 +89,7 @@ def resolve_generation_source(
     Without any of them the most recent run is used, and `log` says which (sampling from an
     unexpected run would otherwise look like a bad model).
     """
-    from finetune import checkpoint as ckpt
+    from finetune import runs
 
     given = [x for x in (run, checkpoint, model) if x]
     if len(given) > 1:
@@ -98,8 +98,8 @@ def resolve_generation_source(
         return str(_checkpoint_dir(checkpoint))
     if model:
         return model
-    run_dir = ckpt.find_run(runs_dir, run, other_sources="pass --checkpoint DIR or --model NAME_OR_DIR")
-    source = ckpt.checkpoint_for_run(run_dir)
+    run_dir = runs.find_run(runs_dir, run, other_sources="pass --checkpoint DIR or --model NAME_OR_DIR")
+    source = runs.checkpoint_for_run(run_dir)
     if not run and log:
         log(f"sampling from run '{run_dir.name}' ({source}), the most recent in {runs_dir}/; pass --run NAME to choose")
     return str(source)
@@ -107,12 +107,12 @@ def resolve_generation_source(
 
 def _checkpoint_dir(checkpoint: str) -> Path:
     """--checkpoint DIR: an existing directory, and not a run directory (whose checkpoints are inside it)."""
-    from finetune import checkpoint as ckpt
+    from finetune.runs import misplaced_run_dir
 
     path = Path(checkpoint)
     if not path.is_dir():
         raise FinetuneError(f"checkpoint directory '{checkpoint}' does not exist; check the path")
-    problem = ckpt.misplaced_run_dir(path)
+    problem = misplaced_run_dir(path)
     if problem:
         raise FinetuneError(problem)
     return path
@@ -199,10 +199,11 @@ def export(
 
     >>> finetune.export(run="recipes", format="onnx", quantize="int8")
     """
-    from finetune import checkpoint as ckpt
     from finetune import exporting as exporter
+    from finetune import runs
     from finetune.locking import exclusive
     from finetune.modeling import quiet_libraries
+    from finetune.output_dirs import refuse_training_output
 
     if format not in ("safetensors", "onnx"):
         raise FinetuneError(f"unknown export format '{format}'; use safetensors or onnx")
@@ -216,13 +217,13 @@ def export(
         raise FinetuneError("pass only one of --run and --checkpoint")
     if checkpoint:
         source = _checkpoint_dir(checkpoint)
-        run_dir = source.parent if ckpt.is_run_dir(source.parent) else None
+        run_dir = source.parent if runs.is_run_dir(source.parent) else None
     else:
-        run_dir = ckpt.find_run(runs_dir, run)
-        source = ckpt.checkpoint_for_run(run_dir)
+        run_dir = runs.find_run(runs_dir, run)
+        source = runs.checkpoint_for_run(run_dir)
     suffix = "-".join(x for x in (format, quantize or (dtype if dtype != "fp32" else None)) if x)
     target = Path(output) if output else Path("exports") / f"{run_dir.name if run_dir else source.name}-{suffix}"
-    ckpt.refuse_training_output(target, source, run_dir, Path(runs_dir))
+    refuse_training_output(target, source, run_dir, Path(runs_dir))
     with exclusive(target, f"export output {target}", "choose another --output"), quiet_libraries():
         if format == "onnx":
             return exporter.export_onnx(source, target, run_dir, dtype, quantize, overwrite, verify, log, optimize)
@@ -249,7 +250,7 @@ def prepare(
     if len(files) == 1 and is_prepared_dir(files[0]):
         raise FinetuneError(f"{files[0]} is already prepared; train on it with `finetune train {files[0]}`")
     target = Path(output)
-    from finetune.checkpoint import refuse_training_output
+    from finetune.output_dirs import refuse_training_output
 
     refuse_training_output(target, runs_dir=Path(cfg.train.runs_dir), writer="prepared data")
     # One process at a time per output directory, for prepare's whole life: two would overwrite
@@ -262,13 +263,12 @@ def prepare(
 
 def _prepare_into(cfg, files: list[Path], output: Path, log):
     """Tokenize into a temporary directory beside `output`, renamed into place only when complete."""
-    from finetune import checkpoint as ckpt
-    from finetune import modeling
+    from finetune import modeling, output_dirs
     from finetune import prepared as prepared_dirs
     from finetune.token_cache import block_size_for, prepare_data, write_error
 
     try:  # a taken --output fails before any tokenizing
-        tmp = ckpt.start_output_dir(output, offer_overwrite=False)
+        tmp = output_dirs.start_output_dir(output, offer_overwrite=False)
     except OSError as exc:
         raise write_error(output, exc, "output directory", "--output") from None
     try:
@@ -281,7 +281,7 @@ def _prepare_into(cfg, files: list[Path], output: Path, log):
         prepared = prepare_data(files, tokenizer, block_size, cfg.data, log=log)
         try:
             prepared_dirs.write_prepared(prepared, tokenizer, tmp, cfg.model.name)
-            ckpt.finish_output_dir(tmp, output)
+            output_dirs.finish_output_dir(tmp, output)
         except OSError as exc:
             raise write_error(output, exc, "prepared data", "--output") from None
     except BaseException:

@@ -2,7 +2,7 @@
 
 An entry's directory is named by the fingerprint of its key, so a key must hold everything that decides
 the tokens, and nothing else: copies of the same data share an entry, and a changed input never reuses
-old tokens. The names of checkpoint.DATA_KEY_NAMES keep their meaning, so a run resumes across versions.
+old tokens. The names of run_state.DATA_KEY_NAMES keep their meaning, so a run resumes across versions.
 """
 
 from __future__ import annotations

@@ -326,9 +326,9 @@ def train(data, config_file, dry_run, num_processes, accelerate_config, **flags)
     if num_processes is not None or accelerate_config:
         from finetune.api import train_config
         from finetune.launch import launch_training
-        from finetune.training import launcher_lock
+        from finetune.runs import launcher_lock
 
-        # The launcher holds the run's lock for the processes it starts (training.run_lock).
+        # The launcher holds the run's lock for the processes it starts (runs.run_lock).
         with launcher_lock(train_config(list(data) or None, config_file, options)):
             code = launch_training(shlex.split(command)[1:], num_processes, accelerate_config)
         sys.exit(code)

@@ -66,7 +66,7 @@ def _expand(raw: str) -> list[Path]:
     if is_prepared_dir(path):
         check_prepared(path)
         return [path]
-    from finetune.checkpoint import is_checkpoint_dir, is_run_dir
+    from finetune.runs import is_checkpoint_dir, is_run_dir
 
     if is_run_dir(path) or is_checkpoint_dir(path):
         kind = "a run directory" if is_run_dir(path) else "a checkpoint"

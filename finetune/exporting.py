@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from finetune import checkpoint as ckpt
-from finetune import onnx_optimize
+from finetune import onnx_optimize, output_dirs
 from finetune.architectures import architecture, onnx_architectures
 from finetune.errors import FinetuneError, install_hint
 from finetune.files import writing
@@ -80,7 +79,7 @@ def export_safetensors(
     from transformers import AutoModelForCausalLM
 
     model, tokenizer = _load_model(source, dtype)
-    tmp = ckpt.start_output_dir(output, overwrite)
+    tmp = output_dirs.start_output_dir(output, overwrite)
     try:
         with writing(output, "export"):  # a full disk: one line, and the temporary directory goes
             model.save_pretrained(tmp, max_shard_size="2GB")
@@ -99,7 +98,7 @@ def export_safetensors(
                         f"the exported weights do not reproduce the checkpoint (max logit diff {diff:.2e}); "
                         "please report this"
                     )
-            ckpt.finish_output_dir(tmp, output)
+            output_dirs.finish_output_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -498,7 +497,7 @@ def _export_onnx(
     layout = _cache_layout(model)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     external = size > EXTERNAL_DATA_BYTES
-    tmp = ckpt.start_output_dir(output, overwrite)
+    tmp = output_dirs.start_output_dir(output, overwrite)
     try:
         with writing(output, "export"):  # a full disk: one line, and the temporary directory goes
             started = time.perf_counter()
@@ -526,7 +525,7 @@ def _export_onnx(
             if verify:
                 del model  # verify against the checkpoint as transformers loads it, without the export's module swaps
                 report = _verify_export(source, tokenizer, tmp, dtype, quantize, bool(fusions), seconds, log)
-            ckpt.finish_output_dir(tmp, output)
+            output_dirs.finish_output_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -87,23 +87,11 @@ class StopAwareStreamer:
         self._emit(final=True)
 
 
-def training_state(source: Optional[str]) -> dict:
-    """A checkpoint's training_state/state.json ({} for a model directory or hub id)."""
-    from finetune.checkpoint import STATE_DIR
-    from finetune.files import read_json
-    from finetune.modeling import file_fix
-
-    if source is None:
-        return {}
-    state = Path(source) / STATE_DIR / "state.json"
-    if not state.exists() and not state.is_symlink():  # a model directory: no training state
-        return {}
-    return read_json(state, "checkpoint file", file_fix(Path(source)))
-
-
 def is_chat_checkpoint(source: str) -> bool:
     """A checkpoint trained on chat data (its prompts get the chat template)."""
-    return bool(training_state(source).get("chat"))
+    from finetune.run_state import TrainingState
+
+    return bool(TrainingState.read_optional(source).chat)
 
 
 def warn_empty_samples(
@@ -119,9 +107,11 @@ def warn_empty_samples(
     if not empty:
         return
     message = f"warning: the model produced no text for {empty} of {len(texts)} sample(s) (it ended them at once)"
-    state = training_state(source)
-    if state.get("chat") or state.get("data_mode") == "supervised":
-        kind = "chat conversations" if state.get("chat") else "prompt/completion examples"
+    from finetune.run_state import TrainingState
+
+    state = TrainingState.read_optional(source)
+    if state.chat or state.data_mode == "supervised":
+        kind = "chat conversations" if state.chat else "prompt/completion examples"
         if not any(p.strip() for p in cfg.prompts):
             message += f"; this run was trained on {kind}, so it expects a prompt: pass --prompt TEXT"
     log(message)

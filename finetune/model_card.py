@@ -9,17 +9,17 @@ from typing import Optional
 def model_card(run_dir: Optional[Path], source: Path, fmt: str, dtype: str, fused: bool = False) -> str:
     """README.md for the export: what it was trained from and on, how well, and how to load it."""
     from finetune.exporting import MANIFEST, ONNX_FILE  # (exporting imports this module)
-    from finetune.generation import training_state
+    from finetune.run_state import TrainingState
 
-    state = training_state(str(source))
-    config = state.get("config") if isinstance(state.get("config"), dict) else {}
+    state = TrainingState.read_optional(str(source))
+    config = state.config if isinstance(state.config, dict) else {}
     if not config and run_dir is not None and (run_dir / "config.yaml").is_file():
         from finetune.config import load_yaml
 
         config = load_yaml(run_dir / "config.yaml")
     base = _field(config, "model").get("name", "unknown")
     data = _field(config, "data")
-    val_loss = state.get("val_loss") if isinstance(state.get("val_loss"), (int, float)) else None
+    val_loss = state.val_loss if isinstance(state.val_loss, (int, float)) else None
     paths = data.get("paths") if isinstance(data.get("paths"), list) else []
     lines = [
         f"# {run_dir.name if run_dir else source.name}",
@@ -32,17 +32,17 @@ def model_card(run_dir: Optional[Path], source: Path, fmt: str, dtype: str, fuse
         f"| base model | `{base}` |",
         f"| training data | {', '.join(f'`{Path(str(p)).name}`' for p in paths) or 'unknown'} |",
         f"| block size | {data.get('block_size', 'unknown')} tokens |",
-        f"| steps | {state.get('step', 'unknown')} |",
-        f"| tokens seen | {state.get('tokens_seen', 'unknown'):,} |"
-        if isinstance(state.get("tokens_seen"), int)
+        f"| steps | {'unknown' if state.step is None else state.step} |",
+        f"| tokens seen | {state.tokens_seen:,} |"
+        if isinstance(state.tokens_seen, int)
         else "| tokens seen | unknown |",
     ]
     if val_loss is not None:
         import math
 
         lines.append(f"| final validation loss | {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f}) |")
-    if state.get("command"):
-        lines.append(f"| command | `{state['command']}` |")
+    if state.command:
+        lines.append(f"| command | `{state.command}` |")
     lines += ["", "## Load it", ""]
     if fmt == "safetensors":
         lines += [

@@ -207,7 +207,7 @@ def check_model_files(directory: Path) -> str:
 
     A run directory (or the runs directory) passed where a model is expected is named as such.
     """
-    from finetune.checkpoint import misplaced_run_dir
+    from finetune.runs import misplaced_run_dir
 
     problem = misplaced_run_dir(directory)
     if problem:

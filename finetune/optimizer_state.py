@@ -12,6 +12,11 @@ AdamW); that is the price of a plain, portable file.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
 FORMAT = "full-by-name"  # state.json's "optimizer_format"; checkpoints without it hold optimizer.state_dict()
 
 
@@ -27,14 +32,14 @@ def _torch_optimizer(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
 
 
-def gather(model, optimizer, distributed: bool) -> dict:
+def gather(model: torch.nn.Module, optimizer: torch.optim.Optimizer, distributed: bool) -> dict:
     """The whole optimizer state keyed by parameter name; call on every rank, save rank 0's."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     return get_optimizer_state_dict(model, _torch_optimizer(optimizer), options=_options(distributed, for_load=False))
 
 
-def restore(model, optimizer, state, distributed: bool, is_main: bool) -> None:
+def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state, distributed: bool, is_main: bool) -> None:
     """Load a gathered state into this rank's optimizer (its shard under FSDP); call on every rank.
 
     Under several processes only rank 0 needs `state` (the others pass None): it is broadcast.

@@ -38,7 +38,7 @@ def is_prepared_dir(path: Path) -> bool:
 
 
 def write_prepared(prepared: PreparedData, tokenizer: PreTrainedTokenizerBase, tmp: Path, model_name: str) -> None:
-    """Fill `tmp` (from checkpoint.start_output_dir) with the cache and tokenizer `finetune train DIR` reads."""
+    """Fill `tmp` (from output_dirs.start_output_dir) with the cache and tokenizer `finetune train DIR` reads."""
     shutil.copytree(prepared.cache_dir, tmp, dirs_exist_ok=True)
     tokenizer.save_pretrained(tmp / "tokenizer")
     manifest = {"model": model_name, "tokenizer": tokenizer_digest(tokenizer), "block_size": prepared.block_size}

@@ -1,34 +1,55 @@
-"""The training loop: flat, on accelerate (one process, several GPUs, or `accelerate launch`).
+"""Training: `train` = lock the run, `setup`, `fit`, `finish` (litgpt's finetune/full.py, torchtune's recipes).
 
-Shape (nanoGPT's train.py is the model): set up data, model, optimizer and schedule; then one
-`while step < total_steps` loop with `if step % every == 0` blocks for logging, evaluation,
-samples and checkpoints. SIGINT/SIGTERM finish the current step, save, and exit.
+`setup` builds what stays fixed for the run (a `Run`: accelerator, model, tokenizer, data loaders,
+optimizer, LR schedule) in an order that leaves the run directory untouched by a refused start.
+`fit` is nanoGPT's loop: one `while step < total_steps` loop with `if step % every == 0` blocks for
+logging, evaluation, samples and checkpoints; a `Progress` is all it changes. SIGINT/SIGTERM finish
+the current step, save, and exit. Runs on accelerate: one process, several GPUs, or `accelerate launch`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
 import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from finetune import checkpoint as ckpt
-from finetune import cpu_kernels, fast_paths, files, modeling, optimizer_state, schedules, speed, state_dicts
+from finetune import (
+    cpu_kernels,
+    fast_paths,
+    files,
+    metrics,
+    modeling,
+    optimizer_state,
+    run_state,
+    schedules,
+    state_dicts,
+)
 from finetune.batching import endless_batches, make_dataloader
-from finetune.config import GenerateConfig, RunConfig, dump_yaml
+from finetune.config import GenerateConfig, RunConfig, TrainConfig, dump_yaml
 from finetune.data_files import resolve_files
 from finetune.errors import FinetuneError, install_hint
 from finetune.prepared import is_prepared_dir, load_prepared, read_manifest
+from finetune.run_state import TrainingState
+from finetune.runs import run_dir_for, run_lock
 from finetune.token_cache import block_size_for, prepare_data
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from finetune.cache_entry import PreparedData
 
 DEFAULT_STEPS = 1000
 MAX_NONFINITE_STEPS = 3  # consecutive non-finite losses before the run stops
@@ -47,23 +68,6 @@ class TrainResult:
         return {"SIGINT": 130, "SIGTERM": 143}.get(self.interrupted_by or "", 0)
 
 
-PLAIN_TEXT_SUFFIXES = {".txt", ".md", ""}
-MAX_DEFAULT_RUN_NAME = 80  # a file name may be longer than a directory name (plus its lock file) can be
-
-
-def default_run_name(paths: list[str]) -> str:
-    """Named after the first data file: 'stories.txt' -> 'stories', 'notes.csv' -> 'notes-csv'.
-
-    Plain text keeps its stem, like a user would name it; other formats add their extension, so
-    notes.csv and notes.jsonl beside each other are two runs, not one run whose data "changed".
-    """
-    first = Path(paths[0].rstrip("/"))
-    suffix = first.suffix.lower()
-    stem = first.stem if suffix in PLAIN_TEXT_SUFFIXES else f"{first.stem}-{suffix.lstrip('.')}"
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.")
-    return name[:MAX_DEFAULT_RUN_NAME].rstrip("-.") or "run1"
-
-
 def resolve_precision(requested: str) -> str:
     """accelerate's mixed_precision value: bf16 where supported, fp16 on older GPUs, fp32 on CPU."""
     import torch
@@ -80,7 +84,9 @@ def resolve_precision(requested: str) -> str:
     return {"fp32": "no"}.get(requested, requested)
 
 
-def build_optimizer(model, name: str, lr: float, weight_decay: float, cuda: bool):
+def build_optimizer(
+    model: torch.nn.Module, name: str, lr: float, weight_decay: float, cuda: bool
+) -> torch.optim.Optimizer:
     """Trainable parameters only; biases, norms and other 1-D parameters get no weight decay."""
     import torch
 
@@ -134,32 +140,7 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def _current_rss() -> int:
-    import resource
-
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * resource.getpagesize()
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def peak_memory_bytes(baseline_rss: int) -> int:
-    """Peak memory used by training: CUDA allocations, or on CPU the peak RSS above the pre-model baseline."""
-    import resource
-
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline_rss)
-
-
-def _log_to(path: Path, record: dict) -> None:
-    files.append_line(path, json.dumps(record), "metrics file")
-
-
-def forward_loss(model, batch):
+def forward_loss(model: torch.nn.Module, batch) -> torch.Tensor:
     """Mean next-token cross-entropy (the model shifts labels itself); -100 labels are not learned."""
     if isinstance(batch, dict):  # supervised examples: padded, with masked labels
         return model(**batch).loss
@@ -185,7 +166,7 @@ def eval_batch_indices(available: int, cap: int) -> list[int]:
     return [i * available // cap for i in range(cap)]
 
 
-def _val_batch(loader, index: int, device):
+def _val_batch(loader: DataLoader, index: int, device: torch.device):
     """Batch `index` of an unshuffled loader, built directly (batches are read out of order)."""
     from accelerate.utils import send_to_device
 
@@ -194,7 +175,7 @@ def _val_batch(loader, index: int, device):
     return send_to_device(loader.collate_fn(items), device)
 
 
-def evaluate(model, loader, max_batches: int, accelerator) -> float:
+def evaluate(model: torch.nn.Module, loader: DataLoader, max_batches: int, accelerator: Accelerator) -> float:
     """Mean loss per predicted token over the validation batches eval_batch_indices picks.
 
     Weighted by tokens (a mean of per-batch means would weigh a short last batch like a full one).
@@ -224,118 +205,192 @@ def evaluate(model, loader, max_batches: int, accelerator) -> float:
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-def _earlier_checkpoint_fix(checkpoint: Path) -> str:
-    """What to do when `checkpoint` cannot be resumed: the checkpoint before it, or start over."""
-    earlier = [p for p in ckpt.list_checkpoints(checkpoint.parent) if p.name < checkpoint.name]
-    return (
-        f"resume from an earlier checkpoint with --resume {earlier[-1]}" if earlier else "start over with --overwrite"
-    )
+@dataclass
+class Run:
+    """What `setup` builds and the loop only reads: fixed for the whole run."""
+
+    cfg: RunConfig  # as resolved: with the run's name and the data's block size
+    run_dir: Path
+    command: str  # what state.json records as the command that trained the run
+    accelerator: Accelerator
+    model: torch.nn.Module  # what trains: `lm`, maybe wrapped for the chunked loss, compiled, distributed
+    lm: PreTrainedModel  # the transformers model inside `model` (a peft model under --lora)
+    tokenizer: PreTrainedTokenizerBase
+    prepared: PreparedData
+    train_loader: DataLoader
+    train_sampler: Any  # the train loader's sampler: it sets each epoch's shuffle
+    val_loader: Optional[DataLoader]  # unprepared: evaluate() splits its batches over the processes itself
+    optimizer: torch.optim.Optimizer
+    total_steps: int
+    schedule: dict  # the LR schedule (schedules.segment), as state.json records it
+    vocab_size: int  # the tokenizer's rows of the embeddings: what checkpoints hold
+    padded_rows: int  # the embeddings' rows while training (vocab_size, or padded for tensor cores)
+    wrapper_prefix: str  # what the loss wrapper adds to parameter names (optimizer_state.portable)
+    sync_every: int  # steps between reading the loss back to the host
+    baseline_rss: int  # memory in use before the model was loaded (CPU peak memory is counted above it)
+    resumed_from: Optional[Path]
+    log: Callable[[str], None]  # the caller's log on rank 0, silent on the others
+    scheduler: Any = None  # LambdaLR, built once the resume point's step is known
+    resumed_rng: Optional[dict] = None  # generator states to restore just before the first step
+    flops_per_token: float = 0.0
+    device_peak_flops: Optional[float] = None  # None: MFU is not reported
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def cuda(self) -> bool:
+        return self.accelerator.device.type == "cuda"
+
+    @property
+    def optimizer_saved(self) -> bool:
+        # DeepSpeed's ZeRO optimizer keeps its partitions in its own checkpoint format, which
+        # torch.distributed.checkpoint cannot gather: its checkpoints hold the weights only.
+        return self.accelerator.distributed_type.name != "DEEPSPEED"
+
+    @property
+    def sharded_weights(self) -> bool:
+        # Under FSDP and ZeRO-3 each rank holds a shard of every weight: a forward pass (sampling)
+        # needs all ranks, so they all sample together and rank 0 writes.
+        name = self.accelerator.distributed_type.name
+        deepspeed = self.accelerator.state.deepspeed_plugin if name == "DEEPSPEED" else None
+        return name == "FSDP" or getattr(deepspeed, "zero_stage", 0) == 3
 
 
-def _resume_point(run_dir: Path, resume: str, overwrite: bool) -> Optional[Path]:
-    """The checkpoint to continue from, or None to start from the base model."""
-    existing = ckpt.list_checkpoints(run_dir)
-    if overwrite:
-        return None
-    if resume == "latest":
-        return ckpt.latest_checkpoint(run_dir) if existing else None
-    if resume == "fresh":
-        if existing:
-            raise FinetuneError(
-                f"run '{run_dir.name}' already has checkpoints; --resume fresh would discard them: "
-                f"add --overwrite to start over, or use a new --run-name"
-            )
-        return None
-    path = Path(resume)
-    if not path.is_dir():
-        raise FinetuneError(f"--resume {resume}: no such checkpoint directory; use latest, fresh or a checkpoint path")
-    return path
+@dataclass
+class Progress:
+    """All the loop changes. The first five are what a checkpoint saves and a resume starts from."""
 
-
-def run_dir_for(cfg: RunConfig) -> Path:
-    t = cfg.train
-    run_name = t.run_name or default_run_name(cfg.data.paths or [name.split("/")[-1] for name in cfg.data.datasets])
-    return Path(t.runs_dir) / run_name
-
-
-# Set by `finetune train --num-processes N` for the processes it launches: the launcher holds the
-# run's lock for them (the value is the run directory it locked).
-LOCK_HELD_ENV = "FINETUNE_RUN_LOCK_HELD_BY_LAUNCHER"
-
-
-def run_lock(run_dir: Path):
-    """The run's lock, for the whole training process; taken before anything in the run is read or touched.
-
-    Under several processes the ranks share one run: rank 0 holds the lock for all of them (the
-    others must not ask for it, they would find it taken). When `finetune train --num-processes`
-    launched us, the launcher already holds it.
-    """
-    from finetune import locking
-
-    if os.environ.get("RANK", "0") != "0":
-        return nullcontext()
-    if os.environ.get(LOCK_HELD_ENV) == str(run_dir.resolve()) and locking.holder_pid(run_dir) is not None:
-        return nullcontext()
-    return locking.exclusive(run_dir, f"run '{run_dir.name}'", "use another --run-name")
-
-
-@contextmanager
-def launcher_lock(cfg: RunConfig):
-    """Hold the run's lock while `finetune train --num-processes N` runs its processes."""
-    run_dir = run_dir_for(cfg)
-    with run_lock(run_dir):
-        previous = os.environ.get(LOCK_HELD_ENV)
-        os.environ[LOCK_HELD_ENV] = str(run_dir.resolve())
-        try:
-            yield
-        finally:
-            if previous is None:
-                os.environ.pop(LOCK_HELD_ENV, None)
-            else:
-                os.environ[LOCK_HELD_ENV] = previous
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # batches of `epoch` consumed
+    val_loss: Optional[float] = None  # the last validation loss
+    train_loss: float = math.nan  # the last training loss read back to the host
+    pending_losses: list = field(default_factory=list)  # step losses not read back yet (sync_every > 1)
+    nonfinite_streak: int = 0  # consecutive steps skipped for a non-finite loss
+    last_checkpoint: Optional[Path] = None
+    window_start: float = 0.0  # throughput is measured since the last metrics record
+    window_tokens: int = 0
+    stopped_by: Optional[str] = None  # "SIGINT" / "SIGTERM"
 
 
 def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[str] = None) -> TrainResult:
     """Run training as configured; returns where the run and its last checkpoint are."""
     run_dir = run_dir_for(cfg)
     with run_lock(run_dir):
-        return _train_locked(cfg, run_dir, log, command)
+        run, progress = setup(cfg, run_dir, log, command)
+        fit(run, progress)
+        return finish(run, progress)
 
 
-def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], command: Optional[str]) -> TrainResult:
-    import torch
-    from accelerate import Accelerator
+# ---------------------------------------------------------------------------------------------
+# setup: every check first, the run directory changed last
+# ---------------------------------------------------------------------------------------------
+
+
+def setup(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], command: Optional[str]) -> tuple[Run, Progress]:
+    """Everything before the first step. Each check runs before anything it would spare is loaded or printed."""
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     t = cfg.train
     data_files = resolve_files(cfg.data.paths)
     val_files = resolve_files([cfg.data.val_file]) if cfg.data.val_file else None
-    run_name = run_dir.name
-    resume_from = _resume_point(run_dir, t.resume, t.overwrite)
+    resume_from, saved = _check_resume(cfg, run_dir)
+    accelerator = _make_accelerator(t.precision)
+    say = log if accelerator.is_main_process else (lambda _msg: None)
+    set_seed(t.seed)
+    tokenizer, prepared_dir = _load_tokenizer(cfg, accelerator, data_files, resume_from)
+    model_source = _model_source(cfg, resume_from)
+    prepared = _load_data(cfg, accelerator, tokenizer, model_source, data_files, val_files, prepared_dir, say)
+    resolved = replace(
+        cfg, train=replace(t, run_name=run_dir.name), data=replace(cfg.data, block_size=prepared.block_size)
+    )
+    changes: list[str] = []
+    if saved is not None:
+        changes = run_state.compare_for_resume(saved.config, resolved.to_dict(), saved.data_key, prepared.key)
+    baseline_rss = metrics.current_rss()
+    lm = _load_model(cfg, tokenizer, model_source, resume_from)
+    model, vocab_size, padded_rows, wrapper_prefix = _fast_paths(cfg, lm, accelerator, say)
+    model, optimizer, train_loader, train_sampler, val_loader = _loaders_and_optimizer(
+        t, prepared, tokenizer, model, accelerator, say
+    )
+    steps_per_epoch = max(1, math.ceil(len(train_loader) / t.grad_accum))
+    total_steps = t.steps or (math.ceil(t.epochs * steps_per_epoch) if t.epochs else DEFAULT_STEPS)
+    run = Run(
+        cfg=resolved,
+        run_dir=run_dir,
+        command=command or "finetune.train(...) (Python API)",
+        accelerator=accelerator,
+        model=model,
+        lm=lm,
+        tokenizer=tokenizer,
+        prepared=prepared,
+        train_loader=train_loader,
+        train_sampler=train_sampler,
+        val_loader=val_loader,
+        optimizer=optimizer,
+        total_steps=total_steps,
+        schedule=schedules.segment(t.schedule, t.warmup, 0, total_steps),
+        vocab_size=vocab_size,
+        padded_rows=padded_rows,
+        wrapper_prefix=wrapper_prefix,
+        sync_every=t.loss_sync_every or (10 if accelerator.device.type == "cuda" else 1),
+        baseline_rss=baseline_rss,
+        resumed_from=resume_from,
+        log=say,
+    )
+    progress = _resume(run, saved, changes) if saved is not None else Progress()
+    # The scheduler is stepped by hand once per optimizer step (not prepared by accelerate, which
+    # would step it once per process), so the schedule counts optimizer steps.
+    run.scheduler = schedules.scheduler_from(optimizer, run.schedule, t.lr, progress.step)
+    _start_run_dir(run, progress.step)
+    _announce(run, steps_per_epoch)
+    run.flops_per_token = metrics.flops_per_token(lm, prepared.block_size)
+    if run.cuda:
+        import torch
+
+        run.device_peak_flops = metrics.peak_flops(torch.cuda.get_device_name(0))
+    return run, progress
+
+
+def _check_resume(cfg: RunConfig, run_dir: Path) -> tuple[Optional[Path], Optional[TrainingState]]:
+    """The checkpoint to resume and its state, checked before anything is printed or loaded."""
+    t = cfg.train
+    resume_from = run_state.resume_point(run_dir, t.resume, t.overwrite)
     if not t.overwrite:
-        _check_run_files(run_dir)  # now, before anything is printed or loaded
-    saved_state: Optional[dict] = None
+        _check_run_files(run_dir)
+    saved: Optional[TrainingState] = None
     if resume_from is not None:
-        saved_state = ckpt.read_training_state(resume_from)  # first: verify_checkpoint reads it unguarded
+        saved = TrainingState.read(resume_from)  # first: verify_checkpoint reads it unguarded
         ckpt.verify_checkpoint(resume_from, for_resume=True)
-        ckpt.refuse_changed_settings(saved_state["config"], cfg.to_dict())  # before anything is printed
+        run_state.refuse_changed_settings(saved.config, cfg.to_dict())
+    return resume_from, saved
+
+
+def _make_accelerator(precision: str) -> Accelerator:
+    import torch
+    from accelerate import Accelerator, DataLoaderConfiguration
 
     # cpu=True on a machine without CUDA is what lets `accelerate launch` start gloo (MULTI_CPU) processes.
-    from accelerate import DataLoaderConfiguration
-
-    accelerator = Accelerator(
-        mixed_precision=resolve_precision(t.precision),
+    return Accelerator(
+        mixed_precision=resolve_precision(precision),
         cpu=not torch.cuda.is_available(),
-        # With pinned batches (batching.make_dataloader), host-to-GPU copies overlap the previous step.
+        # With pinned batches (data.make_dataloader), host-to-GPU copies overlap the previous step.
         dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
     )
-    is_main = accelerator.is_main_process
-    say = log if is_main else (lambda _msg: None)
-    set_seed(t.seed)
 
-    # Tokenizer: the checkpoint's when resuming; learned from the data for from-scratch presets;
-    # else the model's own.
+
+def _load_tokenizer(
+    cfg: RunConfig, accelerator: Accelerator, data_files: list[Path], resume_from: Optional[Path]
+) -> tuple[PreTrainedTokenizerBase, Optional[Path]]:
+    """The checkpoint's tokenizer when resuming; learned from the data for from-scratch presets; else the
+    model's own. Also the prepared-data directory (`finetune prepare`'s output) when that is the data."""
     scratch = modeling.is_scratch_preset(cfg.model.name)
     with accelerator.main_process_first():
         prepared_dir = data_files[0] if len(data_files) == 1 and is_prepared_dir(data_files[0]) else None
@@ -347,13 +402,30 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
             tokenizer = modeling.tokenizer_from_data(cfg, data_files)
         else:
             tokenizer = modeling.load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
-    adapter = cfg.model.lora
-    model_source = str(resume_from) if resume_from is not None and not adapter else cfg.model.name
-    resume_fix = _earlier_checkpoint_fix(resume_from) if resume_from is not None else None
-    if adapter and scratch:
+    return tokenizer, prepared_dir
+
+
+def _model_source(cfg: RunConfig, resume_from: Optional[Path]) -> str:
+    """Where the weights come from: the checkpoint when resuming, except for LoRA runs, whose
+    checkpoints hold only the adapter: their base model comes from model.name."""
+    if cfg.model.lora and modeling.is_scratch_preset(cfg.model.name):
         raise FinetuneError(
             "--lora adapts a pretrained model; with a from-scratch preset train all weights (drop --lora)"
         )
+    return str(resume_from) if resume_from is not None and not cfg.model.lora else cfg.model.name
+
+
+def _load_data(
+    cfg: RunConfig,
+    accelerator: Accelerator,
+    tokenizer: PreTrainedTokenizerBase,
+    model_source: str,
+    data_files: list[Path],
+    val_files: Optional[list[Path]],
+    prepared_dir: Optional[Path],
+    say: Callable[[str], None],
+) -> PreparedData:
+    """The token blocks (or supervised examples), from the cache when it holds them."""
     model_config = modeling.load_model_config(model_source, cfg.model.trust_remote_code)
     context = modeling.context_length(model_config)
     if prepared_dir is not None:
@@ -362,28 +434,29 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
         block_size = block_size_for(cfg.data.block_size, context)
     if block_size > context:
         raise FinetuneError(
-            f"--block-size {block_size} exceeds the model's context of {context} tokens; use --block-size {context} or less"
+            f"--block-size {block_size} exceeds the model's context of {context} tokens; "
+            f"use --block-size {context} or less"
         )
-
     with accelerator.main_process_first():
         prepared = (
             load_prepared(prepared_dir, tokenizer, cfg.data.block_size, log=say)
             if prepared_dir
             else prepare_data(data_files, tokenizer, block_size, cfg.data, val_files=val_files, log=say)
         )
-    resolved = replace(cfg, train=replace(t, run_name=run_name), data=replace(cfg.data, block_size=prepared.block_size))
-    changes: list[str] = []
-    if saved_state is not None:
-        changes = ckpt.compare_for_resume(
-            saved_state["config"], resolved.to_dict(), saved_state["data_key"], prepared.key
-        )
+    return prepared
 
-    baseline_rss = _current_rss()
-    if scratch and resume_from is None:
+
+def _load_model(
+    cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, model_source: str, resume_from: Optional[Path]
+) -> PreTrainedModel:
+    """The transformers model to train: built, loaded or resumed, with LoRA adapters when asked."""
+    import torch
+
+    t = cfg.train
+    resume_fix = run_state.earlier_checkpoint_fix(resume_from) if resume_from is not None else None
+    if modeling.is_scratch_preset(cfg.model.name) and resume_from is None:
         model = modeling.build_scratch_model(cfg.model.name, tokenizer, t.seed)
     else:
-        # The checkpoint when resuming, except for LoRA runs, whose checkpoints hold only the
-        # adapter: their base model comes from model.name.
         model = modeling.load_pretrained_model(
             model_source,
             cfg.model.trust_remote_code,
@@ -396,7 +469,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # the cache is useless in training and incompatible with recomputation
-    if adapter:
+    if cfg.model.lora:
         from finetune import lora
 
         if cfg.model.load_in_4bit:
@@ -414,20 +487,28 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
                 cfg.model.lora_targets,
                 t.gradient_checkpointing,
             )
-    if resume_from is not None and adapter:  # the adapter's weights: a full checkpoint's were checked as it loaded
+    if (
+        resume_from is not None and cfg.model.lora
+    ):  # the adapter's weights: a full checkpoint's were checked as it loaded
         modeling.require_finite(model, resume_from, resume_fix)
-    # Fast paths (fast_paths.py): each on by default with CUDA, off on CPU, each with a flag.
-    cuda = accelerator.device.type == "cuda"
+    return model
+
+
+def _fast_paths(
+    cfg: RunConfig, lm: PreTrainedModel, accelerator: Accelerator, say: Callable[[str], None]
+) -> tuple[torch.nn.Module, int, int, str]:
+    """Fast paths (fast_paths.py, cpu_kernels.py): each on by default with CUDA, off on CPU, each with a flag.
+
+    Returns the module that trains, the vocabulary size, the embeddings' rows (padded) and the
+    prefix the loss wrapper adds to parameter names (how this run's optimizer names and sizes
+    parameters differently from a checkpoint: optimizer_state.portable).
+    """
+    import torch
+
+    t, cuda = cfg.train, accelerator.device.type == "cuda"
     if cuda and t.tf32:
         fast_paths.enable_tf32()
-    use_chunked_loss = (
-        fast_paths.resolve(t.fused_loss, cuda) and fast_paths.supports_chunked_loss(model) and not adapter
-    )
-    if t.fused_loss and not use_chunked_loss:
-        say(
-            "warning: --fused-loss is not available for this model (LoRA or an unlisted architecture); using the model's own loss"
-        )
-    lm = model  # the transformers model; `model` below is what trains (maybe wrapped, compiled, distributed)
+    use_chunked_loss = _use_chunked_loss(t, lm, cfg.model.lora, cuda, say)
     # Padding needs the chunked loss, which keeps the padded ids out of the softmax.
     vocab_size = (
         fast_paths.pad_vocabulary(lm)
@@ -435,9 +516,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
         else lm.get_input_embeddings().weight.shape[0]
     )
     modeling.freeze_parameters(lm, t.freeze_layers, t.train_only_blocks)  # after padding, which makes new embeddings
-    if use_chunked_loss:
-        model = fast_paths.with_chunked_loss(lm, vocab_size)
-    # How this run's optimizer names and sizes parameters differently from a checkpoint (optimizer_state.portable).
+    model = fast_paths.with_chunked_loss(lm, vocab_size) if use_chunked_loss else lm
     wrapper_prefix = fast_paths.LOSS_WRAPPER_PREFIX if use_chunked_loss else ""
     padded_rows = lm.get_input_embeddings().weight.shape[0]
     if fast_paths.resolve(t.compile, cuda):
@@ -446,17 +525,41 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
         swapped = cpu_kernels.apply(lm)
         if swapped:
             say(f"CPU fast paths: {', '.join(swapped)} (--no-cpu-kernels turns them off)")
-    sync_every = t.loss_sync_every or (10 if cuda else 1)
+    return model, vocab_size, padded_rows, wrapper_prefix
 
+
+def _use_chunked_loss(
+    t: TrainConfig, lm: PreTrainedModel, adapter: bool, cuda: bool, say: Callable[[str], None]
+) -> bool:
+    use = fast_paths.resolve(t.fused_loss, cuda) and fast_paths.supports_chunked_loss(lm) and not adapter
+    if t.fused_loss and not use:
+        say(
+            "warning: --fused-loss is not available for this model (LoRA or an unlisted architecture); "
+            "using the model's own loss"
+        )
+    return use
+
+
+def _loaders_and_optimizer(
+    t: TrainConfig,
+    prepared: PreparedData,
+    tokenizer: PreTrainedTokenizerBase,
+    model: torch.nn.Module,
+    accelerator: Accelerator,
+    say: Callable[[str], None],
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader, Any, Optional[DataLoader]]:
+    """The data loaders, the train sampler and the optimizer; the model and train loader prepared by accelerate."""
     pad = modeling.pad_id(tokenizer)
     train_loader = make_dataloader(prepared.train, t.batch_size, t.seed, shuffle=True, pad_id=pad)
-    train_sampler = train_loader.sampler
+    train_sampler = (
+        train_loader.sampler
+    )  # the unprepared loader's: it sets each epoch's shuffle (batching.endless_batches)
     val_loader = (
         make_dataloader(prepared.val, t.batch_size, t.seed, shuffle=False, pad_id=pad)
         if prepared.val is not None
         else None
     )
-    optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay, cuda=cuda)
+    optimizer = build_optimizer(model, t.optimizer, t.lr, t.weight_decay, cuda=accelerator.device.type == "cuda")
     # The validation loader stays unprepared: evaluate() splits its batches over the processes
     # itself, without the repeated samples accelerate pads the last batch with.
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
@@ -465,357 +568,82 @@ def _train_locked(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], com
             f"validation: {t.eval_batches} of the {len(val_loader)} validation batches, evenly spaced over the split "
             f"(train.eval_batches: {t.eval_batches}; raise it in a --config file to validate on more)"
         )
+    return model, optimizer, train_loader, train_sampler, val_loader
 
-    steps_per_epoch = max(1, math.ceil(len(train_loader) / t.grad_accum))
-    total_steps = t.steps or (math.ceil(t.epochs * steps_per_epoch) if t.epochs else DEFAULT_STEPS)
-    schedule = schedules.segment(t.schedule, t.warmup, 0, total_steps)
 
-    world = accelerator.num_processes
-    step, tokens_seen, epoch, batches_in_epoch = 0, 0, 0, 0
-    val_loss: Optional[float] = None
-    rng_state = None
-    if saved_state is not None:
-        state_dir = resume_from / ckpt.STATE_DIR
-        if not saved_state.get("optimizer_saved", True):
-            say("warning: this checkpoint has no optimizer state (saved under DeepSpeed); the optimizer starts afresh")
-        elif saved_state.get("optimizer_format") == optimizer_state.FORMAT:
-            for group in optimizer.param_groups:  # saved groups hold the scheduler's key: the load matches keys
-                group.setdefault("initial_lr", group["lr"])
-            optimizer_state.restore_from_file(
-                model,
-                optimizer,
-                state_dir / "optimizer.pt",
-                world > 1,
-                is_main,
-                to_local=lambda state: optimizer_state.localized(state, wrapper_prefix, padded_rows, vocab_size),
-            )
-        else:  # written before optimizer_format existed: optimizer.state_dict() of a single process or DDP
-            optimizer.load_state_dict(ckpt.load_torch_file(state_dir / "optimizer.pt"))
-        # The restored optimizer holds the saved settings: this run's --weight-decay applies from here
-        # (its --lr through the scheduler below). Group 0 holds the decayed weights (build_optimizer).
-        optimizer.param_groups[0]["weight_decay"] = t.weight_decay
-        if accelerator.scaler is not None and (state_dir / "scaler.pt").is_file():
-            accelerator.scaler.load_state_dict(ckpt.load_torch_file(state_dir / "scaler.pt"))
-        rng_state = ckpt.load_torch_file(state_dir / "rng.pt")  # read now, restored last (below)
-        step, tokens_seen = saved_state["step"], saved_state["tokens_seen"]
-        epoch, batches_in_epoch = saved_state["epoch"], saved_state["batches_in_epoch"]
-        val_loss = saved_state.get("val_loss")
-        schedule, plan = resumed_schedule(saved_state, t, step, total_steps)
-        say(
-            f"resuming run '{run_name}' from {resume_from.name} (step {step})"
-            + (f"; changed: {', '.join(changes)}" if changes else "")
-            + plan
+def _resume(run: Run, saved: TrainingState, changes: list[str]) -> Progress:
+    """Continue from the checkpoint: its optimizer state, scaler, counters and LR schedule.
+
+    The generator states are only read here: fit() restores them last, just before the first step.
+    """
+    t, checkpoint = run.cfg.train, run.resumed_from
+    to_local = partial(
+        optimizer_state.localized,
+        wrapper_prefix=run.wrapper_prefix,
+        padded_rows=run.padded_rows,
+        true_rows=run.vocab_size,
+    )
+    if not run_state.restore_optimizer(
+        saved, checkpoint, run.model, run.optimizer, run.world > 1, run.is_main, to_local
+    ):
+        run.log("warning: this checkpoint has no optimizer state (saved under DeepSpeed); the optimizer starts afresh")
+    # The restored optimizer holds the saved settings: this run's --weight-decay applies from here
+    # (its --lr through the scheduler). Group 0 holds the decayed weights (build_optimizer).
+    run.optimizer.param_groups[0]["weight_decay"] = t.weight_decay
+    run_state.load_scaler(checkpoint, run.accelerator.scaler)
+    run.resumed_rng = run_state.load_rng_state(checkpoint)
+    progress = Progress(
+        step=saved.step,
+        tokens_seen=saved.tokens_seen,
+        epoch=saved.epoch,
+        batches_in_epoch=saved.batches_in_epoch,
+        val_loss=saved.val_loss,
+        last_checkpoint=checkpoint,
+    )
+    run.schedule, plan = run_state.resumed_schedule(saved, t, progress.step, run.total_steps)
+    run.log(
+        f"resuming run '{run.run_dir.name}' from {checkpoint.name} (step {progress.step})"
+        + (f"; changed: {', '.join(changes)}" if changes else "")
+        + plan
+    )
+    if saved.num_processes != run.world:
+        run.log(
+            f"warning: the run was saved with {saved.num_processes} processes and resumes with "
+            f"{run.world}; the data order after this point differs from an uninterrupted run"
         )
-        if saved_state.get("num_processes", 1) != world:
-            say(
-                f"warning: the run was saved with {saved_state['num_processes']} processes and resumes with "
-                f"{world}; the data order after this point differs from an uninterrupted run"
-            )
-    # The scheduler is stepped by hand once per optimizer step (not prepared by accelerate, which
-    # would step it once per process), so the schedule counts optimizer steps.
-    scheduler = schedules.scheduler_from(optimizer, schedule, t.lr, step)
+    return progress
 
-    # Every check has passed (config, data, tokenizer, checkpoint files): only now does the run
-    # directory change, so a refused start leaves it as it was.
-    metrics_path = run_dir / "metrics.jsonl"
-    if is_main:
-        kept_metrics = None if t.overwrite else _metrics_until(metrics_path, step)
-        _prepare_run_dir(run_dir, resolved, t.overwrite, kept_metrics)
-    accelerator.wait_for_everyone()
 
-    n_params = modeling.count_parameters(model)
-    n_trainable = modeling.count_trainable(model)
-    effective_batch = t.batch_size * t.grad_accum * world
+def _start_run_dir(run: Run, step: int) -> None:
+    """Every check has passed (config, data, tokenizer, checkpoint files): only now does the run
+    directory change, so a refused start leaves it as it was."""
+    t = run.cfg.train
+    if run.is_main:
+        kept_metrics = None if t.overwrite else metrics.records_until(run.run_dir / metrics.FILE_NAME, step)
+        _prepare_run_dir(run.run_dir, run.cfg, t.overwrite, kept_metrics)
+    run.accelerator.wait_for_everyone()
+
+
+def _announce(run: Run, steps_per_epoch: int) -> None:
+    t = run.cfg.train
+    n_params = modeling.count_parameters(run.model)
+    n_trainable = modeling.count_trainable(run.model)
+    effective_batch = t.batch_size * t.grad_accum * run.world
     trainable = f" ({n_trainable / 1e6:.2f}M trainable)" if n_trainable != n_params else ""
-    say(
-        f"run '{run_name}': {cfg.model.name}, {n_params / 1e6:.1f}M parameters{trainable}, {accelerator.device}, "
-        f"precision {accelerator.mixed_precision}; {total_steps} steps of {effective_batch} blocks "
-        f"({t.batch_size} per device x {t.grad_accum} accumulation x {world} processes) = "
-        f"{effective_batch * prepared.block_size:,} tokens per step; ~{total_steps / steps_per_epoch:.1f} epochs"
+    run.log(
+        f"run '{run.run_dir.name}': {run.cfg.model.name}, {n_params / 1e6:.1f}M parameters{trainable}, "
+        f"{run.accelerator.device}, precision {run.accelerator.mixed_precision}; {run.total_steps} steps of "
+        f"{effective_batch} blocks ({t.batch_size} per device x {t.grad_accum} accumulation x {run.world} "
+        f"processes) = {effective_batch * run.prepared.block_size:,} tokens per step; "
+        f"~{run.total_steps / steps_per_epoch:.1f} epochs"
     )
-
-    last_checkpoint: Optional[Path] = resume_from
-    nonfinite_streak = 0
-    batches = endless_batches(train_loader, train_sampler, epoch, batches_in_epoch, accelerator)
-    if rng_state is not None:
-        # Last, so nothing above (model loading, iterator set-up) draws from the restored streams.
-        ckpt.restore_rng_state(rng_state)
-
-    # DeepSpeed's ZeRO optimizer keeps its partitions in its own checkpoint format, which
-    # torch.distributed.checkpoint cannot gather: its checkpoints hold the weights only.
-    optimizer_saved = accelerator.distributed_type.name != "DEEPSPEED"
-    # Under FSDP and ZeRO-3 each rank holds a shard of every weight: a forward pass (sampling) needs
-    # all ranks, so they all sample together and rank 0 writes.
-    deepspeed = accelerator.state.deepspeed_plugin if accelerator.distributed_type.name == "DEEPSPEED" else None
-    sharded_weights = accelerator.distributed_type.name == "FSDP" or getattr(deepspeed, "zero_stage", 0) == 3
-
-    def save() -> Path:
-        unwrapped = state_dicts.inner_model(accelerator.unwrap_model(model))
-        state_dict = state_dicts.inner_state_dict(accelerator.get_state_dict(model), unwrapped)
-        state_dict = state_dicts.drop_tied_aliases(
-            state_dicts.unpad_state_dict(state_dict, unwrapped, vocab_size), unwrapped
-        )
-        finite = all(torch.isfinite(p).all() for p in state_dict.values() if p.is_floating_point())
-        if world > 1:  # under FSDP only rank 0 holds the gathered weights: all ranks must stop together
-            finite = (
-                accelerator.reduce(torch.tensor(float(finite), device=accelerator.device), reduction="sum").item()
-                == world
-            )
-        if not finite:
-            raise FinetuneError(
-                f"the weights hold NaN/inf at step {step}; not saving them over the last good checkpoint. "
-                f"Lower --lr or use --precision fp32/bf16, then resume"
-            )
-        state = {
-            "step": step,
-            "tokens_seen": tokens_seen,
-            "epoch": epoch,
-            "batches_in_epoch": batches_in_epoch,
-            "val_loss": val_loss,
-            "num_processes": world,
-            "config": resolved.to_dict(),
-            "data_key": prepared.key,
-            "command": command or "finetune.train(...) (Python API)",
-            "data_mode": prepared.mode,
-            "chat": prepared.chat,
-            "optimizer_saved": optimizer_saved,
-            "optimizer_format": optimizer_state.FORMAT,
-            "schedule": schedule,
-        }
-        # Collective under FSDP (every rank gives its shard); only rank 0 writes the result.
-        full_optimizer = optimizer_state.gather(model, optimizer, world > 1) if optimizer_saved else None
-        if is_main and full_optimizer is not None:
-            full_optimizer = optimizer_state.portable(full_optimizer, wrapper_prefix, padded_rows, vocab_size)
-        rng = ckpt.capture_rng_state()
-
-        def write_contents(tmp: Path) -> None:
-            if adapter:  # peft writes adapter_config.json + adapter_model.safetensors
-                # From the gathered state dict: under FSDP the model's own tensors are shards.
-                unwrapped.save_pretrained(tmp, state_dict=state_dict)
-            else:
-                padded_size, unwrapped.config.vocab_size = unwrapped.config.vocab_size, vocab_size
-                try:  # checkpoints never carry the padding rows
-                    unwrapped.save_pretrained(tmp, state_dict=state_dict)
-                finally:
-                    unwrapped.config.vocab_size = padded_size
-            ckpt.pause_point("model-written", step)
-            tokenizer.save_pretrained(tmp)
-            ckpt.pause_point("tokenizer-written", step)
-            state_dir = tmp / ckpt.STATE_DIR
-            state_dir.mkdir()
-            if state["optimizer_saved"]:
-                ckpt.save_torch_file(full_optimizer, state_dir / "optimizer.pt")
-            ckpt.pause_point("optimizer-written", step)
-            ckpt.save_torch_file(scheduler.state_dict(), state_dir / "scheduler.pt")
-            if accelerator.scaler is not None:
-                ckpt.save_torch_file(accelerator.scaler.state_dict(), state_dir / "scaler.pt")
-            ckpt.save_torch_file(rng, state_dir / "rng.pt")
-            ckpt.pause_point("rng-written", step)
-            (state_dir / "state.json").write_text(json.dumps(state, indent=1))
-            ckpt.pause_point("state-written", step)
-
-        path = None
-        if is_main:
-            path = ckpt.save_checkpoint(run_dir, step, write_contents, t.keep)
-        accelerator.wait_for_everyone()
-        return path or run_dir / ckpt.checkpoint_name(step)
-
-    def write_samples() -> None:
-        from finetune.generation import generate_texts
-
-        gen_cfg = GenerateConfig(prompts=[""], n=2, max_new_tokens=t.sample_tokens, temperature=0.8, stream=False)
-        # Sampling draws random numbers; fork the RNG so it does not change the training run.
-        with torch.random.fork_rng(devices=[]):
-            sampler_model = state_dicts.inner_model(accelerator.unwrap_model(model))
-            texts = generate_texts(
-                sampler_model,
-                tokenizer,
-                gen_cfg,
-                suppress_ids=list(range(vocab_size, padded_rows)),
-                synced=sharded_weights,
-            )
-        model.train()
-        if is_main:
-            body = f"\n{'=' * 20}\n".join(texts)
-            files.write_atomic(
-                run_dir / "samples" / f"samples-{step:06d}.txt", body + "\n", "training samples", durable=False
-            )
-
-    pending_losses: list = []
-    train_loss = float("nan")
-    flops_per_token = speed.flops_per_token(lm, prepared.block_size)
-    device_peak = speed.peak_flops(torch.cuda.get_device_name(0)) if cuda else None
-    bar = tqdm(
-        total=total_steps, initial=min(step, total_steps), disable=not is_main, dynamic_ncols=True, desc="training"
-    )
-    model.train()
-    window_start, window_tokens = time.perf_counter(), 0
-    # The bar is closed however the loop ends, so an error's message starts on its own line.
-    with bar, StopSignals() as signals:
-        while step < total_steps and not signals.received:
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for micro in range(t.grad_accum):
-                epoch, batches_in_epoch, batch = next(batches)
-                # Skip the gradient all-reduce on all but the last micro-step (DDP).
-                sync = nullcontext() if micro == t.grad_accum - 1 else accelerator.no_sync(model)
-                with sync:
-                    loss = forward_loss(model, batch) / t.grad_accum
-                    accelerator.backward(loss)
-                loss_sum += loss.detach()
-                window_tokens += _num_tokens(batch) * world
-            if t.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-            step_loss = accelerator.reduce(loss_sum, reduction="mean").detach()
-            if sync_every > 1:
-                # No host sync inside the step: losses are read back every sync_every steps.
-                pending_losses.append(step_loss)
-            elif not math.isfinite(train_loss := step_loss.item()):
-                # The fp16 scaler's overflow steps keep a finite loss, so they never count here.
-                nonfinite_streak += 1
-                optimizer.zero_grad(set_to_none=True)
-                if nonfinite_streak >= MAX_NONFINITE_STEPS:
-                    kept = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
-                    raise FinetuneError(
-                        f"the loss was not finite for {MAX_NONFINITE_STEPS} steps in a row (at step {step + 1}); "
-                        f"lower --lr or use --precision fp32/bf16{kept}"
-                    )
-                continue
-            nonfinite_streak = 0
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += _num_tokens(batch) * world * t.grad_accum
-            if pending_losses and (
-                step % sync_every == 0 or step % t.log_every == 0 or step == total_steps or signals.received
-            ):
-                values = torch.stack(pending_losses).float().tolist()
-                pending_losses.clear()
-                if not all(math.isfinite(v) for v in values):
-                    raise FinetuneError(
-                        f"the loss was not finite between steps {step - len(values) + 1} and {step}; lower --lr or use "
-                        f"--precision fp32/bf16 (the last good checkpoint is kept; --loss-sync-every 1 skips bad steps instead)"
-                    )
-                train_loss = values[-1]
-
-            elapsed = time.perf_counter() - window_start
-            lr = scheduler.get_last_lr()[0]
-            bar.update(1)
-            tokens_per_s = window_tokens / max(elapsed, 1e-9)
-            mfu = tokens_per_s * flops_per_token / device_peak if device_peak else None
-            bar.set_postfix(
-                loss=f"{train_loss:.3f}",
-                lr=f"{lr:.1e}",
-                tok_s=f"{tokens_per_s:,.0f}",
-                **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}),
-            )
-            if is_main and (step % t.log_every == 0 or step == total_steps):
-                _log_to(
-                    metrics_path,
-                    {
-                        "step": step,
-                        "epoch": epoch,
-                        "loss": round(train_loss, 6),
-                        "lr": lr,
-                        "tokens_seen": tokens_seen,
-                        "tokens_per_s": round(tokens_per_s, 1),
-                        "peak_memory_mb": round(peak_memory_bytes(baseline_rss) / 1e6, 1),
-                        **({"mfu": round(mfu, 4)} if mfu is not None else {}),
-                    },
-                )
-                window_start, window_tokens = time.perf_counter(), 0
-
-            if val_loader is not None and t.eval_every and (step % t.eval_every == 0 or step == total_steps):
-                val_loss = evaluate(model, val_loader, t.eval_batches, accelerator)
-                perplexity = math.exp(min(val_loss, 50))
-                if is_main:
-                    _log_to(
-                        metrics_path,
-                        {"step": step, "val_loss": round(val_loss, 6), "val_perplexity": round(perplexity, 4)},
-                    )
-                    bar.write(f"step {step}: validation loss {val_loss:.4f}, perplexity {perplexity:.2f}")
-
-            if t.sample_every and step % t.sample_every == 0 and (is_main or sharded_weights):
-                write_samples()
-
-            if (t.save_every and step % t.save_every == 0) or step == total_steps or signals.received:
-                last_checkpoint = save()
-        if (
-            signals.received
-            and step > 0
-            and (last_checkpoint is None or last_checkpoint.name != ckpt.checkpoint_name(step))
-        ):
-            last_checkpoint = save()  # a signal before the first step completed
-
-    if signals.received:
-        say(
-            f"stopped by {signals.received} at step {step}; saved {last_checkpoint}. "
-            f"Resume with the same `finetune train` command (run '{run_name}' continues from its latest checkpoint)"
-        )
-    elif is_main:
-        say(f"done: {step} steps; checkpoint {last_checkpoint}")
-    # All ranks reach the end together before end_training destroys the process group: a rank
-    # tearing its gloo/NCCL connections down while another still uses them aborts ("terminate
-    # called without an active exception").
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return TrainResult(run_dir, last_checkpoint, step, val_loss, signals.received)
-
-
-def resumed_schedule(saved_state: dict, t, step: int, total_steps: int) -> tuple[dict, str]:
-    """The LR schedule from the resume point on, and what the resume line says about it.
-
-    - The run had not finished its schedule: the schedule continues, with this run's --schedule,
-      --warmup and end (--steps); unchanged, it gives every step the LR of an uninterrupted run.
-    - It had finished (it reached its --steps) and --steps is larger now: the added steps get a
-      schedule of their own, a fresh warmup to --lr then the decay to the new end, as if they were
-      a new run started from these weights (a decay stretched to the new end would leave them ~0).
-    """
-    saved_cfg = saved_state["config"]["train"]
-    saved = saved_state.get("schedule")
-    if not schedules.is_segment(saved):  # a checkpoint written before "schedule" existed
-        saved = schedules.segment(
-            saved_cfg.get("schedule", t.schedule),
-            saved_cfg.get("warmup", t.warmup),
-            0,
-            saved_cfg.get("steps") or total_steps,
-        )
-    if step >= total_steps:
-        return saved, f"; it already reached step {step} of {total_steps}: pass a larger --steps to train further"
-    if step >= saved["end"]:
-        fresh = schedules.segment(t.schedule, t.warmup, step, total_steps)
-        return fresh, (
-            f"; the {total_steps - step} added steps get their own LR schedule: {fresh['warmup_steps']} warmup "
-            f"steps to --lr {t.lr:g}, then {t.schedule} decay to step {total_steps}"
-        )
-    current = schedules.segment(t.schedule, t.warmup, saved["start"], total_steps)
-    if current == saved and saved_cfg.get("lr") == t.lr:
-        return current, ""
-    return current, (
-        f"; the LR from step {step + 1} on follows the new settings ({t.schedule} schedule from step "
-        f"{current['start']} to {total_steps}, {current['warmup_steps']} warmup steps, peak --lr {t.lr:g})"
-    )
-
-
-def _metrics_until(path: Path, step: int) -> Optional[list[dict]]:
-    """metrics.jsonl's records up to `step` (later steps are trained again), or None when nothing is to drop.
-
-    A last line cut short by a crash is dropped (files.read_jsonl), never an error.
-    """
-    if not path.exists():
-        return None
-    text = files.read_text(path, "metrics file", "delete its damaged lines, or the file")
-    records = files.read_jsonl(path, "metrics file", "delete its damaged lines, or the file")
-    kept = [r for r in records if r.get("step", 0) <= step]
-    whole = len(kept) == len([line for line in text.splitlines() if line.strip()]) and text.endswith("\n")
-    return None if whole else kept
 
 
 def _check_run_files(run_dir: Path) -> None:
     """The run's own files are what this run will append to and replace: damaged ones are named up front."""
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists() or metrics.is_symlink():
-        files.read_jsonl(metrics, "metrics file", "delete its damaged lines, or the file")
+    metrics_path = run_dir / metrics.FILE_NAME
+    if metrics_path.exists() or metrics_path.is_symlink():
+        metrics.read(metrics_path)
     config = run_dir / "config.yaml"
     if config.exists() and not config.is_file():
         raise FinetuneError(
@@ -835,6 +663,316 @@ def _prepare_run_dir(run_dir: Path, resolved: RunConfig, overwrite: bool, kept_m
         ckpt.remove_leftovers(run_dir)
     dump_yaml(resolved, run_dir / "config.yaml")
     if kept_metrics is not None:
-        files.write_atomic(
-            run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept_metrics), "metrics file"
+        metrics.rewrite(run_dir / metrics.FILE_NAME, kept_metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# fit: the loop
+# ---------------------------------------------------------------------------------------------
+
+
+def fit(run: Run, progress: Progress) -> None:
+    """Train until total_steps (or a signal): one optimizer step per pass, then whatever falls due."""
+    from tqdm.auto import tqdm
+
+    t, total_steps = run.cfg.train, run.total_steps
+    bar = tqdm(
+        total=total_steps,
+        initial=min(progress.step, total_steps),
+        disable=not run.is_main,
+        dynamic_ncols=True,
+        desc="training",
+    )
+    run.model.train()
+    progress.window_start, progress.window_tokens = time.perf_counter(), 0
+    batches = endless_batches(
+        run.train_loader, run.train_sampler, progress.epoch, progress.batches_in_epoch, run.accelerator
+    )
+    if run.resumed_rng is not None:
+        # Last, so nothing before the first step (model loading, iterator set-up) draws from the restored streams.
+        run_state.restore_rng_state(run.resumed_rng)
+    # The bar is closed however the loop ends, so an error's message starts on its own line.
+    with bar, StopSignals() as signals:
+        while progress.step < total_steps and not signals.received:
+            step_loss, step_tokens = _forward_backward(run, progress, batches)
+            if run.sync_every > 1:
+                # No host sync inside the step: losses are read back every sync_every steps.
+                progress.pending_losses.append(step_loss)
+            elif _skip_nonfinite_step(run, progress, step_loss):
+                continue
+            progress.nonfinite_streak = 0
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            progress.tokens_seen += step_tokens
+            step = progress.step
+            if progress.pending_losses and (
+                step % run.sync_every == 0 or step % t.log_every == 0 or step == total_steps or signals.received
+            ):
+                _read_pending_losses(progress)
+
+            lr, tokens_per_s, mfu = _throughput(run, progress)
+            bar.update(1)
+            _show_on_bar(bar, progress.train_loss, lr, tokens_per_s, mfu)
+            if run.is_main and (step % t.log_every == 0 or step == total_steps):
+                log_metrics(run, progress, lr, tokens_per_s, mfu)
+
+            if run.val_loader is not None and t.eval_every and (step % t.eval_every == 0 or step == total_steps):
+                validate(run, progress, bar)
+
+            if t.sample_every and step % t.sample_every == 0 and (run.is_main or run.sharded_weights):
+                write_samples(run, progress)
+
+            if (t.save_every and step % t.save_every == 0) or step == total_steps or signals.received:
+                progress.last_checkpoint = save_checkpoint(run, progress)
+        last = progress.last_checkpoint
+        if (
+            signals.received
+            and progress.step > 0
+            and (last is None or last.name != ckpt.checkpoint_name(progress.step))
+        ):
+            progress.last_checkpoint = save_checkpoint(run, progress)  # a signal before the first step completed
+    progress.stopped_by = signals.received
+
+
+def _forward_backward(run: Run, progress: Progress, batches: Iterator) -> tuple[torch.Tensor, int]:
+    """One optimizer step's micro-steps, gradients clipped; the step's loss (mean over the processes,
+    still on the device) and the tokens the step trains on, over all processes."""
+    import torch
+
+    t, accelerator, model = run.cfg.train, run.accelerator, run.model
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for micro in range(t.grad_accum):
+        progress.epoch, progress.batches_in_epoch, batch = next(batches)
+        # Skip the gradient all-reduce on all but the last micro-step (DDP).
+        sync = nullcontext() if micro == t.grad_accum - 1 else accelerator.no_sync(model)
+        with sync:
+            loss = forward_loss(model, batch) / t.grad_accum
+            accelerator.backward(loss)
+        loss_sum += loss.detach()
+        progress.window_tokens += _num_tokens(batch) * run.world
+    if t.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+    step_loss = accelerator.reduce(loss_sum, reduction="mean").detach()
+    return step_loss, _num_tokens(batch) * run.world * t.grad_accum
+
+
+def _skip_nonfinite_step(run: Run, progress: Progress, step_loss: torch.Tensor) -> bool:
+    """Read the loss back; a non-finite one drops the step's gradients (the run stops after a few in a row).
+
+    The fp16 scaler's overflow steps keep a finite loss, so they never count here.
+    """
+    progress.train_loss = step_loss.item()
+    if math.isfinite(progress.train_loss):
+        return False
+    progress.nonfinite_streak += 1
+    run.optimizer.zero_grad(set_to_none=True)
+    if progress.nonfinite_streak >= MAX_NONFINITE_STEPS:
+        last = progress.last_checkpoint
+        kept = f"; the last good checkpoint is {last}" if last else ""
+        raise FinetuneError(
+            f"the loss was not finite for {MAX_NONFINITE_STEPS} steps in a row (at step {progress.step + 1}); "
+            f"lower --lr or use --precision fp32/bf16{kept}"
         )
+    return True
+
+
+def _read_pending_losses(progress: Progress) -> None:
+    import torch
+
+    values = torch.stack(progress.pending_losses).float().tolist()
+    progress.pending_losses.clear()
+    step = progress.step
+    if not all(math.isfinite(v) for v in values):
+        raise FinetuneError(
+            f"the loss was not finite between steps {step - len(values) + 1} and {step}; lower --lr or use "
+            f"--precision fp32/bf16 (the last good checkpoint is kept; --loss-sync-every 1 skips bad steps instead)"
+        )
+    progress.train_loss = values[-1]
+
+
+def _throughput(run: Run, progress: Progress) -> tuple[float, float, Optional[float]]:
+    """The LR now, and tokens per second and MFU (None without a known peak) since the last metrics record."""
+    elapsed = time.perf_counter() - progress.window_start
+    lr = run.scheduler.get_last_lr()[0]
+    tokens_per_s = progress.window_tokens / max(elapsed, 1e-9)
+    peak = run.device_peak_flops
+    mfu = tokens_per_s * run.flops_per_token / peak if peak else None
+    return lr, tokens_per_s, mfu
+
+
+def _show_on_bar(bar: tqdm, loss: float, lr: float, tokens_per_s: float, mfu: Optional[float]) -> None:
+    bar.set_postfix(
+        loss=f"{loss:.3f}",
+        lr=f"{lr:.1e}",
+        tok_s=f"{tokens_per_s:,.0f}",
+        **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}),
+    )
+
+
+def log_metrics(run: Run, progress: Progress, lr: float, tokens_per_s: float, mfu: Optional[float]) -> None:
+    """A training record in metrics.jsonl (rank 0); the throughput window starts again."""
+    metrics.append(
+        run.run_dir / metrics.FILE_NAME,
+        {
+            "step": progress.step,
+            "epoch": progress.epoch,
+            "loss": round(progress.train_loss, 6),
+            "lr": lr,
+            "tokens_seen": progress.tokens_seen,
+            "tokens_per_s": round(tokens_per_s, 1),
+            "peak_memory_mb": round(metrics.peak_memory_bytes(run.baseline_rss) / 1e6, 1),
+            **({"mfu": round(mfu, 4)} if mfu is not None else {}),
+        },
+    )
+    progress.window_start, progress.window_tokens = time.perf_counter(), 0
+
+
+def validate(run: Run, progress: Progress, bar: tqdm) -> None:
+    """The validation loss (every rank: evaluate() is collective), recorded and shown by rank 0."""
+    t = run.cfg.train
+    progress.val_loss = evaluate(run.model, run.val_loader, t.eval_batches, run.accelerator)
+    perplexity = math.exp(min(progress.val_loss, 50))
+    if run.is_main:
+        metrics.append(
+            run.run_dir / metrics.FILE_NAME,
+            {"step": progress.step, "val_loss": round(progress.val_loss, 6), "val_perplexity": round(perplexity, 4)},
+        )
+        bar.write(f"step {progress.step}: validation loss {progress.val_loss:.4f}, perplexity {perplexity:.2f}")
+
+
+def write_samples(run: Run, progress: Progress) -> None:
+    """Two unconditional samples in samples/samples-<step>.txt (under sharded weights every rank samples)."""
+    import torch
+
+    from finetune.generation import generate_texts
+
+    gen_cfg = GenerateConfig(
+        prompts=[""], n=2, max_new_tokens=run.cfg.train.sample_tokens, temperature=0.8, stream=False
+    )
+    # Sampling draws random numbers; fork the RNG so it does not change the training run.
+    with torch.random.fork_rng(devices=[]):
+        sampler_model = state_dicts.inner_model(run.accelerator.unwrap_model(run.model))
+        texts = generate_texts(
+            sampler_model,
+            run.tokenizer,
+            gen_cfg,
+            suppress_ids=list(range(run.vocab_size, run.padded_rows)),
+            synced=run.sharded_weights,
+        )
+    run.model.train()
+    if run.is_main:
+        body = f"\n{'=' * 20}\n".join(texts)
+        files.write_atomic(
+            run.run_dir / "samples" / f"samples-{progress.step:06d}.txt", body + "\n", "training samples", durable=False
+        )
+
+
+def save_checkpoint(run: Run, progress: Progress) -> Path:
+    """Save a checkpoint of this step; every rank calls it (the gathers are collective), rank 0 writes.
+
+    Weights holding NaN/inf are refused rather than saved over the last good checkpoint.
+    """
+    import torch
+
+    accelerator, model, step = run.accelerator, run.model, progress.step
+    unwrapped = state_dicts.inner_model(accelerator.unwrap_model(model))
+    state_dict = state_dicts.inner_state_dict(accelerator.get_state_dict(model), unwrapped)
+    state_dict = state_dicts.drop_tied_aliases(
+        state_dicts.unpad_state_dict(state_dict, unwrapped, run.vocab_size), unwrapped
+    )
+    finite = all(torch.isfinite(p).all() for p in state_dict.values() if p.is_floating_point())
+    if run.world > 1:  # under FSDP only rank 0 holds the gathered weights: all ranks must stop together
+        finite = (
+            accelerator.reduce(torch.tensor(float(finite), device=accelerator.device), reduction="sum").item()
+            == run.world
+        )
+    if not finite:
+        raise FinetuneError(
+            f"the weights hold NaN/inf at step {step}; not saving them over the last good checkpoint. "
+            f"Lower --lr or use --precision fp32/bf16, then resume"
+        )
+    state = _training_state(run, progress)
+    # Collective under FSDP (every rank gives its shard); only rank 0 writes the result.
+    full_optimizer = optimizer_state.gather(model, run.optimizer, run.world > 1) if run.optimizer_saved else None
+    if run.is_main and full_optimizer is not None:
+        full_optimizer = optimizer_state.portable(full_optimizer, run.wrapper_prefix, run.padded_rows, run.vocab_size)
+    rng = run_state.capture_rng_state()
+    path = None
+    if run.is_main:
+        contents = partial(_write_checkpoint, run, unwrapped, state_dict, state, full_optimizer, rng)
+        path = ckpt.save_checkpoint(run.run_dir, step, contents, run.cfg.train.keep)
+    accelerator.wait_for_everyone()
+    return path or run.run_dir / ckpt.checkpoint_name(step)
+
+
+def _training_state(run: Run, progress: Progress) -> TrainingState:
+    """What state.json records for this step."""
+    return TrainingState(
+        step=progress.step,
+        tokens_seen=progress.tokens_seen,
+        epoch=progress.epoch,
+        batches_in_epoch=progress.batches_in_epoch,
+        val_loss=progress.val_loss,
+        num_processes=run.world,
+        config=run.cfg.to_dict(),
+        data_key=run.prepared.key,
+        command=run.command,
+        data_mode=run.prepared.mode,
+        chat=run.prepared.chat,
+        optimizer_saved=run.optimizer_saved,
+        optimizer_format=optimizer_state.FORMAT,
+        schedule=run.schedule,
+    )
+
+
+def _write_checkpoint(
+    run: Run,
+    model: PreTrainedModel,
+    state_dict: dict,
+    state: TrainingState,
+    full_optimizer: Optional[dict],
+    rng: dict,
+    tmp: Path,
+) -> None:
+    """Fill the checkpoint's temporary directory (rank 0): weights, tokenizer, then training_state/."""
+    if run.cfg.model.lora:  # peft writes adapter_config.json + adapter_model.safetensors
+        # From the gathered state dict: under FSDP the model's own tensors are shards.
+        model.save_pretrained(tmp, state_dict=state_dict)
+    else:
+        padded_size, model.config.vocab_size = model.config.vocab_size, run.vocab_size
+        try:  # checkpoints never carry the padding rows
+            model.save_pretrained(tmp, state_dict=state_dict)
+        finally:
+            model.config.vocab_size = padded_size
+    ckpt.pause_point("model-written", state.step)
+    run.tokenizer.save_pretrained(tmp)
+    ckpt.pause_point("tokenizer-written", state.step)
+    scaler = run.accelerator.scaler
+    run_state.write_state_files(
+        tmp / ckpt.STATE_DIR,
+        state,
+        full_optimizer,
+        run.scheduler.state_dict(),
+        scaler.state_dict() if scaler is not None else None,
+        rng,
+    )
+
+
+def finish(run: Run, progress: Progress) -> TrainResult:
+    """Say how the run ended and take the processes down together."""
+    if progress.stopped_by:
+        run.log(
+            f"stopped by {progress.stopped_by} at step {progress.step}; saved {progress.last_checkpoint}. "
+            f"Resume with the same `finetune train` command "
+            f"(run '{run.run_dir.name}' continues from its latest checkpoint)"
+        )
+    elif run.is_main:
+        run.log(f"done: {progress.step} steps; checkpoint {progress.last_checkpoint}")
+    # All ranks reach the end together before end_training destroys the process group: a rank
+    # tearing its gloo/NCCL connections down while another still uses them aborts ("terminate
+    # called without an active exception").
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    return TrainResult(run.run_dir, progress.last_checkpoint, progress.step, progress.val_loss, progress.stopped_by)

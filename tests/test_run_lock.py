@@ -65,20 +65,20 @@ def test_second_process_on_a_run_is_refused_and_changes_nothing(workdir, gpt2_di
 
 def test_accelerate_ranks_other_than_0_do_not_lock(workdir, gpt2_dir, monkeypatch):
     """Under `accelerate launch` every rank runs train(); only rank 0 may take the lock, or rank 1 would find it taken."""
-    from finetune import locking, training
+    from finetune import locking, runs
 
     run_dir = workdir / "runs" / "shared"
     with locking.exclusive(run_dir, "run 'shared'", "use another --run-name"):  # rank 0, here
         monkeypatch.setenv("RANK", "1")
-        with training.run_lock(run_dir):
+        with runs.run_lock(run_dir):
             assert locking.holder_pid(run_dir) == os.getpid()
         monkeypatch.setenv("RANK", "0")
         proc = subprocess.run(
             [
                 sys.executable,
                 "-c",
-                "from pathlib import Path; from finetune import training\n"
-                f"with training.run_lock(Path({str(run_dir)!r})): pass",
+                "from pathlib import Path; from finetune import runs\n"
+                f"with runs.run_lock(Path({str(run_dir)!r})): pass",
             ],
             capture_output=True,
             text=True,

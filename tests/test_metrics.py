@@ -1,4 +1,4 @@
-"""The MFU arithmetic (speed.py): FLOPs per token and the peak FLOP/s of a device."""
+"""The MFU arithmetic (metrics.py): FLOPs per token and the peak FLOP/s of a device."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 def test_flops_and_mfu_helpers(gpt2_dir):
     from transformers import AutoModelForCausalLM
 
-    from finetune.speed import flops_per_token, peak_flops
+    from finetune.metrics import flops_per_token, peak_flops
 
     model = AutoModelForCausalLM.from_pretrained(gpt2_dir)
     n = sum(p.numel() for p in model.parameters())
