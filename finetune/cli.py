@@ -57,9 +57,8 @@ def _quiet_libraries() -> None:
     """
     warnings.showwarning = lambda message, category, *args, **kwargs: _echo_err(f"warning: {message}")
     warnings.filterwarnings("ignore", module=r"(torch|accelerate|onnxscript|onnx_ir|onnxruntime|transformers)(\..*)?")
-    warnings.filterwarnings(
-        "ignore", category=FutureWarning, message=r".*treespec.*"
-    )  # torch.export's pytree, raised via copyreg
+    # torch.export's pytree, raised via copyreg
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*treespec.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

@@ -94,9 +94,8 @@ class OnnxCausalLM:
         if self.tokenizer.get_vocab_size() == 0:
             raise FinetuneError(f"tokenizer file {tokenizer_file} has no tokens; {EXPORT_AGAIN}")
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-        with reading(
-            model_file, "ONNX model", EXPORT_AGAIN
-        ):  # onnxruntime raises its own exception types for a bad file
+        # onnxruntime raises its own exception types for a bad file
+        with reading(model_file, "ONNX model", EXPORT_AGAIN):
             self.session = ort.InferenceSession(str(model_file), providers=providers)
         self.model_file = model_file
         self.float_type = np.float16 if self.manifest["dtype"] == "fp16" else np.float32

@@ -381,7 +381,7 @@ def _make_accelerator(precision: str) -> Accelerator:
     return Accelerator(
         mixed_precision=resolve_precision(precision),
         cpu=not torch.cuda.is_available(),
-        # With pinned batches (data.make_dataloader), host-to-GPU copies overlap the previous step.
+        # With pinned batches (batching.make_dataloader), host-to-GPU copies overlap the previous step.
         dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
     )
 
@@ -487,9 +487,7 @@ def _load_model(
                 cfg.model.lora_targets,
                 t.gradient_checkpointing,
             )
-    if (
-        resume_from is not None and cfg.model.lora
-    ):  # the adapter's weights: a full checkpoint's were checked as it loaded
+    if resume_from is not None and cfg.model.lora:  # a full checkpoint's weights were checked as they loaded
         modeling.require_finite(model, resume_from, resume_fix)
     return model
 
@@ -551,9 +549,8 @@ def _loaders_and_optimizer(
     """The data loaders, the train sampler and the optimizer; the model and train loader prepared by accelerate."""
     pad = modeling.pad_id(tokenizer)
     train_loader = make_dataloader(prepared.train, t.batch_size, t.seed, shuffle=True, pad_id=pad)
-    train_sampler = (
-        train_loader.sampler
-    )  # the unprepared loader's: it sets each epoch's shuffle (batching.endless_batches)
+    # The unprepared loader's sampler: it sets each epoch's shuffle (batching.endless_batches).
+    train_sampler = train_loader.sampler
     val_loader = (
         make_dataloader(prepared.val, t.batch_size, t.seed, shuffle=False, pad_id=pad)
         if prepared.val is not None

@@ -143,6 +143,5 @@ def test_the_cuda_default_combination_runs_on_cpu(workdir, plain_models):
     eager = [m["loss"] for m in read_metrics(workdir / "runs/eager") if "loss" in m]
     fast = [m["loss"] for m in read_metrics(workdir / "runs/cudalike") if "loss" in m]
     assert len(fast) == 3 and all(abs(a - b) < 1e-4 for a, b in zip(eager, fast)), (eager, fast)
-    run_cli(
-        "train", *base[1:], "--run-name", "cudalike", "--compile", "--fused-loss", "--pad-vocab", "--steps", 4
-    )  # resume
+    # resume
+    run_cli("train", *base[1:], "--run-name", "cudalike", "--compile", "--fused-loss", "--pad-vocab", "--steps", 4)

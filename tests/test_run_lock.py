@@ -64,7 +64,7 @@ def test_second_process_on_a_run_is_refused_and_changes_nothing(workdir, gpt2_di
 
 
 def test_accelerate_ranks_other_than_0_do_not_lock(workdir, gpt2_dir, monkeypatch):
-    """Under `accelerate launch` every rank runs train(); only rank 0 may take the lock, or rank 1 would find it taken."""
+    """Under `accelerate launch` every rank runs train(); only rank 0 may take the lock (rank 1 would find it taken)."""
     from finetune import locking, runs
 
     run_dir = workdir / "runs" / "shared"

@@ -305,8 +305,11 @@ def test_seeded_cpu_runs_are_reproducible(workdir, gpt2_dir):
     ]
     run_cli(*args, "--run-name", "s1")
     run_cli(*args, "--run-name", "s2")
-    loss = lambda r: [m["loss"] for m in read_metrics(workdir / "runs" / r)]
-    assert loss("s1") == loss("s2")
+
+    def losses(run: str) -> list[float]:
+        return [m["loss"] for m in read_metrics(workdir / "runs" / run)]
+
+    assert losses("s1") == losses("s2")
 
 
 def test_python_api_matches_cli_defaults(workdir, gpt2_dir):
