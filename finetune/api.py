@@ -14,8 +14,12 @@ from typing import Any, Optional, Union
 
 from finetune.config import (
     SECTIONS,
+    ExportConfig,
     GenerateConfig,
+    TrainConfig,
+    choices,
     coerce,
+    default,
     resolve_run_config,
     validate_generate_config,
 )
@@ -131,7 +135,7 @@ def generate(
     checkpoint: Optional[str] = None,
     model: Optional[str] = None,
     onnx: Optional[str] = None,
-    runs_dir: str = "runs",
+    runs_dir: str = default(TrainConfig, "runs_dir"),
     trust_remote_code: bool = False,
     write=None,
     log=_stderr,
@@ -185,13 +189,13 @@ def export(
     *,
     run: Optional[str] = None,
     checkpoint: Optional[str] = None,
-    format: str = "safetensors",
+    format: str = default(ExportConfig, "format"),
     output: Optional[str] = None,
-    dtype: str = "fp32",
+    dtype: str = default(ExportConfig, "dtype"),
     quantize: Optional[str] = None,
     verify: bool = True,
     overwrite: bool = False,
-    runs_dir: str = "runs",
+    runs_dir: str = default(TrainConfig, "runs_dir"),
     log=print,
     optimize: bool = True,
 ):
@@ -205,12 +209,13 @@ def export(
     from finetune.modeling import quiet_libraries
     from finetune.output_dirs import refuse_training_output
 
-    if format not in ("safetensors", "onnx"):
-        raise FinetuneError(f"unknown export format '{format}'; use safetensors or onnx")
-    if dtype not in ("fp32", "fp16", "bf16"):
-        raise FinetuneError(f"unknown --dtype '{dtype}'; use fp32, fp16 or bf16")
-    if quantize not in (None, "int8"):
-        raise FinetuneError(f"unknown --quantize '{quantize}'; only int8 is supported")
+    formats, dtypes, quantizations = (choices(ExportConfig, name) for name in ("format", "dtype", "quantize"))
+    if format not in formats:
+        raise FinetuneError(f"unknown export format '{format}'; use {' or '.join(formats)}")
+    if dtype not in dtypes:
+        raise FinetuneError(f"unknown --dtype '{dtype}'; use {', '.join(dtypes[:-1])} or {dtypes[-1]}")
+    if quantize is not None and quantize not in quantizations:
+        raise FinetuneError(f"unknown --quantize '{quantize}'; only {' or '.join(quantizations)} is supported")
     if quantize and format != "onnx":
         raise FinetuneError("--quantize int8 applies to --format onnx only")
     if run and checkpoint:

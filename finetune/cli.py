@@ -9,22 +9,26 @@ import os
 import shlex
 import sys
 import warnings
-from pathlib import Path
 
 import click
 
 from finetune.config import (
     ADAPTER_DEFAULTS,
+    DEFAULT_STEPS,
+    LOSS_SYNC_EVERY,
+    MAX_DEFAULT_BLOCK,
     PRESET_DEFAULTS,
     SCRATCH_PRESETS,
     DataConfig,
+    ExportConfig,
     GenerateConfig,
     ModelConfig,
     TrainConfig,
+    cache_root,
     choices,
     default,
 )
-from finetune.errors import FinetuneError
+from finetune.errors import DISTRIBUTION, FinetuneError
 from finetune.records import FORMATS
 
 EXIT_USER_ERROR = 2
@@ -81,7 +85,7 @@ def _report_unexpected(exc: BaseException) -> None:
         _echo_err(text.rstrip())
     filename = getattr(exc, "filename", None)
     where = f" (file {filename})" if filename else ""
-    log_dir = Path(os.environ.get("FINETUNE_CACHE") or Path.home() / ".cache" / "finetune") / "logs"
+    log_dir = cache_root() / "logs"
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
         log_file = log_dir / f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
@@ -130,7 +134,7 @@ class FinetuneGroup(click.Group):
 
 
 @click.group(cls=FinetuneGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="finetune-lm")
+@click.version_option(package_name=DISTRIBUTION)
 def main():
     """Fine-tune a causal language model on your text, then sample from it.
 
@@ -146,7 +150,9 @@ def main():
 
 # Options shared by `train` and `prepare`: how files become tokens.
 DATA_OPTIONS = [
-    click.option("--block-size", type=int, help="Tokens per training block.  [default: min(1024, model context)]"),
+    click.option(
+        "--block-size", type=int, help=f"Tokens per training block.  [default: min({MAX_DEFAULT_BLOCK}, model context)]"
+    ),
     click.option("--line-by-line/--no-line-by-line", default=None, help="Each non-empty line is a document."),
     click.option(
         "--val-fraction",
@@ -195,7 +201,7 @@ def data_options(command):
 @click.option("--config", "config_file", help="YAML config file, or a preset name from configs/ (tiny, gpt2, gpu).")
 @click.option("--run-name", help="Name of the run under --runs-dir.  [default: the first data file's name]")
 @click.option("--runs-dir", help=f"Directory holding all runs.  {_default(TrainConfig, 'runs_dir')}")
-@click.option("--steps", type=int, help="Optimizer steps.  [default: 1000, or from --epochs]")
+@click.option("--steps", type=int, help=f"Optimizer steps.  [default: {DEFAULT_STEPS}, or from --epochs]")
 @click.option("--epochs", type=float, help="Passes over the data (used when --steps is not given).")
 @click.option(
     "--batch-size", type=int, help=f"Blocks per device per micro-step.  {_default(TrainConfig, 'batch_size')}"
@@ -287,7 +293,12 @@ def data_options(command):
     default=None,
     help="Faster GELU, dropout and attention kernels on CPU.  [default: on without CUDA]",
 )
-@click.option("--loss-sync-every", type=int, help="Read the loss back every N steps.  [default: 1 on CPU, 10 on CUDA]")
+@click.option(
+    "--loss-sync-every",
+    type=int,
+    help="Read the loss back every N steps.  "
+    f"[default: {LOSS_SYNC_EVERY['cpu']} on CPU, {LOSS_SYNC_EVERY['cuda']} on CUDA]",
+)
 @click.option("--freeze-layers", type=int, help="Freeze the embeddings and the first N transformer blocks.")
 @click.option(
     "--train-only-blocks",
@@ -511,19 +522,21 @@ def generate(run, checkpoint, model, onnx_dir, runs_dir, prompts, prompt_file, t
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["safetensors", "onnx"]),
-    default="safetensors",
+    type=click.Choice(choices(ExportConfig, "format")),
+    default=default(ExportConfig, "format"),
     help="Hugging Face directory, or ONNX with a KV cache.",
 )
 @click.option("--output", "-o", help="Output directory.  [default: exports/<run>-<format>]")
 @click.option(
     "--dtype",
-    type=click.Choice(["fp32", "fp16", "bf16"]),
-    default="fp32",
+    type=click.Choice(choices(ExportConfig, "dtype")),
+    default=default(ExportConfig, "dtype"),
     help="Weight precision (ONNX: fp32 or fp16).",
 )
 @click.option(
-    "--quantize", type=click.Choice(["int8"]), help="ONNX only: int8 weights (about 1/3 the size, 2-3x faster on CPU)."
+    "--quantize",
+    type=click.Choice(choices(ExportConfig, "quantize")),
+    help="ONNX only: int8 weights (about 1/3 the size, 2-3x faster on CPU).",
 )
 @click.option(
     "--optimize/--no-optimize",

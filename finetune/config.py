@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,21 @@ PRESET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 ADAPTER_DEFAULTS: dict[str, dict[str, Any]] = {"train": {"lr": 1e-3}}
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# Defaults that depend on the run, so they are not a field's default: the help text reads them here too.
+DEFAULT_STEPS = 1000  # optimizer steps when neither --steps nor --epochs is given
+MAX_DEFAULT_BLOCK = 1024  # tokens per block when --block-size is not given and the model's context is longer
+# Steps between reading the loss back to the host: every step on CPU (a non-finite step is skipped at once);
+# on a GPU each read stalls the queue of kernels, so every 10.
+LOSS_SYNC_EVERY = {"cpu": 1, "cuda": 10}
+
+
+def cache_root(configured: Optional[str] = None) -> Path:
+    """Where finetune keeps its caches and error logs: --cache-dir, else $FINETUNE_CACHE, else ~/.cache/finetune."""
+    if configured:
+        return Path(configured).expanduser()
+    env = os.environ.get("FINETUNE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "finetune"
 
 
 @dataclass
@@ -110,9 +126,8 @@ class TrainConfig:
     tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
     fused_loss: Optional[bool] = None  # chunked cross-entropy (no full fp32 logits); None: on with CUDA
     pad_vocab: Optional[bool] = None  # pad embeddings to a multiple of 64 (for tensor cores); None: on with CUDA
-    cpu_kernels: Optional[bool] = (
-        None  # GELU, dropout, attention and allocator fast paths (cpu_kernels.py); None: on without CUDA
-    )
+    # GELU, dropout, attention and allocator fast paths (cpu_kernels.py); None: on without CUDA
+    cpu_kernels: Optional[bool] = None
     loss_sync_every: Optional[int] = None  # read the loss back to the host every N steps; None: 1 on CPU, 10 on CUDA
     freeze_layers: int = 0  # freeze the embeddings and the first N transformer blocks
     train_only_blocks: bool = False  # train transformer blocks only (gpt-2-simple's only_train_transformer_layers)
@@ -161,6 +176,15 @@ class GenerateConfig:
     static_cache: Optional[bool] = None  # static KV cache + compiled decoding; None: on with CUDA
 
 
+@dataclass
+class ExportConfig:
+    """What `finetune export` writes (the CLI's choices and defaults, and the Python API's checks)."""
+
+    format: Literal["safetensors", "onnx"] = "safetensors"  # Hugging Face directory, or ONNX with a KV cache
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # weight precision (ONNX: fp32 or fp16)
+    quantize: Optional[Literal["int8"]] = None  # ONNX only: int8 weights
+
+
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
 
@@ -172,7 +196,10 @@ def default(section: type, name: str) -> Any:
 
 def choices(section: type, name: str) -> tuple[str, ...]:
     """The values a Literal-typed config field allows (the CLI's click.Choice reads them here)."""
-    return typing.get_args(typing.get_type_hints(section)[name])
+    hint = typing.get_type_hints(section)[name]
+    if typing.get_origin(hint) is typing.Union:  # Optional[Literal[...]]
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return typing.get_args(hint)
 
 
 def _describe(tp: Any) -> str:

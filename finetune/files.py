@@ -243,10 +243,6 @@ def write_atomic(path: Union[str, Path], data: Union[str, bytes], what: str = "f
             fsync_dir(path.parent)
 
 
-def write_json_atomic(path: Union[str, Path], value: Any, what: str = "file") -> None:
-    write_atomic(path, json.dumps(value, indent=1) + "\n", what)
-
-
 def append_line(path: Union[str, Path], line: str, what: str = "file") -> None:
     with writing(path, what):
         with open(path, "a", encoding="utf-8") as fh:

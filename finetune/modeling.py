@@ -448,9 +448,9 @@ def tokenizer_from_data(cfg: RunConfig, files: list[Path]) -> PreTrainedTokenize
     import json
 
     from finetune.cache_keys import documents_key
+    from finetune.config import cache_root
     from finetune.data_files import data_bytes
     from finetune.documents import training_texts
-    from finetune.token_cache import cache_root
 
     key = documents_key(files, cfg.data)
     return train_scratch_tokenizer(

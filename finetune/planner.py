@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 ATTENTION_VALUES = 2
 MLP_VALUES = {"gelu_new": 5.5, "gelu_fast": 5.5, "gelu": 2, "gelu_pytorch_tanh": 2, "relu": 2, "silu": 3, "swish": 3}
 LOGIT_COPIES = 4  # logits, saved log-softmax, and their two gradients
-GIB = 1024**3
 
 
 @dataclass

@@ -51,7 +51,7 @@ class TrainingState:
     val_loss: Optional[float] = None  # the last validation loss, if the run validated
     num_processes: int = 1
     config: Optional[dict] = None  # RunConfig.to_dict() of the run's resolved settings
-    data_key: Optional[dict] = None  # the token cache key of its data (data.cache_key)
+    data_key: Optional[dict] = None  # the token cache key of its data (cache_keys.cache_key)
     command: Optional[str] = None  # the command line that trained it (the model card quotes it)
     data_mode: Optional[str] = None  # "packed" or "supervised" (generate: does the model expect a prompt?)
     chat: bool = False  # trained on chat conversations: prompts get the chat template

@@ -22,6 +22,7 @@ import numpy as np
 from finetune import supervised
 from finetune.cache_entry import PreparedData, announce, read_entry
 from finetune.cache_keys import cache_key, fingerprint
+from finetune.config import MAX_DEFAULT_BLOCK, cache_root
 from finetune.data_files import DATA_FILE, data_bytes, describe_files
 from finetune.documents import DocumentRules, data_mode, data_sources, file_sources, pieces
 from finetune.errors import FinetuneError
@@ -35,19 +36,11 @@ if TYPE_CHECKING:
     from finetune.config import DataConfig
 
 CACHE_FILE = "token cache file"
-MAX_DEFAULT_BLOCK = 1024  # tokens per block when --block-size is not given and the model's context is longer
 
 
 def block_size_for(requested: Optional[int], context: int) -> int:
     """The block size of a run: --block-size, else the model's context up to MAX_DEFAULT_BLOCK."""
     return requested or min(MAX_DEFAULT_BLOCK, context)
-
-
-def cache_root(configured: Optional[str]) -> Path:
-    if configured:
-        return Path(configured).expanduser()
-    env = os.environ.get("FINETUNE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "finetune"
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from finetune import (
     state_dicts,
 )
 from finetune.batching import endless_batches, make_dataloader
-from finetune.config import GenerateConfig, RunConfig, TrainConfig, dump_yaml
+from finetune.config import DEFAULT_STEPS, LOSS_SYNC_EVERY, GenerateConfig, RunConfig, TrainConfig, dump_yaml
 from finetune.data_files import resolve_files
 from finetune.errors import FinetuneError, install_hint
 from finetune.prepared import is_prepared_dir, load_prepared, read_manifest
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 
     from finetune.cache_entry import PreparedData
 
-DEFAULT_STEPS = 1000
 MAX_NONFINITE_STEPS = 3  # consecutive non-finite losses before the run stops
 
 
@@ -213,8 +212,9 @@ class Run:
     run_dir: Path
     command: str  # what state.json records as the command that trained the run
     accelerator: Accelerator
-    model: torch.nn.Module  # what trains: `lm`, maybe wrapped for the chunked loss, compiled, distributed
-    lm: PreTrainedModel  # the transformers model inside `model` (a peft model under --lora)
+    # What trains: the transformers model (a peft model under --lora), maybe wrapped for the chunked loss,
+    # compiled, distributed; state_dicts.inner_model(accelerator.unwrap_model(model)) is the transformers model.
+    model: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
     prepared: PreparedData
     train_loader: DataLoader
@@ -328,7 +328,6 @@ def setup(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], command: Op
         command=command or "finetune.train(...) (Python API)",
         accelerator=accelerator,
         model=model,
-        lm=lm,
         tokenizer=tokenizer,
         prepared=prepared,
         train_loader=train_loader,
@@ -340,7 +339,7 @@ def setup(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], command: Op
         vocab_size=vocab_size,
         padded_rows=padded_rows,
         wrapper_prefix=wrapper_prefix,
-        sync_every=t.loss_sync_every or (10 if accelerator.device.type == "cuda" else 1),
+        sync_every=t.loss_sync_every or LOSS_SYNC_EVERY["cuda" if accelerator.device.type == "cuda" else "cpu"],
         baseline_rss=baseline_rss,
         resumed_from=resume_from,
         log=say,
@@ -367,7 +366,7 @@ def _check_resume(cfg: RunConfig, run_dir: Path) -> tuple[Optional[Path], Option
         _check_run_files(run_dir)
     saved: Optional[TrainingState] = None
     if resume_from is not None:
-        saved = TrainingState.read(resume_from)  # first: verify_checkpoint reads it unguarded
+        saved = TrainingState.read(resume_from)  # a damaged state.json is named before the other files are checked
         ckpt.verify_checkpoint(resume_from, for_resume=True)
         run_state.refuse_changed_settings(saved.config, cfg.to_dict())
     return resume_from, saved
@@ -843,7 +842,7 @@ def write_samples(run: Run, progress: Progress) -> None:
     """Two unconditional samples in samples/samples-<step>.txt (under sharded weights every rank samples)."""
     import torch
 
-    from finetune.generation import generate_texts
+    from finetune.generation import SAMPLE_DELIMITER, generate_texts
 
     gen_cfg = GenerateConfig(
         prompts=[""], n=2, max_new_tokens=run.cfg.train.sample_tokens, temperature=0.8, stream=False
@@ -860,7 +859,7 @@ def write_samples(run: Run, progress: Progress) -> None:
         )
     run.model.train()
     if run.is_main:
-        body = f"\n{'=' * 20}\n".join(texts)
+        body = f"\n{SAMPLE_DELIMITER}\n".join(texts)
         files.write_atomic(
             run.run_dir / "samples" / f"samples-{progress.step:06d}.txt", body + "\n", "training samples", durable=False
         )

@@ -81,3 +81,11 @@ def test_bundled_tiny_config_matches_the_built_in_preset():
     bundled = load_yaml(find_config_file("tiny"))
     assert bundled.pop("model") == {"name": "tiny"}
     assert bundled == PRESET_DEFAULTS["tiny"]
+
+
+def test_the_scratch_presets_are_one_list():
+    """config names the presets (light, for --help); modeling builds them: the two must agree."""
+    from finetune import modeling
+    from finetune.config import SCRATCH_PRESETS
+
+    assert set(SCRATCH_PRESETS) == set(modeling.SCRATCH_MODELS)

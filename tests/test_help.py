@@ -136,3 +136,27 @@ def test_choices_are_the_literal_values_of_the_dataclass():
     for name in ("schedule", "optimizer", "precision"):
         assert typing.get_origin(hints[name]) is typing.Literal
         assert tuple(_option(train, f"--{name}").type.choices) == typing.get_args(hints[name]), name
+
+
+def test_export_choices_and_defaults_are_the_export_config():
+    import dataclasses
+
+    from finetune.cli import export
+    from finetune.config import ExportConfig, choices, default
+
+    for spec in dataclasses.fields(ExportConfig):
+        option = _option(export, "--" + spec.name)
+        assert tuple(option.type.choices) == choices(ExportConfig, spec.name), spec.name
+        if default(ExportConfig, spec.name) is not None:  # click marks an option without a default its own way
+            assert option.default == default(ExportConfig, spec.name), spec.name
+    assert choices(ExportConfig, "quantize") == ("int8",)  # through Optional[...]
+
+
+def test_help_defaults_that_depend_on_the_run_are_the_constants_the_code_uses():
+    from finetune.cli import train
+    from finetune.config import DEFAULT_STEPS, LOSS_SYNC_EVERY, MAX_DEFAULT_BLOCK
+
+    assert f"[default: {DEFAULT_STEPS}," in _option(train, "--steps").help
+    assert f"min({MAX_DEFAULT_BLOCK}, model context)" in _option(train, "--block-size").help
+    sync = _option(train, "--loss-sync-every").help
+    assert f"{LOSS_SYNC_EVERY['cpu']} on CPU, {LOSS_SYNC_EVERY['cuda']} on CUDA" in sync
