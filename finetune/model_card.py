@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from finetune.errors import DISTRIBUTION
+
 
 def model_card(run_dir: Optional[Path], source: Path, fmt: str, dtype: str, fused: bool = False) -> str:
     """README.md for the export: what it was trained from and on, how well, and how to load it."""
@@ -24,7 +26,7 @@ def model_card(run_dir: Optional[Path], source: Path, fmt: str, dtype: str, fuse
     lines = [
         f"# {run_dir.name if run_dir else source.name}",
         "",
-        "A causal language model fine-tuned with [finetune](https://pypi.org/project/finetune/), "
+        f"A causal language model fine-tuned with [finetune](https://pypi.org/project/{DISTRIBUTION}/), "
         f"exported as {fmt} ({dtype}).",
         "",
         "| | |",

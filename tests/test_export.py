@@ -280,6 +280,7 @@ def test_safetensors_export_is_a_clean_hf_directory(trained_run, workdir):
     card = (out / "README.md").read_text()
     assert "| base model | `tiny` |" in card and "| steps | 60 |" in card and "final validation loss" in card
     assert "recipes.txt" in card and "finetune train" in card and "from_pretrained" in card
+    assert "https://pypi.org/project/finetune-lm/" in card  # "finetune" there is an unrelated project
     model = AutoModelForCausalLM.from_pretrained(out)
     original = AutoModelForCausalLM.from_pretrained(trained_run / "checkpoint-000060")
     ids = AutoTokenizer.from_pretrained(out)("Title:", return_tensors="pt").input_ids
