@@ -81,8 +81,8 @@ def run_ours(
         overwrite=True,
         cpu_kernels=cpu_kernels,
     )
-    metrics = [json.loads(line) for line in (run_dir / name / "metrics.jsonl").read_text().splitlines()]
-    steady = [m for m in metrics if "tokens_per_s" in m and m["step"] > warmup]
+    records = [json.loads(line) for line in (run_dir / name / "metrics.jsonl").read_text().splitlines()]
+    steady = [m for m in records if "tokens_per_s" in m and m["step"] > warmup]
     return {
         # Equal tokens per step, so total tokens / total time is the harmonic mean of the step rates
         # (what the Trainer side measures); an arithmetic mean would favour the fast steps.
