@@ -36,12 +36,12 @@ def build_model_dir(name: str, root: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from finetune import modeling
+    from finetune import learned_tokenizer, modeling
     from finetune.config import DataConfig
     from finetune.documents import training_texts
 
     texts = training_texts([SAMPLE], DataConfig())
-    tokenizer = modeling.train_scratch_tokenizer("tiny", texts, "bench", root / "cache")
+    tokenizer = learned_tokenizer.train_scratch_tokenizer("tiny", texts, "bench", root / "cache")
     if name == "tiny":
         config = modeling.scratch_config("tiny", vocab_size=len(tokenizer), eos_id=tokenizer.eos_token_id)
     else:

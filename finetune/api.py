@@ -277,10 +277,7 @@ def _prepare_into(cfg, files: list[Path], output: Path, log):
     except OSError as exc:
         raise write_error(output, exc, "output directory", "--output") from None
     try:
-        if modeling.is_scratch_preset(cfg.model.name):
-            tokenizer = modeling.tokenizer_from_data(cfg, files)
-        else:
-            tokenizer = modeling.load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+        tokenizer = modeling.new_run_tokenizer(cfg, files)
         context = modeling.context_length(modeling.load_model_config(cfg.model.name, cfg.model.trust_remote_code))
         block_size = block_size_for(cfg.data.block_size, context)
         prepared = prepare_data(files, tokenizer, block_size, cfg.data, log=log)

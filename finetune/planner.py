@@ -191,13 +191,13 @@ def plan(
 
 def dry_run(cfg: RunConfig, num_processes: int = 1, log=print) -> MemoryPlan:
     """Print the plan; nothing is trained or written (a from-scratch tokenizer is learned and cached)."""
-    from finetune import modeling
+    from finetune import learned_tokenizer, modeling
     from finetune.data_files import resolve_files
 
     files = resolve_files(cfg.data.paths)
     vocab_size = None
     if modeling.is_scratch_preset(cfg.model.name):
-        vocab_size = len(modeling.tokenizer_from_data(cfg, files))
+        vocab_size = len(learned_tokenizer.tokenizer_from_data(cfg, files))
     result = plan(cfg, num_processes, vocab_size=vocab_size)
     for line in result.lines():
         log(line)

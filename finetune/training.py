@@ -397,10 +397,8 @@ def _load_tokenizer(
             tokenizer = modeling.load_tokenizer(str(resume_from))
         elif prepared_dir is not None and scratch:
             tokenizer = modeling.load_tokenizer(str(prepared_dir / "tokenizer"))
-        elif scratch:
-            tokenizer = modeling.tokenizer_from_data(cfg, data_files)
         else:
-            tokenizer = modeling.load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+            tokenizer = modeling.new_run_tokenizer(cfg, data_files)
     return tokenizer, prepared_dir
 
 
