@@ -59,8 +59,10 @@ def _quiet_libraries() -> None:
     Environment variables rather than library calls, so nothing heavy is imported here (the ONNX
     generation path must run without torch or transformers).
     """
+    from finetune.modeling import NOISY_MODULES  # light: modeling imports torch and transformers only when used
+
     warnings.showwarning = lambda message, category, *args, **kwargs: _echo_err(f"warning: {message}")
-    warnings.filterwarnings("ignore", module=r"(torch|accelerate|onnxscript|onnx_ir|onnxruntime|transformers)(\..*)?")
+    warnings.filterwarnings("ignore", module=NOISY_MODULES)
     # torch.export's pytree, raised via copyreg
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*treespec.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
