@@ -1,0 +1,36 @@
+"""Serving: the iteration-level batching engine behind `finetune serve` (the HTTP layer builds on it).
+
+requests.py  Request, its events (PromptEvent, TokenEvent, FinalEvent), Handle, the errors
+engine.py    Engine: the scheduler thread (admit, prefill + merge, decode step, evict)
+sampling.py  per-request token choice with the shared sampler, logprobs
+stats.py     EngineStats: counters, gauges, latency samples
+backend.py   the Backend interface; onnx_backend.py (no torch) and torch_backend.py implement it
+
+Importing this package imports no torch: pick a backend module explicitly.
+"""
+
+from finetune.serving.engine import Engine
+from finetune.serving.requests import (
+    EngineStopped,
+    FinalEvent,
+    Handle,
+    PromptEvent,
+    QueueFull,
+    Request,
+    RequestError,
+    TokenEvent,
+)
+from finetune.serving.stats import EngineStats
+
+__all__ = [
+    "Engine",
+    "EngineStats",
+    "EngineStopped",
+    "FinalEvent",
+    "Handle",
+    "PromptEvent",
+    "QueueFull",
+    "Request",
+    "RequestError",
+    "TokenEvent",
+]

@@ -1,0 +1,44 @@
+"""The small interface a serving backend implements (ONNX Runtime or torch), and its numpy helpers.
+
+A backend runs the model; the engine owns the batch. The engine keeps each row's attention mask
+(numpy, left padded: a row's real tokens always end at the last column) and hands the backend an
+opaque `past` (per-layer key/value arrays of shape (batch, heads, length, head_dim)) to grow,
+combine and cut.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Protocol
+
+import numpy as np
+
+Past = Any  # a backend's per-layer key/value arrays, batch first
+
+
+class Backend(Protocol):
+    name: str  # "onnx" or "torch", for logs and metrics labels
+    eos_token_id: int
+    context: Optional[int]  # the longest prompt + completion the model takes; None when unknown
+
+    def encode(self, text: str) -> list[int]:
+        """Prompt text -> token ids, as `finetune generate` encodes it (an empty prompt -> [BOS])."""
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids -> text, special tokens skipped."""
+
+    def prefill(self, ids: list[int], all_logits: bool) -> tuple[np.ndarray, Past]:
+        """Run one prompt alone: its logits ((len(ids), vocab) if all_logits else (1, vocab)) and its past."""
+
+    def step(self, tokens: np.ndarray, mask: np.ndarray, past: Past) -> tuple[np.ndarray, Past]:
+        """One decode step: tokens (batch,), mask (batch, past length + 1) -> logits (batch, vocab), new past."""
+
+    def combine(self, pasts: list[Past]) -> Past:
+        """Several pasts as one batch: each left-padded (with zeros) to the longest, rows in order."""
+
+    def select(self, past: Past, rows: np.ndarray, start: int) -> Past:
+        """Only `rows`, and only the columns from `start` on (columns that are padding in every kept row)."""
+
+
+def position_ids(mask: np.ndarray) -> np.ndarray:
+    """The position of each row's newest token: its count of real tokens so far, less one."""
+    return (mask.sum(axis=1, keepdims=True) - 1).astype(np.int64)

@@ -1,0 +1,250 @@
+"""The scheduler: one thread runs iteration-level ("continuous") batching over a backend.
+
+Each turn of the loop admits waiting requests (prefilled alone, then merged into the running
+batch's KV cache), runs one decode step for the whole batch, and drops rows that finished or were
+cancelled at once, so a slot frees for the next waiting request at the next step.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+
+from finetune.serving.requests import (
+    EngineStopped,
+    FinalEvent,
+    Handle,
+    PromptEvent,
+    QueueFull,
+    Request,
+    TokenEvent,
+)
+from finetune.serving.sampling import choose, log_softmax, prompt_logprobs, sampler_config, top_logprobs
+from finetune.serving.stats import EngineStats
+
+if TYPE_CHECKING:
+    from finetune.config import GenerateConfig
+    from finetune.serving.backend import Backend, Past
+
+
+@dataclass
+class _Row:
+    """A request in the running batch: what it sampled so far and how to sample the next token."""
+
+    handle: Handle
+    cfg: GenerateConfig
+    rng: np.random.Generator
+    history: list[int]  # prompt, then generated tokens (what the repetition penalty looks at)
+    generated: int = 0
+    last_token_at: float = 0.0
+    pending: Optional[int] = None  # sampled and sent, not yet fed to the model
+    finish: Optional[str] = None  # set when the row must leave the batch
+    error: Optional[str] = None  # why, when the backend failed
+
+
+@dataclass
+class _Batch:
+    """The running batch: rows in order, their left-padded attention mask and the backend's past."""
+
+    rows: list[_Row] = field(default_factory=list)
+    mask: Optional[np.ndarray] = None  # (rows, length) of 0/1
+    past: Past = None
+
+
+class Engine:
+    """Continuous batching over one backend, on its own thread.
+
+    submit() from any thread (an HTTP handler); events arrive on the returned Handle.
+    """
+
+    def __init__(self, backend: Backend, max_batch_size: int = 8, max_queue: int = 64):
+        if max_batch_size < 1 or max_queue < 0:
+            raise ValueError("max_batch_size must be >= 1 and max_queue >= 0")
+        self.backend = backend
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.stats = EngineStats()
+        self._waiting: deque[Handle] = deque()
+        self._handles: dict[int, Handle] = {}  # submitted, not finished: queued, prefilling or decoding
+        self._wake = threading.Condition()
+        self._accepting = True
+        self._exit = False
+        self._batch = _Batch()
+        self._thread = threading.Thread(target=self._loop, name="finetune-serve-engine", daemon=True)
+        self._thread.start()
+
+    # -- the API the HTTP layer calls ------------------------------------------------------------
+
+    def submit(self, request: Request) -> Handle:
+        """Queue a request; raises RequestError (400), QueueFull (429) or EngineStopped (503)."""
+        request.check(self.backend.context)
+        with self._wake:
+            if not self._accepting:
+                raise EngineStopped("the server is shutting down and takes no new requests")
+            if len(self._waiting) >= self.max_queue:
+                self.stats.rejected += 1
+                raise QueueFull(f"{len(self._waiting)} requests already wait (max_queue {self.max_queue}); retry later")
+            handle = Handle(request, time.perf_counter())
+            self._waiting.append(handle)
+            self._handles[id(handle)] = handle
+            self.stats.submitted += 1
+            self.stats.queue_depth = len(self._waiting)
+            self._wake.notify()
+        return handle
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Refuse new requests, let queued and running ones finish within grace_s, cancel the rest, end the thread."""
+        deadline = time.monotonic() + grace_s
+        with self._wake:
+            self._accepting = False
+            self._wake.notify()
+            self._wake.wait_for(self._idle, max(0.0, deadline - time.monotonic()))
+            for handle in self._handles.values():
+                handle.cancel()
+            self._exit = True
+            self._wake.notify()
+        self._thread.join()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def _idle(self) -> bool:
+        return not self._handles
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._exit or self._waiting or self._batch.rows)
+                if self._exit and self._idle():
+                    return
+                admitted = []
+                while self._waiting and len(self._batch.rows) + len(admitted) < self.max_batch_size:
+                    admitted.append(self._waiting.popleft())
+                self.stats.queue_depth = len(self._waiting)
+            decoding = bool(self._batch.rows)
+            for handle in admitted:
+                self._admit(handle, decoding)
+            self._leave()
+            if self._batch.rows:
+                self._step()
+                self._leave()
+            with self._wake:
+                self._wake.notify_all()  # stop() waits for the engine to fall idle
+
+    def _finish(self, row_or_handle, reason: str, error: Optional[str] = None) -> None:
+        handle = row_or_handle.handle if isinstance(row_or_handle, _Row) else row_or_handle
+        generated = row_or_handle.generated if isinstance(row_or_handle, _Row) else 0
+        handle.push(FinalEvent(reason, len(handle.request.prompt_ids), generated, error))
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+        with self._wake:
+            self._handles.pop(id(handle), None)
+
+    def _admit(self, handle: Handle, decoding: bool) -> None:
+        """Prefill a newcomer alone, send its first token, and merge it into the batch if it goes on."""
+        request = handle.request
+        if handle.cancelled:
+            self._finish(handle, "cancelled")
+            return
+        try:
+            logits, past = self.backend.prefill(request.prompt_ids, all_logits=request.echo_logprobs)
+        except Exception as exc:  # a backend failure ends this request, never the engine
+            self._finish(handle, "error", str(exc))
+            return
+        self.stats.prompt_tokens += len(request.prompt_ids)
+        if request.echo_logprobs:
+            logprobs, tops = prompt_logprobs(request.prompt_ids, logits, request.logprobs or 0)
+            handle.push(PromptEvent(list(request.prompt_ids), logprobs, tops))
+        rng = np.random.default_rng(request.seed)
+        row = _Row(handle, sampler_config(request), rng, list(request.prompt_ids))
+        if request.max_tokens == 0:
+            self._finish(row, "length")
+            return
+        self._emit(row, logits[-1])
+        if row.finish:
+            self._finish(row, row.finish)
+            return
+        if decoding:
+            self.stats.joined_while_decoding += 1
+        batch = self._batch
+        if not batch.rows:
+            batch.rows, batch.mask, batch.past = [row], np.ones((1, len(request.prompt_ids)), np.int64), past
+        else:
+            width = max(batch.mask.shape[1], len(request.prompt_ids))
+            new_mask = np.zeros((1, width), np.int64)
+            new_mask[0, width - len(request.prompt_ids) :] = 1
+            old_mask = np.pad(batch.mask, ((0, 0), (width - batch.mask.shape[1], 0)))
+            batch.past = self.backend.combine([batch.past, past])
+            batch.mask = np.concatenate([old_mask, new_mask])
+            batch.rows.append(row)
+        self._gauge()
+
+    def _emit(self, row: _Row, logits: np.ndarray) -> None:
+        """Sample the row's next token from its last-position logits and send it (EOS ends the row unsent)."""
+        token = choose(logits, row.history, row.cfg, row.rng)
+        now = time.perf_counter()
+        if token == self.backend.eos_token_id:
+            row.finish = "stop"
+            return
+        request = row.handle.request
+        event = TokenEvent(token)
+        if request.logprobs is not None:
+            scored = log_softmax(logits)
+            event.logprob = float(scored[token])
+            event.top_logprobs = top_logprobs(scored, request.logprobs)
+        row.handle.push(event)
+        self.stats.observe_token(now - (row.last_token_at or row.handle.submitted_at), first=row.generated == 0)
+        row.generated += 1
+        row.history.append(token)
+        row.last_token_at = now
+        row.pending = token
+        if row.generated >= request.max_tokens:
+            row.finish = "length"
+
+    def _step(self) -> None:
+        batch = self._batch
+        tokens = np.array([row.pending for row in batch.rows], dtype=np.int64)
+        mask = np.concatenate([batch.mask, np.ones((len(batch.rows), 1), np.int64)], axis=1)
+        try:
+            logits, batch.past = self.backend.step(tokens, mask, batch.past)
+        except Exception as exc:  # the whole batch failed; the engine keeps serving
+            for row in batch.rows:
+                row.finish, row.error = "error", str(exc)
+            return
+        batch.mask = mask
+        self.stats.steps += 1
+        for row, row_logits in zip(batch.rows, logits):
+            self._emit(row, row_logits)
+
+    def _leave(self) -> None:
+        """Drop finished and cancelled rows, and the leading columns no remaining row uses."""
+        batch = self._batch
+        for row in batch.rows:
+            if row.finish is None and row.handle.cancelled:
+                row.finish = "cancelled"
+        keep = [i for i, row in enumerate(batch.rows) if row.finish is None]
+        if len(keep) == len(batch.rows):
+            return
+        for row in batch.rows:
+            if row.finish is not None:
+                self._finish(row, row.finish, row.error)
+        if not keep:
+            self._batch = _Batch()
+        else:
+            mask = batch.mask[keep]
+            start = int(np.argmax(mask.any(axis=0)))  # the first column some remaining row uses
+            self._batch = _Batch(
+                [batch.rows[i] for i in keep], mask[:, start:], self.backend.select(batch.past, np.array(keep), start)
+            )
+        self._gauge()
+
+    def _gauge(self) -> None:
+        self.stats.batch_size = len(self._batch.rows)
+        self.stats.max_batch_size_seen = max(self.stats.max_batch_size_seen, self.stats.batch_size)
