@@ -1,0 +1,317 @@
+"""The serving engine (finetune/serving): continuous batching over the ONNX Runtime and torch backends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_model_dir, run_cli
+
+from finetune.serving import (
+    Engine,
+    EngineStopped,
+    FinalEvent,
+    PromptEvent,
+    QueueFull,
+    Request,
+    RequestError,
+    TokenEvent,
+)
+
+PROMPTS = ["Title:", "Title: Lemon cake", "Serves 4 people with", "Ingredients: 2 cups flour, 1 cup sugar and"]
+NEW_TOKENS = 24
+DELIMITER = "=" * 20 + "\n"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny GPT-2 without dropout whose weights are large enough that its tokens depend on the whole context.
+
+    (At the default init scale it repeats the last prompt token forever, which any engine gets right.)
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = make_model_dir(tmp_path_factory.mktemp("serving") / "tiny-gpt2", "gpt2", dropout=False)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0, 0.15, generator=generator)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("serving-onnx") / "onnx"
+    run_cli("export", "--checkpoint", model_dir, "--format", "onnx", "--output", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def backends(model_dir, onnx_dir) -> dict:
+    from finetune.serving.onnx_backend import OnnxBackend
+    from finetune.serving.torch_backend import TorchBackend
+
+    return {"torch": TorchBackend.load(str(model_dir)), "onnx": OnnxBackend.load(onnx_dir)}
+
+
+@pytest.fixture(params=["torch", "onnx"])
+def backend(request, backends):
+    return backends[request.param]
+
+
+@pytest.fixture(scope="module")
+def generated_texts(model_dir) -> list[str]:
+    """`finetune generate --temperature 0`'s continuation of each prompt, each decoded alone."""
+    prompts = [arg for p in PROMPTS for arg in ("--prompt", p)]
+    out = run_cli(
+        "generate",
+        "--checkpoint",
+        model_dir,
+        *prompts,
+        "--temperature",
+        0,
+        "--max-new-tokens",
+        NEW_TOKENS,
+        "--batch-size",
+        1,
+        "--no-include-prompt",
+        "--no-stream",
+    ).stdout
+    return [text.removesuffix("\n") for text in out.split(DELIMITER)[:-1]]
+
+
+class Slow:
+    """A backend whose decode steps take a few ms longer, so staggered submissions land mid-decode.
+
+    eos_token_id can be overridden to end a request with finish_reason "stop" at a chosen token.
+    """
+
+    def __init__(self, inner, delay: float = 0.004, eos_token_id: int | None = None):
+        self.inner = inner
+        self.delay = delay
+        self.eos_token_id = inner.eos_token_id if eos_token_id is None else eos_token_id
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def step(self, tokens, mask, past):
+        time.sleep(self.delay)
+        return self.inner.step(tokens, mask, past)
+
+
+def token_ids(handle) -> tuple[list[int], FinalEvent]:
+    tokens, final, _ = handle.result(timeout=60)
+    return [t.token_id for t in tokens], final
+
+
+def greedy(backend, prompt: str, **fields) -> Request:
+    return Request(backend.encode(prompt), **{"max_tokens": NEW_TOKENS, "temperature": 0, **fields})
+
+
+def test_greedy_is_the_same_alone_batched_and_as_generate(backend, generated_texts):
+    engine = Engine(Slow(backend), max_batch_size=8)
+    try:
+        alone = [token_ids(engine.submit(greedy(backend, p)))[0] for p in PROMPTS]
+        assert engine.stats.max_batch_size_seen == 1
+        # Staggered: each newcomer arrives while the earlier ones are decoding, and joins their batch.
+        handles, firsts = [], []
+        for prompt in PROMPTS:
+            handles.append(engine.submit(greedy(backend, prompt)))
+            first = handles[-1].next_event(timeout=60)
+            assert isinstance(first, TokenEvent)
+            firsts.append(first.token_id)
+        batched = [[first, *token_ids(h)[0]] for h, first in zip(handles, firsts)]
+        stats = engine.stats
+    finally:
+        engine.stop(5)
+    assert batched == alone
+    assert [backend.decode(a) for a in alone] == generated_texts
+    assert stats.max_batch_size_seen > 1 and stats.joined_while_decoding >= 1
+    assert stats.batch_size == 0 and stats.queue_depth == 0  # every finished request left the batch
+    assert stats.finished == {"length": 2 * len(PROMPTS)}
+    assert stats.tokens_generated == 2 * len(PROMPTS) * NEW_TOKENS
+    ttft, per_token = stats.take_samples()
+    assert len(ttft) == 2 * len(PROMPTS) and len(per_token) == 2 * len(PROMPTS) * (NEW_TOKENS - 1)
+
+
+def test_seeded_sampling_is_the_same_alone_and_batched(backend):
+    def sampled(prompt: str, seed: int) -> Request:
+        return Request(backend.encode(prompt), max_tokens=16, temperature=0.9, top_k=40, top_p=0.9, seed=seed)
+
+    engine = Engine(Slow(backend))
+    try:
+        alone = token_ids(engine.submit(sampled(PROMPTS[1], 7)))[0]
+        again = token_ids(engine.submit(sampled(PROMPTS[1], 7)))[0]
+        others = [engine.submit(sampled(PROMPTS[0], 1)), engine.submit(greedy(backend, PROMPTS[2]))]
+        others[0].next_event(timeout=60)
+        batched = token_ids(engine.submit(sampled(PROMPTS[1], 7)))[0]
+        other = token_ids(engine.submit(sampled(PROMPTS[1], 8)))[0]
+        for handle in others:
+            token_ids(handle)
+    finally:
+        engine.stop(5)
+    assert alone == again == batched
+    assert other != alone  # the seed matters
+
+
+def test_cancel_frees_the_slot_and_a_full_queue_refuses(backends):
+    backend = backends["onnx"]  # the scheduling is the backends' shared code
+    engine = Engine(Slow(backend), max_batch_size=1, max_queue=2)
+    try:
+        first = engine.submit(greedy(backend, PROMPTS[0], max_tokens=200))
+        assert isinstance(first.next_event(timeout=60), TokenEvent)  # decoding: it holds the only slot
+        queued = [engine.submit(greedy(backend, p, max_tokens=3)) for p in PROMPTS[1:3]]
+        assert engine.stats.queue_depth == 2
+        with pytest.raises(QueueFull, match="max_queue 2"):
+            engine.submit(greedy(backend, PROMPTS[3]))
+        first.cancel()
+        tokens, final = token_ids(first)
+        assert final.finish_reason == "cancelled" and final.completion_tokens == len(tokens) + 1 < 200
+        for handle in queued:
+            assert token_ids(handle)[1].finish_reason == "length"
+        assert engine.stats.rejected == 1 and engine.stats.finished == {"cancelled": 1, "length": 2}
+    finally:
+        engine.stop(5)
+
+
+def test_stop_drains_within_the_grace_period_then_cancels(backends):
+    backend = backends["onnx"]
+    engine = Engine(Slow(backend), max_batch_size=2)
+    handles = [engine.submit(greedy(backend, p, max_tokens=10)) for p in PROMPTS]  # two of them still queued
+    engine.stop(grace_s=60)
+    assert not engine.running
+    assert [token_ids(h)[1].finish_reason for h in handles] == ["length"] * len(PROMPTS)
+    with pytest.raises(EngineStopped):
+        engine.submit(greedy(backend, PROMPTS[0]))
+
+    engine = Engine(Slow(backend, delay=0.02))
+    handle = engine.submit(greedy(backend, PROMPTS[0], max_tokens=200))
+    handle.next_event(timeout=60)
+    started = time.monotonic()
+    engine.stop(grace_s=0.1)
+    assert time.monotonic() - started < 5 and not engine.running
+    assert token_ids(handle)[1].finish_reason == "cancelled"
+
+
+def test_finish_reasons_and_usage(backends):
+    backend = backends["onnx"]
+    engine = Engine(backend)
+    request = greedy(backend, PROMPTS[3], max_tokens=12)
+    tokens, final = token_ids(engine.submit(request))
+    engine.stop(5)
+    usage = (final.finish_reason, final.prompt_tokens, final.completion_tokens)
+    assert usage == ("length", len(request.prompt_ids), 12)
+    # Make the 4th new token (when new) the model's EOS: the request stops there, the EOS not sent.
+    at = next(i for i in range(3, len(tokens)) if tokens[i] not in tokens[:i])
+    engine = Engine(Slow(backend, delay=0, eos_token_id=tokens[at]))
+    stopped, final = token_ids(engine.submit(request))
+    engine.stop(5)
+    assert stopped == tokens[:at] and (final.finish_reason, final.completion_tokens) == ("stop", at)
+
+
+def test_requests_the_model_cannot_take_are_refused(backends):
+    backend = backends["torch"]
+    engine = Engine(backend)
+    try:
+        with pytest.raises(RequestError, match="context of 256 tokens") as caught:
+            engine.submit(Request([5] * 250, max_tokens=10))
+        assert caught.value.param == "max_tokens"
+        for fields, param in [
+            ({"temperature": -1}, "temperature"),
+            ({"top_p": 0}, "top_p"),
+            ({"max_tokens": 0}, "max_tokens"),
+            ({"logprobs": 99}, "logprobs"),
+        ]:
+            with pytest.raises(RequestError) as caught:
+                engine.submit(Request([5, 6], **fields))
+            assert caught.value.param == param
+        with pytest.raises(RequestError, match="empty"):
+            engine.submit(Request([]))
+        assert engine.stats.submitted == 0
+    finally:
+        engine.stop(5)
+
+
+def reference_logprobs(model_dir, ids: list[int]) -> np.ndarray:
+    """log_softmax of the torch model's logits at every position, computed here without the engine."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1).numpy()
+
+
+def test_echo_logprobs_equal_the_models_log_softmax(backend, model_dir):
+    engine = Engine(backend)
+    try:
+        prompt = backend.encode(PROMPTS[3])
+        tokens, final, echoed = engine.submit(Request(prompt, max_tokens=0, echo_logprobs=True, logprobs=3)).result(60)
+        generated, _, _ = engine.submit(Request(prompt, max_tokens=3, temperature=0, logprobs=2)).result(60)
+    finally:
+        engine.stop(5)
+    assert tokens == [] and (final.finish_reason, final.completion_tokens) == ("length", 0)
+    assert isinstance(echoed, PromptEvent) and echoed.token_ids == prompt
+    assert len(echoed.logprobs) == len(echoed.top_logprobs) == len(prompt)
+    assert echoed.logprobs[0] is None and echoed.top_logprobs[0] is None
+    assert all(len(top) == 3 for top in echoed.top_logprobs[1:])
+    expected = reference_logprobs(model_dir, prompt + [t.token_id for t in generated])
+    np.testing.assert_allclose(echoed.logprobs[1:], expected[np.arange(len(prompt) - 1), prompt[1:]], atol=1e-4)
+    for position, top in enumerate(echoed.top_logprobs[1:]):
+        best = np.argsort(-expected[position])[:3]
+        assert list(top) == best.tolist()
+        np.testing.assert_allclose(list(top.values()), expected[position, best], atol=1e-4)
+    for offset, event in enumerate(generated):
+        row = expected[len(prompt) - 1 + offset]
+        assert event.token_id == int(row.argmax()) and abs(event.logprob - row[event.token_id]) < 1e-4
+        assert list(event.top_logprobs) == np.argsort(-row)[:2].tolist()
+
+
+def test_a_handle_streams_to_an_async_consumer(backends):
+    backend = backends["onnx"]
+    engine = Engine(backend)
+
+    async def consume():
+        handle = engine.submit(greedy(backend, PROMPTS[1], max_tokens=5))
+        return [event async for event in handle]
+
+    try:
+        events = asyncio.run(consume())
+        expected, _ = token_ids(engine.submit(greedy(backend, PROMPTS[1], max_tokens=5)))
+    finally:
+        engine.stop(5)
+    assert [e.token_id for e in events[:-1]] == expected and events[-1].finish_reason == "length"
+
+
+def test_the_onnx_engine_imports_no_torch(backends, onnx_dir):
+    backend = backends["onnx"]
+    prompt = backend.encode(PROMPTS[2])
+    code = (
+        "import json, sys\n"
+        "for name in ('torch', 'transformers', 'accelerate'):\n"
+        "    sys.modules[name] = None  # any import of these now raises ImportError\n"
+        "from finetune.serving import Engine, Request\n"
+        "from finetune.serving.onnx_backend import OnnxBackend\n"
+        f"engine = Engine(OnnxBackend.load({str(onnx_dir)!r}))\n"
+        f"handles = [engine.submit(Request({prompt!r}, max_tokens=8, temperature=0)) for _ in range(2)]\n"
+        "print(json.dumps([[e.token_id for e in h.result(60)[0]] for h in handles]))\n"
+        "engine.stop(5)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    engine = Engine(backend)
+    try:
+        expected, _ = token_ids(engine.submit(Request(prompt, max_tokens=8, temperature=0)))
+    finally:
+        engine.stop(5)
+    assert json.loads(result.stdout) == [expected, expected]
