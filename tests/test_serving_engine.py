@@ -315,3 +315,26 @@ def test_the_onnx_engine_imports_no_torch(backends, onnx_dir):
     finally:
         engine.stop(5)
     assert json.loads(result.stdout) == [expected, expected]
+
+
+class FailsOnce(Slow):
+    """A backend whose first decode step raises (a broken graph, NaN logits)."""
+
+    failed = False
+
+    def step(self, tokens, mask, past):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("the step broke")
+        return self.inner.step(tokens, mask, past)
+
+
+def test_a_failing_step_ends_its_batch_with_an_error_and_the_engine_keeps_serving(backends):
+    backend = backends["onnx"]
+    engine = Engine(FailsOnce(backend))
+    try:
+        tokens, final = token_ids(engine.submit(greedy(backend, PROMPTS[0], max_tokens=5)))
+        assert (final.finish_reason, final.error, len(tokens)) == ("error", "the step broke", 1)
+        assert token_ids(engine.submit(greedy(backend, PROMPTS[0], max_tokens=5)))[1].finish_reason == "length"
+    finally:
+        engine.stop(5)

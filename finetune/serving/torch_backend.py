@@ -54,11 +54,24 @@ class TorchBackend:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    @staticmethod
+    def _cache(past: Layers):
+        """A DynamicCache holding these tensors as they are (DynamicCache(past) would copy every layer once more)."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        cache = DynamicCache()
+        for keys, values in past:
+            layer = DynamicLayer()
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+            cache.layers.append(layer)
+        return cache
+
     def _forward(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, past: Layers, keep: int):
         import torch
-        from transformers import DynamicCache
 
-        cache = DynamicCache(past) if past else DynamicCache()
+        cache = self._cache(past)
         extra = {"logits_to_keep": keep} if self.keeps_logits else {}
         with torch.inference_mode():
             out = self.model(
