@@ -174,12 +174,18 @@ def test_cancel_frees_the_slot_and_a_full_queue_refuses(backends):
         assert engine.stats.queue_depth == 2
         with pytest.raises(QueueFull, match="max_queue 2"):
             engine.submit(greedy(backend, PROMPTS[3]))
+        queued.pop().cancel()  # a queued request cancelled leaves the queue at the next step
+        deadline = time.monotonic() + 10
+        while engine.stats.queue_depth > 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        queued.append(engine.submit(greedy(backend, PROMPTS[3], max_tokens=3)))
         first.cancel()
         tokens, final = token_ids(first)
         assert final.finish_reason == "cancelled" and final.completion_tokens == len(tokens) + 1 < 200
         for handle in queued:
             assert token_ids(handle)[1].finish_reason == "length"
-        assert engine.stats.rejected == 1 and engine.stats.finished == {"cancelled": 1, "length": 2}
+        counts = engine.stats.snapshot()
+        assert counts["rejected"] == 1 and counts["finished"] == {"cancelled": 2, "length": 2}
     finally:
         engine.stop(5)
 
@@ -231,9 +237,11 @@ def test_requests_the_model_cannot_take_are_refused(backends):
             ({"top_p": 0}, "top_p"),
             ({"max_tokens": 0}, "max_tokens"),
             ({"logprobs": 99}, "logprobs"),
+            ({"seed": -1}, "seed"),
+            ({"prompt_ids": [5, backend.vocab_size]}, "prompt"),
         ]:
             with pytest.raises(RequestError) as caught:
-                engine.submit(Request([5, 6], **fields))
+                engine.submit(Request(**{"prompt_ids": [5, 6], **fields}))
             assert caught.value.param == param
         with pytest.raises(RequestError, match="empty"):
             engine.submit(Request([]))

@@ -19,6 +19,7 @@ class Backend(Protocol):
     name: str  # "onnx" or "torch", for logs and metrics labels
     eos_token_id: int
     context: Optional[int]  # the longest prompt + completion the model takes; None when unknown
+    vocab_size: int  # token ids a prompt may hold: 0 to vocab_size - 1
 
     def encode(self, text: str) -> list[int]:
         """Prompt text -> token ids, as `finetune generate` encodes it (an empty prompt -> [BOS])."""

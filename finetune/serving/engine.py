@@ -82,7 +82,7 @@ class Engine:
 
     def submit(self, request: Request) -> Handle:
         """Queue a request; raises RequestError (400), QueueFull (429) or EngineStopped (503)."""
-        request.check(self.backend.context)
+        request.check(self.backend.context, self.backend.vocab_size)
         with self._wake:
             if not self._accepting:
                 raise EngineStopped("the server is shutting down and takes no new requests")
@@ -125,25 +125,43 @@ class Engine:
                 self._wake.wait_for(lambda: self._exit or self._waiting or self._batch.rows)
                 if self._exit and self._idle():
                     return
-                admitted = []
-                while self._waiting and len(self._batch.rows) + len(admitted) < self.max_batch_size:
-                    admitted.append(self._waiting.popleft())
+                # Cancelled requests leave the queue at once, so they hold no place in max_queue.
+                dropped = [h for h in self._waiting if h.cancelled]
+                admitted = [h for h in self._waiting if not h.cancelled]
+                free = self.max_batch_size - len(self._batch.rows)
+                admitted, rest = admitted[:free], admitted[free:]
+                self._waiting = deque(rest)
                 self.stats.queue_depth = len(self._waiting)
-            decoding = bool(self._batch.rows)
-            for handle in admitted:
-                self._admit(handle, decoding)
-            self._leave()
-            if self._batch.rows:
-                self._step()
-                self._leave()
+            for handle in dropped:
+                self._finish(handle, "cancelled")
+            try:
+                self._turn(admitted)
+            except Exception as exc:  # a bug must not strand clients: end the batch, keep serving
+                for handle in admitted:
+                    if not handle.done and all(row.handle is not handle for row in self._batch.rows):
+                        self._finish(handle, "error", str(exc))
+                for row in self._batch.rows:
+                    self._finish(row, "error", str(exc))
+                self._batch = _Batch()
+                self._gauge()
             with self._wake:
                 self._wake.notify_all()  # stop() waits for the engine to fall idle
+
+    def _turn(self, admitted: list[Handle]) -> None:
+        """Admit newcomers, run one decode step, let finished rows leave."""
+        decoding = bool(self._batch.rows)
+        for handle in admitted:
+            self._admit(handle, decoding)
+        self._leave()
+        if self._batch.rows:
+            self._step()
+            self._leave()
 
     def _finish(self, row_or_handle, reason: str, error: Optional[str] = None) -> None:
         handle = row_or_handle.handle if isinstance(row_or_handle, _Row) else row_or_handle
         generated = row_or_handle.generated if isinstance(row_or_handle, _Row) else 0
         handle.push(FinalEvent(reason, len(handle.request.prompt_ids), generated, error))
-        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+        self.stats.count_finished(reason)
         with self._wake:
             self._handles.pop(id(handle), None)
 
@@ -167,7 +185,11 @@ class Engine:
         if request.max_tokens == 0:
             self._finish(row, "length")
             return
-        self._emit(row, logits[-1])
+        try:
+            self._emit(row, logits[-1])
+        except Exception as exc:
+            self._finish(row, "error", str(exc))
+            return
         if row.finish:
             self._finish(row, row.finish)
             return
@@ -221,7 +243,10 @@ class Engine:
         batch.mask = mask
         self.stats.steps += 1
         for row, row_logits in zip(batch.rows, logits):
-            self._emit(row, row_logits)
+            try:
+                self._emit(row, row_logits)
+            except Exception as exc:  # e.g. NaN logits in this row: this request ends, the others go on
+                row.finish, row.error = "error", str(exc)
 
     def _leave(self) -> None:
         """Drop finished and cancelled rows, and the leading columns no remaining row uses."""

@@ -26,6 +26,7 @@ class OnnxBackend:
         self.lm = lm
         self.eos_token_id = lm.eos_token_id
         self.context: Optional[int] = lm.max_positions
+        self.vocab_size = lm.tokenizer.get_vocab_size()
 
     @classmethod
     def load(cls, directory: str | Path) -> OnnxBackend:

@@ -48,10 +48,12 @@ class Request:
     logprobs: Optional[int] = None  # None: no logprobs; k: each token's logprob and the k best alternatives
     echo_logprobs: bool = False  # also score the prompt tokens (lm-eval's loglikelihood)
 
-    def check(self, context: Optional[int]) -> None:
+    def check(self, context: Optional[int], vocab_size: Optional[int] = None) -> None:
         """Raise RequestError naming the field (and the limit) that makes this request impossible."""
         if not self.prompt_ids:
             raise RequestError("the prompt is empty: pass at least one token", "prompt")
+        if vocab_size and not all(isinstance(i, int) and 0 <= i < vocab_size for i in self.prompt_ids):
+            raise RequestError(f"the prompt holds token ids outside the vocabulary (0 to {vocab_size - 1})", "prompt")
         integral = isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool)
         if not integral or self.max_tokens < 0:
             raise RequestError(f"max_tokens must be a non-negative integer, not {self.max_tokens!r}", "max_tokens")
@@ -65,6 +67,8 @@ class Request:
             raise RequestError(f"top_k must be >= 0 (0 disables it), not {self.top_k!r}", "top_k")
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise RequestError(f"repetition_penalty must be > 0, not {self.repetition_penalty!r}", "repetition_penalty")
+        if self.seed is not None and not (isinstance(self.seed, int) and self.seed >= 0):
+            raise RequestError(f"seed must be a non-negative integer, not {self.seed!r}", "seed")
         if self.logprobs is not None and not (0 <= self.logprobs <= MAX_LOGPROBS):
             raise RequestError(f"logprobs must be between 0 and {MAX_LOGPROBS}, not {self.logprobs!r}", "logprobs")
         if context and len(self.prompt_ids) + self.max_tokens > context:
@@ -113,7 +117,7 @@ class FinalEvent:
 Event = Union[PromptEvent, TokenEvent, FinalEvent]
 
 
-@dataclass
+@dataclass(eq=False)  # handles compare by identity
 class Handle:
     """A submitted request's events, as a blocking iterator or an async iterator (one consumer).
 

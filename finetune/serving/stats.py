@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 SAMPLES_KEPT = 100_000  # per buffer: bounded, so an exporter that never drains them cannot grow memory
 
@@ -35,6 +35,19 @@ class EngineStats:
         with self._lock:
             self.tokens_generated += 1
             (self.ttft_s if first else self.token_latency_s).append(seconds)
+
+    def count_finished(self, reason: str) -> None:
+        with self._lock:
+            self.finished = {**self.finished, reason: self.finished.get(reason, 0) + 1}  # readers see whole dicts
+
+    def snapshot(self) -> dict:
+        """The counters and gauges (not the samples) as a plain dict, read consistently."""
+        with self._lock:
+            return {
+                f.name: getattr(self, f.name)
+                for f in fields(self)
+                if f.name not in ("ttft_s", "token_latency_s", "_lock")
+            }
 
     def take_samples(self) -> tuple[list[float], list[float]]:
         """The time-to-first-token and per-token latency samples since the last call (and forget them)."""

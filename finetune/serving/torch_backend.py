@@ -34,6 +34,7 @@ class TorchBackend:
         self.device = next(model.parameters()).device
         self.eos_token_id = tokenizer.eos_token_id
         self.context: Optional[int] = declared_context(model.config)
+        self.vocab_size = len(tokenizer)
         params = inspect.signature(model.forward).parameters
         # transformers v5 names the cache argument `cache`; earlier releases `past_key_values`.
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
