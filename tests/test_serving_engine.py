@@ -131,17 +131,32 @@ def test_greedy_is_the_same_alone_batched_and_as_generate(backend, generated_tex
             assert isinstance(first, TokenEvent)
             firsts.append(first.token_id)
         batched = [[first, *token_ids(h)[0]] for h, first in zip(handles, firsts)]
+        # All at once: prefilled together, left padded to the longest prompt.
+        together = [token_ids(h)[0] for h in [engine.submit(greedy(backend, p)) for p in PROMPTS]]
         stats = engine.stats
     finally:
         engine.stop(5)
-    assert batched == alone
+    assert batched == alone and together == alone
     assert [backend.decode(a) for a in alone] == generated_texts
     assert stats.max_batch_size_seen > 1 and stats.joined_while_decoding >= 1
     assert stats.batch_size == 0 and stats.queue_depth == 0  # every finished request left the batch
-    assert stats.finished == {"length": 2 * len(PROMPTS)}
-    assert stats.tokens_generated == 2 * len(PROMPTS) * NEW_TOKENS
+    assert stats.finished == {"length": 3 * len(PROMPTS)}
+    assert stats.tokens_generated == 3 * len(PROMPTS) * NEW_TOKENS
     ttft, per_token = stats.take_samples()
-    assert len(ttft) == 2 * len(PROMPTS) and len(per_token) == 2 * len(PROMPTS) * (NEW_TOKENS - 1)
+    assert len(ttft) == 3 * len(PROMPTS) and len(per_token) == 3 * len(PROMPTS) * (NEW_TOKENS - 1)
+
+
+def test_prefill_groups_keep_echo_alone_and_bound_their_size(monkeypatch):
+    from finetune.serving import engine as engine_module
+    from finetune.serving.requests import Handle
+
+    def handle(length: int, echo: bool = False) -> Handle:
+        return Handle(Request([1] * length, max_tokens=1, echo_logprobs=echo), 0.0)
+
+    monkeypatch.setattr(engine_module, "PREFILL_TOKENS", 30)
+    handles = [handle(5), handle(9), handle(4, echo=True), handle(3), handle(10), handle(10), handle(10)]
+    groups = engine_module.prefill_groups(handles)
+    assert [[len(h.request.prompt_ids) for h in g] for g in groups] == [[5, 9], [4], [3, 10, 10], [10]]
 
 
 def test_seeded_sampling_is_the_same_alone_and_batched(backend):

@@ -27,8 +27,9 @@ class Backend(Protocol):
     def decode(self, ids: list[int]) -> str:
         """Token ids -> text, special tokens skipped."""
 
-    def prefill(self, ids: list[int], all_logits: bool) -> tuple[np.ndarray, Past]:
-        """Run one prompt alone: its logits ((len(ids), vocab) if all_logits else (1, vocab)) and its past."""
+    def prefill(self, prompts: list[list[int]], all_logits: bool) -> tuple[np.ndarray, Past]:
+        """Run prompts together, left padded to the longest (width W): logits (len(prompts), W if all_logits
+        else 1, vocab) and their past, W long."""
 
     def step(self, tokens: np.ndarray, mask: np.ndarray, past: Past) -> tuple[np.ndarray, Past]:
         """One decode step: tokens (batch,), mask (batch, past length + 1) -> logits (batch, vocab), new past."""
@@ -38,6 +39,16 @@ class Backend(Protocol):
 
     def select(self, past: Past, rows: np.ndarray, start: int) -> Past:
         """Only `rows`, and only the columns from `start` on (columns that are padding in every kept row)."""
+
+
+def left_padded(prompts: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token ids, attention mask and position ids of prompts left padded to the longest (int64 arrays)."""
+    width = max(len(p) for p in prompts)
+    ids = np.array([[pad] * (width - len(p)) + list(p) for p in prompts], dtype=np.int64)
+    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=np.int64)
+    positions = np.cumsum(mask, axis=1) - 1
+    positions[mask == 0] = 1  # as transformers (and onnx_generation.position_ids_for): pads are masked anyway
+    return ids, mask, positions.astype(np.int64)
 
 
 def position_ids(mask: np.ndarray) -> np.ndarray:

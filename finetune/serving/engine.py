@@ -56,6 +56,30 @@ class _Batch:
     past: Past = None
 
 
+# Newcomers prefilled in one forward hold at most this many (padded) tokens: one pass over the weights
+# for a burst of short prompts, with the padding waste and the activation memory bounded.
+PREFILL_TOKENS = 2048
+
+
+def prefill_groups(handles: list[Handle]) -> list[list[Handle]]:
+    """Newcomers in arrival order, grouped for prefill: an echo request alone (it keeps every position's
+    logits), the others together while the group's padded size stays within PREFILL_TOKENS."""
+    groups: list[list[Handle]] = []
+    width = 0
+    for handle in handles:
+        length = len(handle.request.prompt_ids)
+        alone = handle.request.echo_logprobs
+        last = groups[-1] if groups else None
+        fits = last is not None and not last[0].request.echo_logprobs and not alone
+        if fits and max(width, length) * (len(last) + 1) <= PREFILL_TOKENS:
+            last.append(handle)
+            width = max(width, length)
+        else:
+            groups.append([handle])
+            width = length
+    return groups
+
+
 class Engine:
     """Continuous batching over one backend, on its own thread.
 
@@ -150,8 +174,7 @@ class Engine:
     def _turn(self, admitted: list[Handle]) -> None:
         """Admit newcomers, run one decode step, let finished rows leave."""
         decoding = bool(self._batch.rows)
-        for handle in admitted:
-            self._admit(handle, decoding)
+        self._admit(admitted, decoding)
         self._leave()
         if self._batch.rows:
             self._step()
@@ -165,47 +188,64 @@ class Engine:
         with self._wake:
             self._handles.pop(id(handle), None)
 
-    def _admit(self, handle: Handle, decoding: bool) -> None:
-        """Prefill a newcomer alone, send its first token, and merge it into the batch if it goes on."""
+    def _admit(self, handles: list[Handle], decoding: bool) -> None:
+        """Prefill newcomers (together where they can be), send each its first token, merge those that go on."""
+        live = []
+        for handle in handles:
+            if handle.cancelled:
+                self._finish(handle, "cancelled")
+            else:
+                live.append(handle)
+        for group in prefill_groups(live):
+            requests = [h.request for h in group]
+            try:
+                logits, past = self.backend.prefill([r.prompt_ids for r in requests], requests[0].echo_logprobs)
+            except Exception as exc:  # a backend failure ends these requests, never the engine
+                for handle in group:
+                    self._finish(handle, "error", str(exc))
+                continue
+            self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
+            rows = [self._start(handle, logits[i]) for i, handle in enumerate(group)]
+            kept = [i for i, row in enumerate(rows) if row is not None]
+            if kept:
+                self.stats.joined_while_decoding += len(kept) if decoding else 0
+                width = max(len(r.prompt_ids) for r in requests)
+                self._merge([rows[i] for i in kept], past, np.array(kept), width)
+
+    def _start(self, handle: Handle, logits: np.ndarray) -> Optional[_Row]:
+        """Echo the prompt's logprobs, send the first token; the request's row when it goes on decoding."""
         request = handle.request
-        if handle.cancelled:
-            self._finish(handle, "cancelled")
-            return
-        try:
-            logits, past = self.backend.prefill(request.prompt_ids, all_logits=request.echo_logprobs)
-        except Exception as exc:  # a backend failure ends this request, never the engine
-            self._finish(handle, "error", str(exc))
-            return
-        self.stats.prompt_tokens += len(request.prompt_ids)
-        if request.echo_logprobs:
+        if request.echo_logprobs:  # prefilled alone: logits holds every prompt position
             logprobs, tops = prompt_logprobs(request.prompt_ids, logits, request.logprobs or 0)
             handle.push(PromptEvent(list(request.prompt_ids), logprobs, tops))
         rng = np.random.default_rng(request.seed)
         row = _Row(handle, sampler_config(request), rng, list(request.prompt_ids))
         if request.max_tokens == 0:
             self._finish(row, "length")
-            return
+            return None
         try:
             self._emit(row, logits[-1])
         except Exception as exc:
-            self._finish(row, "error", str(exc))
-            return
+            row.finish, row.error = "error", str(exc)
         if row.finish:
-            self._finish(row, row.finish)
-            return
-        if decoding:
-            self.stats.joined_while_decoding += 1
+            self._finish(row, row.finish, row.error)
+            return None
+        return row
+
+    def _merge(self, rows: list[_Row], past: Past, kept: np.ndarray, prefill_width: int) -> None:
+        """Add prefilled rows (rows `kept` of a left-padded prefill batch `prefill_width` wide) to the batch."""
+        lengths = [len(row.handle.request.prompt_ids) for row in rows]
+        width = max(lengths)
+        past = self.backend.select(past, kept, prefill_width - width)
+        mask = np.array([[0] * (width - n) + [1] * n for n in lengths], np.int64)
         batch = self._batch
         if not batch.rows:
-            batch.rows, batch.mask, batch.past = [row], np.ones((1, len(request.prompt_ids)), np.int64), past
+            self._batch = _Batch(rows, mask, past)
         else:
-            width = max(batch.mask.shape[1], len(request.prompt_ids))
-            new_mask = np.zeros((1, width), np.int64)
-            new_mask[0, width - len(request.prompt_ids) :] = 1
-            old_mask = np.pad(batch.mask, ((0, 0), (width - batch.mask.shape[1], 0)))
+            full = max(batch.mask.shape[1], width)
+            batch.mask = np.concatenate([np.pad(m, ((0, 0), (full - m.shape[1], 0))) for m in (batch.mask, mask)])
             batch.past = self.backend.combine([batch.past, past])
-            batch.mask = np.concatenate([old_mask, new_mask])
-            batch.rows.append(row)
+            batch.rows.extend(rows)
         self._gauge()
 
     def _emit(self, row: _Row, logits: np.ndarray) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from finetune.serving.backend import position_ids
+from finetune.serving.backend import left_padded, position_ids
 
 if TYPE_CHECKING:
     from finetune.onnx_generation import OnnxCausalLM
@@ -40,12 +40,10 @@ class OnnxBackend:
     def decode(self, ids: list[int]) -> str:
         return self.lm.decode(ids)
 
-    def prefill(self, ids: list[int], all_logits: bool) -> tuple[np.ndarray, list[np.ndarray]]:
-        tokens = np.asarray([ids], dtype=np.int64)
-        mask = np.ones_like(tokens)
-        positions = np.arange(len(ids), dtype=np.int64)[None]
-        logits, past = self.lm.forward(tokens, mask, positions, self.lm.empty_past(1))
-        return (logits[0] if all_logits else logits[0, -1:]), past
+    def prefill(self, prompts: list[list[int]], all_logits: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+        ids, mask, positions = left_padded(prompts, self.lm.pad_token_id)
+        logits, past = self.lm.forward(ids, mask, positions, self.lm.empty_past(len(prompts)))
+        return (logits if all_logits else logits[:, -1:]), past
 
     def step(self, tokens: np.ndarray, mask: np.ndarray, past: list[np.ndarray]):
         mask = mask.astype(np.int64)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from finetune.serving.backend import position_ids
+from finetune.serving.backend import left_padded, position_ids
 
 if TYPE_CHECKING:
     import torch
@@ -88,13 +88,15 @@ class TorchBackend:
         logits = out.logits if keep == 0 else out.logits[:, -keep:]
         return logits.float().cpu().numpy(), layers
 
-    def prefill(self, ids: list[int], all_logits: bool) -> tuple[np.ndarray, Layers]:
+    def prefill(self, prompts: list[list[int]], all_logits: bool) -> tuple[np.ndarray, Layers]:
         import torch
 
-        tokens = torch.tensor([ids], device=self.device)
-        positions = torch.arange(len(ids), device=self.device)[None]
-        logits, past = self._forward(tokens, torch.ones_like(tokens), positions, [], 0 if all_logits else 1)
-        return logits[0], past
+        from finetune.modeling import pad_id
+
+        ids, mask, positions = (
+            torch.from_numpy(a).to(self.device) for a in left_padded(prompts, pad_id(self.tokenizer))
+        )
+        return self._forward(ids, mask, positions, [], 0 if all_logits else 1)
 
     def step(self, tokens: np.ndarray, mask: np.ndarray, past: Layers) -> tuple[np.ndarray, Layers]:
         import torch
