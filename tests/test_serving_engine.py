@@ -15,6 +15,7 @@ from conftest import make_model_dir, run_cli
 
 from finetune.serving import (
     Engine,
+    EngineStats,
     EngineStopped,
     FinalEvent,
     PromptEvent,
@@ -29,16 +30,15 @@ NEW_TOKENS = 24
 DELIMITER = "=" * 20 + "\n"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A tiny GPT-2 without dropout whose weights are large enough that its tokens depend on the whole context.
+def context_dependent_model(path: Path, architecture: str) -> Path:
+    """A tiny model without dropout whose weights are large enough that its tokens depend on the whole context.
 
     (At the default init scale it repeats the last prompt token forever, which any engine gets right.)
     """
     import torch
     from transformers import AutoModelForCausalLM
 
-    path = make_model_dir(tmp_path_factory.mktemp("serving") / "tiny-gpt2", "gpt2", dropout=False)
+    make_model_dir(path, architecture, dropout=False)
     model = AutoModelForCausalLM.from_pretrained(path)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -47,6 +47,11 @@ def model_dir(tmp_path_factory) -> Path:
                 param.normal_(0, 0.15, generator=generator)
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return context_dependent_model(tmp_path_factory.mktemp("serving") / "tiny-gpt2", "gpt2")
 
 
 @pytest.fixture(scope="module")
@@ -118,25 +123,29 @@ def greedy(backend, prompt: str, **fields) -> Request:
     return Request(backend.encode(prompt), **{"max_tokens": NEW_TOKENS, "temperature": 0, **fields})
 
 
-def test_greedy_is_the_same_alone_batched_and_as_generate(backend, generated_texts):
+def alone_staggered_together(backend) -> tuple[list, list, list, EngineStats]:
+    """Each prompt's greedy tokens alone, submitted one after another while the earlier ones decode
+    (each newcomer joins the running batch), and submitted all at once (prefilled together)."""
     engine = Engine(Slow(backend), max_batch_size=8)
     try:
         alone = [token_ids(engine.submit(greedy(backend, p)))[0] for p in PROMPTS]
         assert engine.stats.max_batch_size_seen == 1
-        # Staggered: each newcomer arrives while the earlier ones are decoding, and joins their batch.
         handles, firsts = [], []
         for prompt in PROMPTS:
             handles.append(engine.submit(greedy(backend, prompt)))
             first = handles[-1].next_event(timeout=60)
             assert isinstance(first, TokenEvent)
             firsts.append(first.token_id)
-        batched = [[first, *token_ids(h)[0]] for h, first in zip(handles, firsts)]
-        # All at once: prefilled together, left padded to the longest prompt.
+        staggered = [[first, *token_ids(h)[0]] for h, first in zip(handles, firsts)]
         together = [token_ids(h)[0] for h in [engine.submit(greedy(backend, p)) for p in PROMPTS]]
-        stats = engine.stats
     finally:
         engine.stop(5)
-    assert batched == alone and together == alone
+    return alone, staggered, together, engine.stats
+
+
+def test_greedy_is_the_same_alone_batched_and_as_generate(backend, generated_texts):
+    alone, staggered, together, stats = alone_staggered_together(backend)
+    assert staggered == alone and together == alone
     assert [backend.decode(a) for a in alone] == generated_texts
     assert stats.max_batch_size_seen > 1 and stats.joined_while_decoding >= 1
     assert stats.batch_size == 0 and stats.queue_depth == 0  # every finished request left the batch
@@ -144,6 +153,22 @@ def test_greedy_is_the_same_alone_batched_and_as_generate(backend, generated_tex
     assert stats.tokens_generated == 3 * len(PROMPTS) * NEW_TOKENS
     ttft, per_token = stats.take_samples()
     assert len(ttft) == 3 * len(PROMPTS) and len(per_token) == 3 * len(PROMPTS) * (NEW_TOKENS - 1)
+
+
+def test_greedy_batched_equals_alone_on_llama(tmp_path_factory):
+    """Rotary positions and grouped KV heads: left padding and merging must not move a row's positions."""
+    from finetune.serving.onnx_backend import OnnxBackend
+    from finetune.serving.torch_backend import TorchBackend
+
+    model = context_dependent_model(tmp_path_factory.mktemp("serving-llama") / "tiny-llama", "llama")
+    onnx = model.parent / "onnx"
+    run_cli("export", "--checkpoint", model, "--format", "onnx", "--output", onnx)
+    results = {}
+    for backend in (TorchBackend.load(str(model)), OnnxBackend.load(onnx)):
+        alone, staggered, together, stats = alone_staggered_together(backend)
+        assert staggered == alone and together == alone and stats.joined_while_decoding >= 1, backend.name
+        results[backend.name] = alone
+    assert results["torch"] == results["onnx"]
 
 
 def test_prefill_groups_keep_echo_alone_and_bound_their_size(monkeypatch):
