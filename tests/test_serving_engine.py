@@ -230,6 +230,22 @@ def test_cancel_frees_the_slot_and_a_full_queue_refuses(backends):
         engine.stop(5)
 
 
+def test_max_queue_zero_refuses_only_when_every_slot_is_busy(backends):
+    backend = backends["onnx"]
+    engine = Engine(Slow(backend), max_batch_size=2, max_queue=0)
+    try:
+        running = [engine.submit(greedy(backend, p, max_tokens=100)) for p in PROMPTS[:2]]
+        for handle in running:
+            handle.next_event(timeout=60)
+        with pytest.raises(QueueFull):
+            engine.submit(greedy(backend, PROMPTS[2]))
+        for handle in running:
+            handle.cancel()
+            assert token_ids(handle)[1].finish_reason == "cancelled"
+    finally:
+        engine.stop(5)
+
+
 def test_stop_drains_within_the_grace_period_then_cancels(backends):
     backend = backends["onnx"]
     engine = Engine(Slow(backend), max_batch_size=2)

@@ -110,9 +110,13 @@ class Engine:
         with self._wake:
             if not self._accepting:
                 raise EngineStopped("the server is shutting down and takes no new requests")
-            if len(self._waiting) >= self.max_queue:
+            # Requests that a free batch slot will take at the next step do not count as waiting.
+            in_flight = len(self._handles) - len(self._waiting)  # admitted, not finished (under this lock)
+            free = max(0, self.max_batch_size - in_flight)
+            if len(self._waiting) >= self.max_queue + free:
                 self.stats.rejected += 1
-                raise QueueFull(f"{len(self._waiting)} requests already wait (max_queue {self.max_queue}); retry later")
+                waiting = len(self._waiting) - free
+                raise QueueFull(f"{waiting} requests already wait (max_queue {self.max_queue}); retry later")
             handle = Handle(request, time.perf_counter())
             self._waiting.append(handle)
             self._handles[id(handle)] = handle
@@ -161,11 +165,10 @@ class Engine:
             try:
                 self._turn(admitted)
             except Exception as exc:  # a bug must not strand clients: end the batch, keep serving
-                for handle in admitted:
-                    if not handle.done and all(row.handle is not handle for row in self._batch.rows):
-                        self._finish(handle, "error", str(exc))
                 for row in self._batch.rows:
                     self._finish(row, "error", str(exc))
+                for handle in admitted:  # those not in the batch yet (finished ones are skipped)
+                    self._finish(handle, "error", str(exc))
                 self._batch = _Batch()
                 self._gauge()
             with self._wake:
@@ -182,6 +185,8 @@ class Engine:
 
     def _finish(self, row_or_handle, reason: str, error: Optional[str] = None) -> None:
         handle = row_or_handle.handle if isinstance(row_or_handle, _Row) else row_or_handle
+        if handle.done:  # one final event per request, whatever path ends it
+            return
         generated = row_or_handle.generated if isinstance(row_or_handle, _Row) else 0
         handle.push(FinalEvent(reason, len(handle.request.prompt_ids), generated, error))
         self.stats.count_finished(reason)
