@@ -251,7 +251,7 @@ def test_stop_drains_within_the_grace_period_then_cancels(backends):
     engine = Engine(Slow(backend), max_batch_size=2)
     handles = [engine.submit(greedy(backend, p, max_tokens=10)) for p in PROMPTS]  # two of them still queued
     engine.stop(grace_s=60)
-    assert not engine.running
+    assert not engine.running and not engine.accepting
     assert [token_ids(h)[1].finish_reason for h in handles] == ["length"] * len(PROMPTS)
     with pytest.raises(EngineStopped):
         engine.submit(greedy(backend, PROMPTS[0]))
@@ -402,3 +402,22 @@ def test_a_failing_step_ends_its_batch_with_an_error_and_the_engine_keeps_servin
         assert token_ids(engine.submit(greedy(backend, PROMPTS[0], max_tokens=5)))[1].finish_reason == "length"
     finally:
         engine.stop(5)
+
+
+def test_nan_weights_end_the_request_with_an_error_not_token_zero(backends):
+    import copy
+
+    import torch
+
+    from finetune.serving.torch_backend import TorchBackend
+
+    torch_backend = backends["torch"]
+    model = copy.deepcopy(torch_backend.model)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    engine = Engine(TorchBackend(model, torch_backend.tokenizer))
+    try:
+        tokens, final = token_ids(engine.submit(greedy(torch_backend, PROMPTS[0])))
+    finally:
+        engine.stop(5)
+    assert tokens == [] and final.finish_reason == "error" and "NaN" in final.error

@@ -140,7 +140,13 @@ class Engine:
 
     @property
     def running(self) -> bool:
+        """The decode thread is alive (False once stop() returned)."""
         return self._thread.is_alive()
+
+    @property
+    def accepting(self) -> bool:
+        """submit() takes requests (False from the moment stop() is called: answer 503)."""
+        return self._accepting and self.running
 
     # -- the loop --------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
+from finetune.errors import FinetuneError
 from finetune.serving.backend import left_padded, position_ids
 
 if TYPE_CHECKING:
@@ -85,8 +86,12 @@ class TorchBackend:
             )
         grown = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         layers = [(layer.keys, layer.values) for layer in grown.layers]
-        logits = out.logits if keep == 0 else out.logits[:, -keep:]
-        return logits.float().cpu().numpy(), layers
+        logits = (out.logits if keep == 0 else out.logits[:, -keep:]).float().cpu().numpy()
+        if not np.isfinite(logits[:, -1]).all():  # argmax of NaN would quietly give token 0
+            raise FinetuneError(
+                "the model computes NaN/inf (its weights hold NaN/inf: training diverged); serve an earlier checkpoint"
+            )
+        return logits, layers
 
     def prefill(self, prompts: list[list[int]], all_logits: bool) -> tuple[np.ndarray, Layers]:
         import torch
