@@ -214,6 +214,7 @@ def test_cancel_frees_the_slot_and_a_full_queue_refuses(backends):
         assert engine.stats.queue_depth == 2
         with pytest.raises(QueueFull, match="max_queue 2"):
             engine.submit(greedy(backend, PROMPTS[3]))
+        assert engine.stats.queue_depth == 2
         queued.pop().cancel()  # a queued request cancelled leaves the queue at the next step
         deadline = time.monotonic() + 10
         while engine.stats.queue_depth > 1 and time.monotonic() < deadline:
@@ -242,6 +243,21 @@ def test_max_queue_zero_refuses_only_when_every_slot_is_busy(backends):
         for handle in running:
             handle.cancel()
             assert token_ids(handle)[1].finish_reason == "cancelled"
+    finally:
+        engine.stop(5)
+
+
+def test_submit_many_is_all_or_nothing(backends):
+    backend = backends["onnx"]
+    engine = Engine(Slow(backend), max_batch_size=2, max_queue=1)
+    try:
+        with pytest.raises(QueueFull, match="4 more do not fit"):
+            engine.submit_many([greedy(backend, p, max_tokens=3) for p in PROMPTS])
+        assert engine.stats.submitted == 0 and engine.stats.queue_depth == 0
+        with pytest.raises(RequestError):  # one bad request refuses them all
+            engine.submit_many([greedy(backend, PROMPTS[0]), greedy(backend, PROMPTS[0], temperature=-1)])
+        handles = engine.submit_many([greedy(backend, p, max_tokens=3) for p in PROMPTS[:3]])
+        assert [token_ids(h)[1].completion_tokens for h in handles] == [3, 3, 3]
     finally:
         engine.stop(5)
 

@@ -11,6 +11,7 @@ Importing this package imports no torch: pick a backend module explicitly.
     backend = OnnxBackend.load(export_dir)            # or TorchBackend.load(checkpoint_or_model_dir)
     engine = Engine(backend, max_batch_size=8, max_queue=64)
     handle = engine.submit(Request(backend.encode(prompt), max_tokens=32, temperature=0))
+    handles = engine.submit_many(requests)            # n > 1 or several prompts: all queued, or none
     for event in handle: ...                          # or `async for event in handle` in a FastAPI route
     handle.cancel()                                   # the client went away (or a stop string was seen)
     engine.stop(grace_s)                              # blocks: call it off the event loop (asyncio.to_thread)

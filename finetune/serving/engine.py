@@ -106,24 +106,34 @@ class Engine:
 
     def submit(self, request: Request) -> Handle:
         """Queue a request; raises RequestError (400), QueueFull (429) or EngineStopped (503)."""
-        request.check(self.backend.context, self.backend.vocab_size)
+        return self.submit_many([request])[0]
+
+    def submit_many(self, requests: list[Request]) -> list[Handle]:
+        """Queue several requests (n > 1, a list of prompts) all together or none: the same errors as submit."""
+        for request in requests:
+            request.check(self.backend.context, self.backend.vocab_size)
         with self._wake:
             if not self._accepting:
                 raise EngineStopped("the server is shutting down and takes no new requests")
             # Requests that a free batch slot will take at the next step do not count as waiting.
             in_flight = len(self._handles) - len(self._waiting)  # admitted, not finished (under this lock)
             free = max(0, self.max_batch_size - in_flight)
-            if len(self._waiting) >= self.max_queue + free:
-                self.stats.rejected += 1
-                waiting = len(self._waiting) - free
-                raise QueueFull(f"{waiting} requests already wait (max_queue {self.max_queue}); retry later")
-            handle = Handle(request, time.perf_counter())
-            self._waiting.append(handle)
-            self._handles[id(handle)] = handle
-            self.stats.submitted += 1
+            if len(self._waiting) + len(requests) > self.max_queue + free:
+                self.stats.rejected += len(requests)
+                waiting = max(0, len(self._waiting) - free)
+                raise QueueFull(
+                    f"{waiting} requests already wait and {len(requests)} more do not fit "
+                    f"(max_queue {self.max_queue}); retry later"
+                )
+            now = time.perf_counter()
+            handles = [Handle(request, now) for request in requests]
+            for handle in handles:
+                self._waiting.append(handle)
+                self._handles[id(handle)] = handle
+            self.stats.submitted += len(handles)
             self.stats.queue_depth = len(self._waiting)
             self._wake.notify()
-        return handle
+        return handles
 
     def stop(self, grace_s: float = 30.0) -> None:
         """Refuse new requests, let queued and running ones finish within grace_s, cancel the rest, end the thread."""
