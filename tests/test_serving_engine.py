@@ -146,7 +146,7 @@ def alone_staggered_together(backend) -> tuple[list, list, list, EngineStats]:
 def test_greedy_is_the_same_alone_batched_and_as_generate(backend, generated_texts):
     alone, staggered, together, stats = alone_staggered_together(backend)
     assert staggered == alone and together == alone
-    assert [backend.decode(a) for a in alone] == generated_texts
+    assert [backend.decode(a) for a in alone] == generated_texts and backend.batch_invariant
     assert stats.max_batch_size_seen > 1 and stats.joined_while_decoding >= 1
     assert stats.batch_size == 0 and stats.queue_depth == 0  # every finished request left the batch
     assert stats.finished == {"length": 3 * len(PROMPTS)}
@@ -169,6 +169,21 @@ def test_greedy_batched_equals_alone_on_llama(tmp_path_factory):
         assert staggered == alone and together == alone and stats.joined_while_decoding >= 1, backend.name
         results[backend.name] = alone
     assert results["torch"] == results["onnx"]
+
+
+def test_int8_exports_batch_invariant_or_say_so(model_dir, onnx_dir):
+    """The default int8 export quantizes activations row by row: batched greedy == alone. The plain-operator
+    int8 (--no-optimize) scales them per batch, and its backend says it is not batch-invariant."""
+    from finetune.serving.onnx_backend import OnnxBackend
+
+    blocks, dynamic = onnx_dir.parent / "int8", onnx_dir.parent / "int8-dynamic"
+    int8 = ["export", "--checkpoint", model_dir, "--format", "onnx", "--quantize", "int8"]
+    run_cli(*int8, "--output", blocks)
+    run_cli(*int8, "--no-optimize", "--output", dynamic)
+    backend = OnnxBackend.load(blocks)
+    alone, staggered, together, _ = alone_staggered_together(backend)
+    assert backend.batch_invariant and staggered == alone and together == alone
+    assert not OnnxBackend.load(dynamic).batch_invariant
 
 
 def test_prefill_groups_keep_echo_alone_and_bound_their_size(monkeypatch):

@@ -20,6 +20,9 @@ class Backend(Protocol):
     eos_token_id: int
     context: Optional[int]  # the longest prompt + completion the model takes; None when unknown
     vocab_size: int  # token ids a prompt may hold: 0 to vocab_size - 1
+    # A row's logits do not depend on the other rows of its batch, so greedy output is the same alone or
+    # batched. False for dynamic int8 (one activation scale for the whole batch) and GPU kernels.
+    batch_invariant: bool
 
     def encode(self, text: str) -> list[int]:
         """Prompt text -> token ids, as `finetune generate` encodes it (an empty prompt -> [BOS])."""

@@ -27,6 +27,9 @@ class OnnxBackend:
         self.eos_token_id = lm.eos_token_id
         self.context: Optional[int] = lm.max_positions
         self.vocab_size = lm.tokenizer.get_vocab_size()
+        # `--quantize int8 --no-optimize` (MatMulInteger) scales activations per tensor, i.e. per batch;
+        # the default int8 (MatMulNBits, accuracy level 4) quantizes each row on its own.
+        self.batch_invariant = "MatMulInteger" not in str(lm.manifest.get("quantization") or "")
 
     @classmethod
     def load(cls, directory: str | Path) -> OnnxBackend:

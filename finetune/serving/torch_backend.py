@@ -36,6 +36,7 @@ class TorchBackend:
         self.eos_token_id = tokenizer.eos_token_id
         self.context: Optional[int] = declared_context(model.config)
         self.vocab_size = len(tokenizer)
+        self.batch_invariant = self.device.type == "cpu"  # GPU GEMMs pick kernels by batch shape
         params = inspect.signature(model.forward).parameters
         # transformers v5 names the cache argument `cache`; earlier releases `past_key_values`.
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
