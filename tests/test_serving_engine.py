@@ -130,13 +130,16 @@ def alone_staggered_together(backend) -> tuple[list, list, list, EngineStats]:
     try:
         alone = [token_ids(engine.submit(greedy(backend, p)))[0] for p in PROMPTS]
         assert engine.stats.max_batch_size_seen == 1
-        handles, firsts = [], []
-        for prompt in PROMPTS:
-            handles.append(engine.submit(greedy(backend, prompt)))
-            first = handles[-1].next_event(timeout=60)
+        # Prompt lengths 7, 20, 2, 8 tokens: newcomers both longer than the running batch (its past is
+        # padded) and shorter (theirs is).
+        order = [1, 3, 0, 2]
+        handles, firsts = {}, {}
+        for i in order:
+            handles[i] = engine.submit(greedy(backend, PROMPTS[i]))
+            first = handles[i].next_event(timeout=60)
             assert isinstance(first, TokenEvent)
-            firsts.append(first.token_id)
-        staggered = [[first, *token_ids(h)[0]] for h, first in zip(handles, firsts)]
+            firsts[i] = first.token_id
+        staggered = [[firsts[i], *token_ids(handles[i])[0]] for i in range(len(PROMPTS))]
         together = [token_ids(h)[0] for h in [engine.submit(greedy(backend, p)) for p in PROMPTS]]
     finally:
         engine.stop(5)
