@@ -455,3 +455,30 @@ def test_nan_weights_end_the_request_with_an_error_not_token_zero(backends):
     finally:
         engine.stop(5)
     assert tokens == [] and final.finish_reason == "error" and "NaN" in final.error
+
+
+def test_a_burst_from_32_clients_loses_nothing(backends):
+    """200 requests from 32 threads: each gets its whole answer or QueueFull, and the engine ends empty."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    backend = backends["onnx"]
+    engine = Engine(backend, max_batch_size=4, max_queue=16)
+
+    def client(i: int) -> str:
+        try:
+            handle = engine.submit(greedy(backend, PROMPTS[i % len(PROMPTS)], max_tokens=8))
+        except QueueFull:
+            return "429"
+        tokens, final = token_ids(handle)
+        return "ok" if (final.finish_reason, len(tokens), final.completion_tokens) == ("length", 8, 8) else "bad"
+
+    try:
+        with ThreadPoolExecutor(32) as pool:
+            outcomes = list(pool.map(client, range(200)))
+    finally:
+        engine.stop(5)
+    assert outcomes.count("ok") + outcomes.count("429") == 200 and outcomes.count("ok") >= 20
+    stats = engine.stats.snapshot()
+    assert stats["finished"] == {"length": outcomes.count("ok")} and stats["rejected"] == outcomes.count("429")
+    assert stats["batch_size"] == 0 and stats["queue_depth"] == 0 and not engine._handles
+    assert stats["max_batch_size_seen"] == 4
