@@ -1,8 +1,13 @@
 """The scheduler: one thread runs iteration-level ("continuous") batching over a backend.
 
-Each turn of the loop admits waiting requests (prefilled alone, then merged into the running
-batch's KV cache), runs one decode step for the whole batch, and drops rows that finished or were
-cancelled at once, so a slot frees for the next waiting request at the next step.
+Each turn of the loop admits waiting requests into free slots (prefilled together, left padded, each
+sent its first token, then merged into the running batch's KV cache), runs one decode step for the
+whole batch, and drops rows that finished or were cancelled at once, so their slots go to waiting
+requests at the next turn.
+
+A thread rather than an asyncio task: a step blocks for as long as the model runs (ONNX Runtime and
+torch release the GIL meanwhile), and the HTTP event loop must keep answering (/health, 429s, SSE
+writes) while it does. Handles hand events to the event loop thread-safely.
 """
 
 from __future__ import annotations
