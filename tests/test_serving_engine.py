@@ -329,6 +329,7 @@ def test_requests_the_model_cannot_take_are_refused(backends):
             ({"logprobs": 99}, "logprobs"),
             ({"seed": -1}, "seed"),
             ({"prompt_ids": [5, backend.vocab_size]}, "prompt"),
+            ({"prompt_ids": [5, "6"]}, "prompt"),
         ]:
             with pytest.raises(RequestError) as caught:
                 engine.submit(Request(**{"prompt_ids": [5, 6], **fields}))

@@ -10,6 +10,7 @@ import math
 import threading
 from collections import deque
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Optional, Union
 
 from finetune.errors import FinetuneError
@@ -52,9 +53,11 @@ class Request:
         """Raise RequestError naming the field (and the limit) that makes this request impossible."""
         if not self.prompt_ids:
             raise RequestError("the prompt is empty: pass at least one token", "prompt")
-        if vocab_size and not all(isinstance(i, int) and 0 <= i < vocab_size for i in self.prompt_ids):
-            raise RequestError(f"the prompt holds token ids outside the vocabulary (0 to {vocab_size - 1})", "prompt")
-        integral = isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool)
+        ids_ok = all(isinstance(i, Integral) and not isinstance(i, bool) for i in self.prompt_ids)  # numpy ints too
+        if not ids_ok or (vocab_size and not all(0 <= i < vocab_size for i in self.prompt_ids)):
+            limit = f" from 0 to {vocab_size - 1}" if vocab_size else ""
+            raise RequestError(f"the prompt must be integer token ids{limit} (the vocabulary)", "prompt")
+        integral = isinstance(self.max_tokens, Integral) and not isinstance(self.max_tokens, bool)
         if not integral or self.max_tokens < 0:
             raise RequestError(f"max_tokens must be a non-negative integer, not {self.max_tokens!r}", "max_tokens")
         if self.max_tokens == 0 and not self.echo_logprobs:
@@ -67,7 +70,7 @@ class Request:
             raise RequestError(f"top_k must be >= 0 (0 disables it), not {self.top_k!r}", "top_k")
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise RequestError(f"repetition_penalty must be > 0, not {self.repetition_penalty!r}", "repetition_penalty")
-        if self.seed is not None and not (isinstance(self.seed, int) and self.seed >= 0):
+        if self.seed is not None and not (isinstance(self.seed, Integral) and self.seed >= 0):
             raise RequestError(f"seed must be a non-negative integer, not {self.seed!r}", "seed")
         if self.logprobs is not None and not (0 <= self.logprobs <= MAX_LOGPROBS):
             raise RequestError(f"logprobs must be between 0 and {MAX_LOGPROBS}, not {self.logprobs!r}", "logprobs")
