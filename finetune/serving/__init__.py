@@ -1,0 +1,44 @@
+"""Serving: the iteration-level batching engine behind `finetune serve` (the HTTP layer builds on it).
+
+requests.py  Request, its events (PromptEvent, TokenEvent, FinalEvent), Handle, the errors
+engine.py    Engine: the scheduler thread (admit, prefill + merge, decode step, evict)
+sampling.py  per-request token choice with the shared sampler, logprobs
+stats.py     EngineStats: counters, gauges, latency samples
+backend.py   the Backend interface; onnx_backend.py (no torch) and torch_backend.py implement it
+
+Importing this package imports no torch: pick a backend module explicitly.
+
+    backend = OnnxBackend.load(export_dir)            # or TorchBackend.load(checkpoint_or_model_dir)
+    engine = Engine(backend, max_batch_size=8, max_queue=64)
+    handle = engine.submit(Request(backend.encode(prompt), max_tokens=32, temperature=0))
+    handles = engine.submit_many(requests)            # n > 1 or several prompts: all queued, or none
+    for event in handle: ...                          # or `async for event in handle` in a FastAPI route
+    handle.cancel()                                   # the client went away (or a stop string was seen)
+    engine.stop(grace_s)                              # blocks: call it off the event loop (asyncio.to_thread)
+"""
+
+from finetune.serving.engine import Engine
+from finetune.serving.requests import (
+    EngineStopped,
+    FinalEvent,
+    Handle,
+    PromptEvent,
+    QueueFull,
+    Request,
+    RequestError,
+    TokenEvent,
+)
+from finetune.serving.stats import EngineStats
+
+__all__ = [
+    "Engine",
+    "EngineStats",
+    "EngineStopped",
+    "FinalEvent",
+    "Handle",
+    "PromptEvent",
+    "QueueFull",
+    "Request",
+    "RequestError",
+    "TokenEvent",
+]

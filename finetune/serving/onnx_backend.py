@@ -1,0 +1,66 @@
+"""The ONNX Runtime serving backend: an export made by `finetune export --format onnx`, numpy only.
+
+Imports no torch and no transformers (a serving image needs neither); the graph already takes a
+batch, an attention mask, position ids and past key/values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+
+from finetune.serving.backend import left_padded, position_ids
+
+if TYPE_CHECKING:
+    from finetune.onnx_generation import OnnxCausalLM
+
+
+class OnnxBackend:
+    """Prefill and batched decode steps on an exported decoder (OnnxCausalLM)."""
+
+    name = "onnx"
+
+    def __init__(self, lm: OnnxCausalLM):
+        self.lm = lm
+        self.eos_token_id = lm.eos_token_id
+        self.context: Optional[int] = lm.max_positions
+        self.vocab_size = lm.tokenizer.get_vocab_size()
+        # `--quantize int8 --no-optimize` (MatMulInteger) scales activations per tensor, i.e. per batch;
+        # the default int8 (MatMulNBits, accuracy level 4) quantizes each row on its own.
+        self.batch_invariant = "MatMulInteger" not in str(lm.manifest.get("quantization") or "")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> OnnxBackend:
+        from finetune.onnx_generation import OnnxCausalLM
+
+        return cls(OnnxCausalLM(directory))
+
+    def encode(self, text: str) -> list[int]:
+        return self.lm.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.lm.decode(ids)
+
+    def prefill(self, prompts: list[list[int]], all_logits: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+        ids, mask, positions = left_padded(prompts, self.lm.pad_token_id)
+        logits, past = self.lm.forward(ids, mask, positions, self.lm.empty_past(len(prompts)))
+        return (logits if all_logits else logits[:, -1:]), past
+
+    def step(self, tokens: np.ndarray, mask: np.ndarray, past: list[np.ndarray]):
+        mask = mask.astype(np.int64)
+        logits, past = self.lm.forward(tokens.astype(np.int64)[:, None], mask, position_ids(mask), past)
+        return logits[:, -1], past
+
+    def combine(self, pasts: list[list[np.ndarray]]) -> list[np.ndarray]:
+        width = max(p[0].shape[2] for p in pasts)
+        layers = []
+        for arrays in zip(*pasts):
+            padded = [np.pad(a, ((0, 0), (0, 0), (width - a.shape[2], 0), (0, 0))) for a in arrays]
+            layers.append(np.concatenate(padded, axis=0))
+        return layers
+
+    def select(self, past: list[np.ndarray], rows: np.ndarray, start: int) -> list[np.ndarray]:
+        # A contiguous copy: ONNX Runtime copies non-contiguous inputs anyway, once per step.
+        return [np.ascontiguousarray(a[rows, :, start:]) for a in past]

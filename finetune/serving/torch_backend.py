@@ -1,0 +1,131 @@
+"""The torch serving backend: a transformers model (run, checkpoint, model dir or hub id) with its KV cache.
+
+The past is a list of per-layer (keys, values) tensors; each step wraps it in a transformers
+DynamicCache, runs the model under inference_mode and reads the grown tensors back, so rows can be
+joined, dropped and re-padded between steps with plain tensor operations.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+
+from finetune.errors import FinetuneError
+from finetune.serving.backend import left_padded, position_ids
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+Layers = list  # [(keys, values)] per layer, each (batch, heads, length, head_dim)
+
+
+class TorchBackend:
+    """Prefill and batched decode steps on a transformers causal LM."""
+
+    name = "torch"
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+        from finetune.modeling import declared_context
+
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.eos_token_id = tokenizer.eos_token_id
+        self.context: Optional[int] = declared_context(model.config)
+        self.vocab_size = len(tokenizer)
+        self.batch_invariant = self.device.type == "cpu"  # GPU GEMMs pick kernels by batch shape
+        params = inspect.signature(model.forward).parameters
+        # transformers v5 names the cache argument `cache`; earlier releases `past_key_values`.
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.keeps_logits = "logits_to_keep" in params
+
+    @classmethod
+    def load(cls, source: str, trust_remote_code: bool = False) -> TorchBackend:
+        """From a checkpoint or model directory or a hub id, on the GPU when there is one."""
+        from finetune.generation import load_for_generation
+
+        return cls(*load_for_generation(source, trust_remote_code))
+
+    def encode(self, text: str) -> list[int]:
+        start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.eos_token_id
+        ids = self.tokenizer(text)["input_ids"] if text else []
+        return ids or [start]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @staticmethod
+    def _cache(past: Layers):
+        """A DynamicCache holding these tensors as they are (DynamicCache(past) would copy every layer once more)."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        cache = DynamicCache()
+        for keys, values in past:
+            layer = DynamicLayer()
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+            cache.layers.append(layer)
+        return cache
+
+    def _forward(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, past: Layers, keep: int):
+        import torch
+
+        cache = self._cache(past)
+        extra = {"logits_to_keep": keep} if self.keeps_logits else {}
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=tokens,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{self.cache_arg: cache},
+                **extra,
+            )
+        grown = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        layers = [(layer.keys, layer.values) for layer in grown.layers]
+        logits = (out.logits if keep == 0 else out.logits[:, -keep:]).float().cpu().numpy()
+        if not np.isfinite(logits[:, -1]).all():  # argmax of NaN would quietly give token 0
+            raise FinetuneError(
+                "the model computes NaN/inf (its weights hold NaN/inf: training diverged); serve an earlier checkpoint"
+            )
+        return logits, layers
+
+    def prefill(self, prompts: list[list[int]], all_logits: bool) -> tuple[np.ndarray, Layers]:
+        import torch
+
+        from finetune.modeling import pad_id
+
+        ids, mask, positions = (
+            torch.from_numpy(a).to(self.device) for a in left_padded(prompts, pad_id(self.tokenizer))
+        )
+        return self._forward(ids, mask, positions, [], 0 if all_logits else 1)
+
+    def step(self, tokens: np.ndarray, mask: np.ndarray, past: Layers) -> tuple[np.ndarray, Layers]:
+        import torch
+
+        def tensor(array):
+            return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).to(self.device)
+
+        logits, past = self._forward(tensor(tokens[:, None]), tensor(mask), tensor(position_ids(mask)), past, 1)
+        return logits[:, -1], past
+
+    def combine(self, pasts: list[Layers]) -> Layers:
+        import torch
+        import torch.nn.functional as F
+
+        width = max(p[0][0].shape[2] for p in pasts)
+
+        def joined(tensors):
+            return torch.cat([F.pad(t, (0, 0, width - t.shape[2], 0)) for t in tensors], dim=0)
+
+        return [(joined([k for k, _ in layer]), joined([v for _, v in layer])) for layer in zip(*pasts)]
+
+    def select(self, past: Layers, rows: np.ndarray, start: int) -> Layers:
+        import torch
+
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        return [(k[index, :, start:], v[index, :, start:]) for k, v in past]
