@@ -111,6 +111,14 @@ class _Server:
             for i, ids in enumerate(prompts)
             for j in range(n)
         ]
+        room = self.engine.max_batch_size + self.engine.max_queue
+        if len(requests) > room:  # would never fit, however long the client waited: not a 429
+            raise ApiError(
+                400,
+                f"{len(prompts)} prompt(s) x n={n} is {len(requests)} completions; this server takes at most {room} "
+                "at once (--max-batch-size + --max-queue)",
+                "n",
+            )
         try:
             return self.engine.submit_many(requests)
         except RequestError as exc:
