@@ -1,0 +1,144 @@
+"""`finetune serve` as a command: sources and their errors, the torch-free ONNX server, SIGTERM drain."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import make_model_dir, run_cli
+from serve_helpers import ServerProcess
+
+openai = pytest.importorskip("openai")
+
+PROMPT = "Title: Lemon"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("serve-cli") / "tiny", dropout=False)
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("serve-cli-onnx") / "tiny-onnx"
+    run_cli("export", "--checkpoint", model_dir, "--format", "onnx", "--output", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def onnx_server(onnx_dir):
+    """The ONNX server in a process where importing torch, transformers or accelerate fails."""
+    process = ServerProcess("--onnx", onnx_dir, "--max-batch-size", "4", block_torch=True)
+    yield process
+    assert process.stop() == 0, process.log
+    assert "Traceback" not in process.log, process.log
+
+
+def serve_error(*args: str, env: dict | None = None) -> str:
+    """`finetune serve ARGS` that must fail before serving: exit 2, one line."""
+    import os
+
+    command = [sys.executable, "-m", "finetune", "serve", *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_onnx_serving_imports_no_torch_and_matches_torch_greedy(onnx_server, model_dir):
+    from finetune.api import generate
+
+    assert "(onnx backend)" in onnx_server.log and "'tiny-onnx'" in onnx_server.log
+    client = openai.OpenAI(base_url=f"{onnx_server.url}/v1", api_key="anything", max_retries=0)
+    out = client.completions.create(model="tiny-onnx", prompt=PROMPT, max_tokens=16, temperature=0)
+    expected = generate(PROMPT, model=str(model_dir), temperature=0, max_new_tokens=16, include_prompt=False)[0]
+    assert out.choices[0].text == expected
+    batch = client.completions.create(
+        model="tiny-onnx", prompt=[PROMPT, "Serves", PROMPT], max_tokens=16, temperature=0
+    )
+    assert batch.choices[0].text == batch.choices[2].text == expected  # batched greedy == alone
+
+
+def test_chat_on_a_plain_text_model_says_to_use_completions(onnx_server):
+    response = httpx.post(
+        f"{onnx_server.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert "/v1/completions" in error["message"] and error["param"] == "messages"
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(onnx_dir):
+    server = ServerProcess("--onnx", onnx_dir, block_torch=True)
+    body = {
+        "prompt": PROMPT,
+        "max_tokens": 200,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    chunks: list[dict] = []
+    first = threading.Event()
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    chunks.append(line[6:])
+                    first.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert first.wait(60)
+    server.process.send_signal(signal.SIGTERM)
+    reader.join(60)
+    assert server.stop() == 0, server.log
+    assert chunks[-1] == "[DONE]"
+    usage = json.loads(chunks[-2])["usage"]
+    finish = [json.loads(c)["choices"][0]["finish_reason"] for c in chunks[:-2]][-1]
+    assert finish in ("length", "stop") and usage["completion_tokens"] >= 1
+    assert "server stopped" in server.log and "Traceback" not in server.log
+
+
+def test_bad_sources_fail_in_one_line_before_the_server_starts(tmp_path, model_dir, onnx_dir):
+    assert "no run named 'nope'" in serve_error("--run", "nope", "--runs-dir", tmp_path)
+    assert "no trained runs" in serve_error("--runs-dir", tmp_path / "empty")
+    assert "does not exist" in serve_error("--checkpoint", tmp_path / "missing")
+    assert "--onnx alone" in serve_error("--onnx", onnx_dir, "--model", model_dir)
+    assert "--max-batch-size" in serve_error("--model", model_dir, "--max-batch-size", "0", "--port", "0")
+    assert "--top-p" in serve_error("--model", model_dir, "--top-p", "0")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        assert f"cannot listen on 127.0.0.1:{port}" in serve_error("--model", model_dir, "--port", port)
+
+
+def test_a_missing_serve_extra_is_one_line_naming_the_extra(model_dir):
+    code = (
+        "import sys\n"
+        "sys.modules['fastapi'] = None\n"
+        "from finetune.cli import main\n"
+        f"main(['serve', '--model', {str(model_dir)!r}, '--port', '0'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "[serve]" in lines[0] and "pip install" in lines[0], result.stderr
+
+
+def test_the_model_name_is_the_runs_name():
+    from finetune.serving.server import source_name
+
+    assert source_name("recipes", "runs/recipes/checkpoint-000200") == "recipes"
+    assert source_name(None, "runs/recipes/checkpoint-000200") == "recipes"
+    assert source_name(None, "exports/recipes-onnx") == "recipes-onnx"
+    assert source_name(None, "gpt2") == "gpt2"
