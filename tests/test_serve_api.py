@@ -52,7 +52,7 @@ def client(server):
 def post(server, path: str, body, key: str | None = KEY, **kwargs) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(f"{server.url}{path}", content=content, headers=headers, timeout=60, **kwargs)
+    return httpx.post(f"{server.url}{path}", content=content, headers=headers, **{"timeout": 60, **kwargs})
 
 
 def error_of(response: httpx.Response, status: int) -> dict:
@@ -255,6 +255,17 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
         assert time.monotonic() < deadline, "the disconnected request was never cancelled"
         time.sleep(0.05)
     assert metric(server, "finetune_batch_size") == 0
+
+
+def test_a_client_that_gives_up_on_a_whole_answer_frees_its_slot(server):
+    before = metric(server, "finetune_requests_total", '{status="cancelled"}')
+    body = {"prompt": PROMPT, "max_tokens": 240, "temperature": 0}
+    with pytest.raises(httpx.TimeoutException):
+        post(server, "/v1/completions", body, timeout=0.05)
+    deadline = time.monotonic() + 10
+    while metric(server, "finetune_requests_total", '{status="cancelled"}') <= before:
+        assert time.monotonic() < deadline, "the abandoned request was never cancelled"
+        time.sleep(0.05)
 
 
 def test_metrics_in_prometheus_text_format(server):

@@ -190,6 +190,27 @@ def _finish_reason(final: FinalEvent, stream: TextStream) -> str:
     raise ApiError(503, "the server shut down before the request finished", code="shutting_down")
 
 
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+
+
+async def answer_unless_gone(job, request: HttpRequest) -> dict:
+    """The whole answer; if the client hangs up first, its choices are cancelled (their slots freed) at once."""
+    task = asyncio.ensure_future(job.answer())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()  # merged() cancels the handles as the task unwinds
+                for handle in job.handles:
+                    handle.cancel()
+                raise ApiError(400, "the client disconnected", code="client_disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
 def sse(data: Any) -> str:
     return f"data: {json.dumps(data) if not isinstance(data, str) else data}\n\n"
 
@@ -267,15 +288,29 @@ def _error_handlers(app: FastAPI, server: _Server) -> None:
     async def unexpected(_request, exc: Exception):  # a bug: still an OpenAI-shaped answer, and the server goes on
         return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}"))
 
-    @app.middleware("http")
-    async def authenticate(request: HttpRequest, call_next):
-        if server.api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
-                return error_response(
-                    ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
-                )
-        return await call_next(request)
+    app.add_middleware(BearerAuth, server=server)
+
+
+class BearerAuth:
+    """`Authorization: Bearer KEY` on /v1/* when the server has a key (401 otherwise).
+
+    Plain ASGI rather than @app.middleware("http"), whose wrapper hides the client's disconnect from
+    the routes (a hung-up client must free its slot).
+    """
+
+    def __init__(self, app, server: _Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        key = self.server.api_key
+        if key and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {key}".encode()):
+                message = "missing or wrong API key: send 'Authorization: Bearer KEY'"
+                response = error_response(ApiError(401, message, code="invalid_api_key"))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _routes(app: FastAPI, server: _Server, metrics) -> None:
@@ -311,7 +346,7 @@ def _routes(app: FastAPI, server: _Server, metrics) -> None:
         job = completions.completion_job(server, body)
         if body.stream:
             return StreamingResponse(job.stream(), media_type="text/event-stream")
-        return await job.answer()
+        return await answer_unless_gone(job, request)
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(request: HttpRequest):
@@ -330,7 +365,7 @@ def _routes(app: FastAPI, server: _Server, metrics) -> None:
             ) from None
         if body.stream:
             return StreamingResponse(job.stream(), media_type="text/event-stream")
-        return await job.answer()
+        return await answer_unless_gone(job, request)
 
 
 def new_id(prefix: str) -> str:
