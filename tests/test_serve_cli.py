@@ -142,3 +142,27 @@ def test_the_model_name_is_the_runs_name():
     assert source_name(None, "runs/recipes/checkpoint-000200") == "recipes"
     assert source_name(None, "exports/recipes-onnx") == "recipes-onnx"
     assert source_name(None, "gpt2") == "gpt2"
+
+
+def test_a_model_that_fails_to_load_stops_the_server_with_one_line(tmp_path):
+    broken = tmp_path / "broken-onnx"
+    broken.mkdir()
+    command = [sys.executable, "-m", "finetune", "serve", "--onnx", str(broken), "--port", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_health_and_requests_answer_503_while_the_model_loads():
+    from starlette.testclient import TestClient
+
+    from finetune.serving.http_app import create_app
+
+    app = create_app(None, None, "loading-model")
+    with TestClient(app) as client:
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json() == {"status": "loading"}
+        response = client.post("/v1/completions", json={"prompt": "x"})
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert response.json()["error"]["code"] == "model_loading"

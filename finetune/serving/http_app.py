@@ -67,7 +67,14 @@ class Choice:
 class _Server:
     """What the routes share: the engine, the codec, the model's name, the defaults, the shutdown flag."""
 
-    def __init__(self, engine: Engine, codec: Codec, model_name: str, api_key: Optional[str], defaults: Defaults):
+    def __init__(
+        self,
+        engine: Optional[Engine],
+        codec: Optional[Codec],
+        model_name: str,
+        api_key: Optional[str],
+        defaults: Defaults,
+    ):
         self.engine, self.codec, self.model_name, self.api_key, self.defaults = (
             engine,
             codec,
@@ -78,10 +85,25 @@ class _Server:
         self.draining = False  # set on SIGTERM: /health answers 503, new requests too
         self.created = int(time.time())
 
+    def attach(self, engine: Engine, codec: Codec) -> None:
+        """The model has loaded (in the background, while /health answered 503): start serving it."""
+        self.codec, self.engine = codec, engine
+
+    def status(self) -> str:
+        if self.engine is None:
+            return "loading"
+        if self.draining or not self.engine.accepting:
+            return "shutting_down"
+        return "ok"
+
     def ready(self) -> bool:
-        return self.engine.accepting and not self.draining
+        return self.status() == "ok"
 
     def check_model(self, name: Optional[str]) -> None:
+        """The request may go ahead: the model is loaded, and `name` (when given) is the served one."""
+        if self.engine is None:
+            message = "the model is still loading; retry when /health answers 200"
+            raise ApiError(503, message, code="model_loading", headers={"Retry-After": str(RETRY_AFTER_S)})
         if name is not None and name != self.model_name:
             raise ApiError(
                 404,
@@ -216,8 +238,8 @@ def sse(data: Any) -> str:
 
 
 def create_app(
-    engine: Engine,
-    codec: Codec,
+    engine: Optional[Engine],
+    codec: Optional[Codec],
     model_name: str,
     api_key: Optional[str] = None,
     defaults: Optional[Defaults] = None,
@@ -228,6 +250,8 @@ def create_app(
 
     metrics: a callable returning (Prometheus text, content type) for GET /metrics, or None.
     On shutdown the engine stops (queued and running requests get shutdown_grace_s), off the event loop.
+    engine and codec may be None while the model loads (/health and requests answer 503 until
+    app.state.server.attach(engine, codec)).
     """
     from contextlib import asynccontextmanager
 
@@ -248,7 +272,8 @@ def create_app(
     async def lifespan(_app):
         yield
         server.draining = True
-        await asyncio.to_thread(engine.stop, shutdown_grace_s)
+        if server.engine is not None:
+            await asyncio.to_thread(server.engine.stop, shutdown_grace_s)
 
     app = FastAPI(
         title=f"finetune serve: {model_name}", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
@@ -318,13 +343,12 @@ def _routes(app: FastAPI, server: _Server, metrics) -> None:
 
     from finetune.serving import completions
 
-    engine = server.engine
-
     @app.get("/health")
     async def health():
-        if not server.ready():
-            return JSONResponse({"status": "unavailable"}, status_code=503)
-        return {"status": "ok", "model": server.model_name, "backend": engine.backend.name}
+        status = server.status()
+        if status != "ok":
+            return JSONResponse({"status": status}, status_code=503)
+        return {"status": "ok", "model": server.model_name, "backend": server.engine.backend.name}
 
     @app.get("/v1/models")
     async def models():

@@ -52,30 +52,37 @@ def serve_command(
     if not 0 <= port <= 65535:
         raise FinetuneError(f"--port must be between 0 and 65535, not {port}")
     server.require_serve_extra()
-    sock = server.bind(host, port)  # before loading: a busy port should not cost a model load
-    try:
-        served = server.load(
-            run, checkpoint, model, onnx, runs_dir, max_batch_size, max_queue, model_name, trust_remote_code, log
-        )
-    except BaseException:
-        sock.close()
-        raise
+    source = server.resolve(run, checkpoint, model, onnx, runs_dir, model_name, log)
+    if max_batch_size < 1:
+        raise FinetuneError("--max-batch-size must be at least 1")
+    if max_queue < 0:
+        raise FinetuneError("--max-queue must be >= 0 (0: refuse whenever every slot is busy)")
+    sock = server.bind(host, port)
     from finetune.serving.http_app import Defaults, create_app
     from finetune.serving.metrics_export import prometheus_metrics
 
     defaults = Defaults(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
     app = create_app(
-        served.engine,
-        served.codec,
-        served.model_name,
+        None,  # attached once loaded; /health answers 503 until then
+        None,
+        source.model_name,
         api_key=api_key or None,
         defaults=defaults,
-        metrics=prometheus_metrics(served.engine),
+        metrics=prometheus_metrics(lambda: app.state.server.engine),
         shutdown_grace_s=grace,
     )
+
+    def load() -> None:
+        engine, codec = server.load(source, max_batch_size, max_queue, trust_remote_code)
+        app.state.server.attach(engine, codec)
+        log(f"ready: '{source.model_name}' loaded")
+
     bound_host, bound_port = sock.getsockname()[:2]
     shown_host = f"[{bound_host}]" if ":" in bound_host else bound_host
-    for line in server.banner(f"http://{shown_host}:{bound_port}", served, api_key):
+    for line in server.banner(f"http://{shown_host}:{bound_port}", source, api_key):
         log(line)
-    server.serve(app, sock, grace)
+    try:
+        server.serve(app, sock, grace, load)
+    finally:
+        sock.close()
     log("server stopped")

@@ -16,8 +16,9 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
 
-def prometheus_metrics(engine: Engine) -> Optional[Callable[[], tuple[bytes, str]]]:
-    """A scrape function for create_app, or None when prometheus-client is not installed."""
+def prometheus_metrics(current: Callable[[], Optional[Engine]]) -> Optional[Callable[[], tuple[bytes, str]]]:
+    """A scrape function for create_app over the engine `current()` returns (None while the model loads),
+    or None when prometheus-client is not installed."""
     try:
         from prometheus_client import CollectorRegistry, Histogram, generate_latest
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -35,6 +36,9 @@ def prometheus_metrics(engine: Engine) -> Optional[Callable[[], tuple[bytes, str
 
     class EngineCollector:
         def collect(self):
+            engine = current()
+            if engine is None:
+                return
             stats = engine.stats.snapshot()
             requests = CounterMetricFamily("finetune_requests", "Requests finished, by status", labels=["status"])
             for reason, count in sorted(stats["finished"].items()):
@@ -50,7 +54,8 @@ def prometheus_metrics(engine: Engine) -> Optional[Callable[[], tuple[bytes, str
     registry.register(EngineCollector())
 
     def scrape() -> tuple[bytes, str]:
-        first, later = engine.stats.take_samples()
+        engine = current()
+        first, later = engine.stats.take_samples() if engine is not None else ([], [])
         for seconds in first:
             ttft.observe(seconds)
         for seconds in later:

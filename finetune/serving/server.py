@@ -21,13 +21,12 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class Served:
-    """A loaded model, ready for create_app."""
+class Source:
+    """What to serve, resolved and checked before the server starts (loading it comes after)."""
 
-    engine: Engine
-    codec: Codec
+    kind: str  # "onnx" or "torch"
+    location: str  # the export directory, checkpoint or model directory, or hub id
     model_name: str
-    backend: str
 
 
 def require_serve_extra() -> None:
@@ -51,44 +50,47 @@ def source_name(run: Optional[str], source: str) -> str:
     return path.name or source
 
 
-def load(
+def resolve(
     run: Optional[str],
     checkpoint: Optional[str],
     model: Optional[str],
     onnx: Optional[str],
     runs_dir: str,
-    max_batch_size: int,
-    max_queue: int,
     model_name: Optional[str] = None,
-    trust_remote_code: bool = False,
     log: Callable[[str], None] = print,
-) -> Served:
-    """The engine over the chosen source; --onnx imports no torch."""
-    from finetune.serving.engine import Engine
-
-    if max_batch_size < 1:
-        raise FinetuneError("--max-batch-size must be at least 1")
-    if max_queue < 0:
-        raise FinetuneError("--max-queue must be >= 0 (0: refuse whenever every slot is busy)")
+) -> Source:
+    """The source the flags name, with the project's one-line errors (no run, no directory, two sources)."""
     if onnx:
         if run or checkpoint or model:
             raise FinetuneError("pass --onnx alone, not with --run, --checkpoint or --model")
+        if not Path(onnx).is_dir():
+            raise FinetuneError(
+                f"ONNX export directory '{onnx}' does not exist; make one with `finetune export --format onnx`"
+            )
+        return Source("onnx", onnx, model_name or source_name(None, str(Path(onnx).resolve())))
+    from finetune.api import resolve_generation_source
+
+    source = resolve_generation_source(run, checkpoint, model, runs_dir, log=log)
+    return Source("torch", source, model_name or source_name(run, source))
+
+
+def load(source: Source, max_batch_size: int, max_queue: int, trust_remote_code: bool = False) -> tuple[Engine, Codec]:
+    """The engine and codec over the source; the ONNX path imports no torch."""
+    from finetune.serving.engine import Engine
+
+    if source.kind == "onnx":
         from finetune.serving.codec import onnx_codec
         from finetune.serving.onnx_backend import OnnxBackend
 
-        backend = OnnxBackend.load(onnx)
-        codec, name = onnx_codec(backend, onnx), source_name(None, str(Path(onnx).resolve()))
+        backend = OnnxBackend.load(source.location)
+        codec = onnx_codec(backend, source.location)
     else:
-        from finetune.api import resolve_generation_source
         from finetune.serving.codec import torch_codec
         from finetune.serving.torch_backend import TorchBackend
 
-        source = resolve_generation_source(run, checkpoint, model, runs_dir, log=log)
-        backend = TorchBackend.load(source, trust_remote_code)
-        codec = torch_codec(backend, source)
-        name = source_name(run, source)
-    engine = Engine(backend, max_batch_size=max_batch_size, max_queue=max_queue)
-    return Served(engine, codec, model_name or name, backend.name)
+        backend = TorchBackend.load(source.location, trust_remote_code)
+        codec = torch_codec(backend, source.location)
+    return Engine(backend, max_batch_size=max_batch_size, max_queue=max_queue), codec
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -110,8 +112,12 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(app, sock: socket.socket, grace_s: float, log_level: str = "info") -> None:
-    """Run uvicorn on `sock` until SIGTERM/Ctrl-C; in-flight requests get grace_s to finish."""
+def serve(app, sock: socket.socket, grace_s: float, loader: Callable[[], None], log_level: str = "info") -> None:
+    """Run uvicorn on `sock` until SIGTERM/Ctrl-C while `loader` loads the model in the background
+    (/health answers 503 until it is done). In-flight requests get grace_s to finish. A load that
+    fails stops the server and raises its error here (the CLI's one line)."""
+    import threading
+
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
@@ -127,14 +133,30 @@ def serve(app, sock: socket.socket, grace_s: float, log_level: str = "info") -> 
         lifespan="on",
         access_log=True,
     )
-    DrainingServer(config).run(sockets=[sock])
+    server = DrainingServer(config)
+    failed: list[BaseException] = []
+
+    def load_in_background() -> None:
+        try:
+            loader()
+        except BaseException as exc:  # reported by the main thread once the server has stopped
+            failed.append(exc)
+            server.should_exit = True
+
+    threading.Thread(target=load_in_background, name="finetune-serve-load", daemon=True).start()
+    server.run(sockets=[sock])
+    if failed:
+        raise failed[0]
+    engine = app.state.server.engine
+    if engine is not None and engine.running:  # loaded after the lifespan's shutdown ran
+        engine.stop(grace_s)
 
 
-def banner(url: str, served: Served, api_key: Optional[str]) -> list[str]:
+def banner(url: str, source: Source, api_key: Optional[str]) -> list[str]:
     """What startup prints: where, which model, which backend, and a request to try."""
     auth = ' -H "Authorization: Bearer $FINETUNE_API_KEY"' if api_key else ""
-    body = f'{{"model": "{served.model_name}", "prompt": "Hello", "max_tokens": 20}}'
+    body = f'{{"model": "{source.model_name}", "prompt": "Hello", "max_tokens": 20}}'
     return [
-        f"serving '{served.model_name}' ({served.backend} backend) at {url}/v1",
+        f"serving '{source.model_name}' ({source.kind} backend) at {url}/v1 (GET {url}/health: 200 once loaded)",
         f"try: curl {url}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'",
     ]
