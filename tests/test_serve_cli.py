@@ -166,3 +166,50 @@ def test_health_and_requests_answer_503_while_the_model_loads():
         response = client.post("/v1/completions", json={"prompt": "x"})
         assert response.status_code == 503 and response.headers["retry-after"] == "1"
         assert response.json()["error"]["code"] == "model_loading"
+
+
+def test_onnx_chat_renders_the_saved_template_as_transformers_does(onnx_dir, model_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from finetune.serving.codec import CHAT_TEMPLATE_FILE, onnx_codec
+    from finetune.serving.onnx_backend import OnnxBackend
+    from finetune.supervised import SIMPLE_CHAT_TEMPLATE
+
+    chat_export = tmp_path / "chat-onnx"
+    shutil.copytree(onnx_dir, chat_export)
+    (chat_export / CHAT_TEMPLATE_FILE).write_text(SIMPLE_CHAT_TEMPLATE)
+    codec = onnx_codec(OnnxBackend.load(chat_export), str(chat_export))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = SIMPLE_CHAT_TEMPLATE
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A soup?"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert codec.chat_kind == "template"
+    assert codec.chat(messages) == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_chat_formats_follow_how_the_run_was_trained(tmp_path):
+    from types import SimpleNamespace
+
+    from finetune.serving.codec import ChatUnsupported, torch_codec
+
+    def checkpoint(name: str, state: dict) -> str:
+        (tmp_path / name / "training_state").mkdir(parents=True)
+        (tmp_path / name / "training_state" / "state.json").write_text(json.dumps(state))
+        return str(tmp_path / name)
+
+    def encode(text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    backend = SimpleNamespace(tokenizer=SimpleNamespace(chat_template=None), encode=encode)
+    messages = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "Q1"},
+        {"role": "user", "content": "Q2"},
+    ]
+    supervised = torch_codec(backend, checkpoint("pc", {"data_mode": "supervised", "chat": False}))
+    assert supervised.chat_kind == "prompt" and supervised.chat(messages) == encode("Q2")
+    plain = torch_codec(backend, checkpoint("plain", {"data_mode": "packed", "chat": False}))
+    with pytest.raises(ChatUnsupported):
+        plain.chat(messages)
