@@ -109,7 +109,8 @@ def test_stop_strings_cut_the_text_and_finish_with_stop(client):
     whole = client.completions.create(model="tiny-chat", prompt=PROMPT, max_tokens=20, temperature=0).choices[0].text
     stop = whole[len(whole) // 2 : len(whole) // 2 + 2]
     cut = whole[: whole.find(stop)]
-    out = client.completions.create(model="tiny-chat", prompt=PROMPT, max_tokens=20, temperature=0, stop=[stop, "zzz"])
+    stops = [stop, "z" * 200]
+    out = client.completions.create(model="tiny-chat", prompt=PROMPT, max_tokens=20, temperature=0, stop=stops)
     assert out.choices[0].text == cut and out.choices[0].finish_reason == "stop"
     streamed = client.completions.create(
         model="tiny-chat", prompt=PROMPT, max_tokens=20, temperature=0, stop=stop, stream=True
@@ -186,6 +187,8 @@ def test_chat_uses_the_saved_template_and_streams(client, chat_model):
         ({"prompt": [[10**9]]}, "prompt"),
         ({}, "prompt"),
         ({"prompt": ["a", "b", "c"], "n": 3}, "n"),
+        ({"prompt": "x", "stop": ["a"] * 17}, "stop"),
+        ({"prompt": "x", "stop": [1]}, "stop"),
     ],
 )
 def test_bad_fields_are_400_naming_the_field(server, body, param):

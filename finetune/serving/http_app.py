@@ -367,7 +367,7 @@ def _routes(app: FastAPI, server: _Server, metrics) -> None:
         from finetune.serving.openai_schema import CompletionRequest
 
         body = await read_body(request, CompletionRequest)
-        job = completions.completion_job(server, body)
+        job = await asyncio.to_thread(completions.completion_job, server, body)  # tokenizing is CPU work
         if body.stream:
             return StreamingResponse(job.stream(), media_type="text/event-stream")
         return await answer_unless_gone(job, request)
@@ -378,7 +378,7 @@ def _routes(app: FastAPI, server: _Server, metrics) -> None:
 
         body = await read_body(request, ChatRequest)
         try:
-            job = completions.chat_job(server, body)
+            job = await asyncio.to_thread(completions.chat_job, server, body)
         except ChatUnsupported:
             raise ApiError(
                 400,

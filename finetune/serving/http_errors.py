@@ -7,7 +7,10 @@ FastAPI default (422) or a bare 500.
 
 from __future__ import annotations
 
+import re
 from typing import Optional
+
+TYPE_TAG = re.compile(r"^(str|int|float|bool|list|dict|function-\w+)(\[.*\])?$|^[A-Z]")
 
 # status -> OpenAI's error type for it
 ERROR_TYPES = {
@@ -46,9 +49,14 @@ def validation_message(errors: list[dict]) -> tuple[str, Optional[str]]:
     """pydantic's first error as one sentence naming the field, and the field (for `param`)."""
     if not errors:
         return "the request body is not valid", None
-    first = errors[0]
-    where = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
-    # Union members show up as type names in the location (e.g. prompt.str); keep the field path only.
-    field = ".".join(part for part in where if not part[:1].isupper() and part not in ("str", "int", "list"))
+    # A union field (prompt, stop) reports one error per member; the member whose type matched says
+    # what is really wrong ("at most 16 items" rather than "should be a valid string").
+    first = next((e for e in errors if not str(e.get("type", "")).endswith("_type")), errors[0])
+    # Union members appear in the location as type tags (prompt.list[str].0); keep field names and indices.
+    where = [str(part) for part in first.get("loc", ()) if part != "body" and not TYPE_TAG.match(str(part))]
+    path = ".".join(where)
     message = first.get("msg", "is not valid")
-    return (f"'{field}': {message}" if field else message), (field or None)
+    field = where[0] if where else None
+    if len(errors) > 1 and first is errors[0] and str(first.get("type", "")).endswith("_type"):
+        message += " (nor does it fit any other form the field accepts)"  # every member of a union refused it
+    return (f"'{path}': {message}" if path else message), field

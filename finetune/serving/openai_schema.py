@@ -8,14 +8,14 @@ would make a request impossible are refused with a 400 that names the field.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Annotated, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from finetune.serving.requests import MAX_LOGPROBS
 
 MAX_N = 64  # choices per request (OpenAI caps n at 128; a CPU server queues far fewer)
-MAX_STOPS = 4  # OpenAI's limit on stop strings
+MAX_STOPS = 16  # stop strings per request (OpenAI allows 4; each is searched for after every token)
 MAX_PROMPTS = 256  # prompts in one completions request
 
 
@@ -37,7 +37,7 @@ class _Sampling(_Body):
     top_k: Optional[int] = Field(None, ge=0)  # not in OpenAI's API: sent by the client as an extra field
     repetition_penalty: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
     n: Optional[int] = Field(None, ge=1, le=MAX_N)
-    stop: Union[StrictStr, list[StrictStr], None] = None
+    stop: Union[StrictStr, Annotated[list[StrictStr], Field(max_length=MAX_STOPS)], None] = None
     seed: Optional[int] = Field(None, ge=0, lt=2**63)
     stream: Optional[StrictBool] = False
     stream_options: Optional[StreamOptions] = None

@@ -154,7 +154,7 @@ def serve(app, sock: socket.socket, grace_s: float, loader: Callable[[], None], 
 
 def banner(url: str, source: Source, api_key: Optional[str]) -> list[str]:
     """What startup prints: where, which model, which backend, and a request to try."""
-    auth = ' -H "Authorization: Bearer $FINETUNE_API_KEY"' if api_key else ""
+    auth = " -H 'Authorization: Bearer YOUR_API_KEY'" if api_key else ""
     body = f'{{"model": "{source.model_name}", "prompt": "Hello", "max_tokens": 20}}'
     return [
         f"serving '{source.model_name}' ({source.kind} backend) at {url}/v1 (GET {url}/health: 200 once loaded)",
