@@ -80,6 +80,12 @@ def test_greedy_completion_equals_finetune_generate(client, chat_model):
     assert out.usage.total_tokens == out.usage.prompt_tokens + 12
 
 
+def test_without_max_tokens_a_long_prompt_gets_what_the_context_leaves(server):
+    response = post(server, "/v1/completions", {"prompt": [5] * 250, "temperature": 0})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] <= 256 - 250
+
+
 def test_several_prompts_and_n_choices(client):
     out = client.completions.create(
         model="tiny-chat", prompt=[PROMPT, "Serves 4"], max_tokens=4, n=3, temperature=1.0, seed=3

@@ -28,8 +28,14 @@ class Job:
     chunk_name = ""
     id_prefix = ""
 
-    def __init__(self, server: _Server, body, prompts: list[list[int]], n: int, fields: dict):
+    def __init__(self, server: _Server, body, prompts: list[list[int]], n: int, fields: dict, asked: bool):
+        """asked: the request gave max_tokens (else the server's default, cut to what the context leaves)."""
         self.server, self.body, self.prompts, self.n = server, body, prompts, n
+        context = server.engine.backend.context
+        if not asked and context and prompts:
+            room = context - max(len(p) for p in prompts)
+            if room >= 1:
+                fields = {**fields, "max_tokens": min(fields["max_tokens"], room)}
         self.stops = body.stops()
         self.handles = server.submit(prompts, n, body.seed, fields)
         self.choices = [Choice(tokens=[]) for _ in self.handles]
@@ -134,7 +140,7 @@ class CompletionJob(Job):
         echo_logprobs = bool(body.echo) and (body.logprobs is not None or max_tokens == 0)
         fields = server.sampling(body, max_tokens, body.logprobs, echo_logprobs)
         self.texts = texts
-        super().__init__(server, body, ids, body.n or 1, fields)
+        super().__init__(server, body, ids, body.n or 1, fields, asked=body.max_tokens is not None)
 
     def _prompt_text(self, index: int) -> str:
         return self.texts[index // self.n] if self.body.echo else ""
@@ -211,7 +217,8 @@ class ChatJob(Job):
         if max_tokens == 0:
             raise ApiError(400, "max_tokens must be at least 1", "max_tokens")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        super().__init__(server, body, [ids], body.n or 1, server.sampling(body, max_tokens, logprobs, False))
+        fields = server.sampling(body, max_tokens, logprobs, False)
+        super().__init__(server, body, [ids], body.n or 1, fields, asked=max_tokens is not None)
 
     def logprobs(self, events: list[TokenEvent]) -> Optional[dict]:
         if not self.body.logprobs:
