@@ -290,3 +290,16 @@ def test_metrics_in_prometheus_text_format(server):
     ):
         assert name in text
     assert metric(server, "finetune_completion_tokens_total") > 0
+
+
+def test_lm_eval_local_completions_request_shape(server):
+    """What lm-eval's local-completions sends for loglikelihood: token-id prompts, echo, max_tokens 1, logprobs 1."""
+    prompts = [[10, 20, 30, 40], [7, 8, 9]]
+    body = {"model": "tiny-chat", "prompt": prompts, "echo": True, "max_tokens": 1, "logprobs": 1, "temperature": 0}
+    choices = post(server, "/v1/completions", {**body, "seed": 1234}).json()["choices"]
+    scored = post(server, "/v1/completions", {**body, "max_tokens": 0}).json()["choices"]
+    for prompt, choice, alone in zip(prompts, choices, scored):
+        logprobs = choice["logprobs"]
+        assert len(logprobs["token_logprobs"]) == len(prompt) + 1 and logprobs["token_logprobs"][0] is None
+        assert logprobs["token_logprobs"][: len(prompt)] == alone["logprobs"]["token_logprobs"]
+        assert all(len(top) == 1 for top in logprobs["top_logprobs"][1:])
