@@ -213,3 +213,37 @@ def test_chat_formats_follow_how_the_run_was_trained(tmp_path):
     plain = torch_codec(backend, checkpoint("plain", {"data_mode": "packed", "chat": False}))
     with pytest.raises(ChatUnsupported):
         plain.chat(messages)
+
+
+def test_ctrl_c_stops_the_server_with_exit_0(onnx_dir):
+    server = ServerProcess("--onnx", onnx_dir, block_torch=True)
+    assert server.stop(signal.SIGINT) == 0, server.log
+    assert "server stopped" in server.log and "aborted" not in server.log
+
+
+@pytest.mark.slow
+def test_a_burst_of_200_requests_at_32_clients_loses_none(onnx_dir):
+    """Every request gets a whole answer or a 429; the server stays up and healthy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = ServerProcess("--onnx", onnx_dir, "--max-batch-size", "16", "--max-queue", "8", block_torch=True)
+    body = {"prompt": PROMPT, "max_tokens": 32, "temperature": 0, "stream": True}
+
+    def one(_) -> str:
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as response:
+            if response.status_code != 200:
+                return str(response.status_code)
+            lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+            finish = json.loads(lines[-2][6:])["choices"][0]["finish_reason"]
+            return f"200 {finish} {lines[-1]}"
+
+    try:
+        with ThreadPoolExecutor(32) as pool:
+            outcomes = list(pool.map(one, range(200)))
+        assert httpx.get(f"{server.url}/health").status_code == 200
+    finally:
+        assert server.stop() == 0, server.log
+    complete = [o for o in outcomes if o.startswith("200")]
+    assert all(o in ("200 length data: [DONE]", "200 stop data: [DONE]") for o in complete), set(outcomes)
+    assert len(complete) + outcomes.count("429") == 200, set(outcomes)
+    assert "Traceback" not in server.log

@@ -188,7 +188,7 @@ async def merged(handles: list) -> AsyncIterator[tuple[int, Any]]:
 
     tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
     try:
-        for _ in range(sum(1 for _ in handles)):
+        for _ in range(len(handles)):
             while True:
                 index, event = await queue.get()
                 yield index, event
