@@ -187,6 +187,9 @@ def test_onnx_chat_renders_the_saved_template_as_transformers_does(onnx_dir, mod
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert codec.chat_kind == "template"
     assert codec.chat(messages) == tokenizer(text, add_special_tokens=False)["input_ids"]
+    (chat_export / CHAT_TEMPLATE_FILE).write_text("{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(ValueError, match="roles must alternate"):
+        onnx_codec(OnnxBackend.load(chat_export), str(chat_export)).chat(messages)
 
 
 def test_chat_formats_follow_how_the_run_was_trained(tmp_path):

@@ -91,6 +91,10 @@ def _saved_template(directory: Path) -> Optional[str]:
     return None
 
 
+def _raise(message: str):
+    raise ValueError(message)
+
+
 def onnx_codec(backend, directory: str) -> Codec:
     """The export's tokenizer files: a saved chat template is rendered with jinja2 (no transformers)."""
     directory = Path(directory)
@@ -108,6 +112,8 @@ def onnx_codec(backend, directory: str) -> Codec:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise  # what transformers gives templates, so theirs render here
+            env.filters["tojson"] = lambda value, **kw: json.dumps(value, ensure_ascii=False, **kw)
             compiled = env.from_string(template)
         text = compiled.render(messages=messages, add_generation_prompt=True, **specials)
         return backend.lm.tokenizer.encode(text, add_special_tokens=False).ids or backend.encode(text)

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Optional
 
+from finetune.serving.codec import ChatUnsupported
 from finetune.serving.http_app import Choice, _finish_reason, merged, new_id, sse
 from finetune.serving.http_errors import ApiError
 from finetune.serving.requests import FinalEvent, PromptEvent, TokenEvent
@@ -212,7 +213,12 @@ class ChatJob(Job):
     def __init__(self, server: _Server, body: ChatRequest):
         server.check_model(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        ids = server.codec.chat(messages)
+        try:
+            ids = server.codec.chat(messages)
+        except ChatUnsupported:
+            raise
+        except Exception as exc:  # the template refuses them (roles out of order, raise_exception)
+            raise ApiError(400, f"the model's chat template cannot render these messages: {exc}", "messages") from None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens == 0:
             raise ApiError(400, "max_tokens must be at least 1", "max_tokens")
