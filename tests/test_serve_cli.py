@@ -250,3 +250,33 @@ def test_a_burst_of_200_requests_at_32_clients_loses_none(onnx_dir):
     assert all(o in ("200 length data: [DONE]", "200 stop data: [DONE]") for o in complete), set(outcomes)
     assert len(complete) + outcomes.count("429") == 200, set(outcomes)
     assert "Traceback" not in server.log
+
+
+def test_a_chat_run_serves_chat_as_finetune_generate_samples_it_torch_and_onnx(tmp_path):
+    """A run trained on chat data: served by name with its saved template; the ONNX export renders it the same."""
+    from finetune.api import generate
+
+    dishes = ["lemon", "carrot", "leek", "pea", "bean", "corn", "kale", "onion"] * 6
+    rows = [
+        {"messages": [{"role": "user", "content": f"A dish with {x}?"}, {"role": "assistant", "content": f"{x} soup."}]}
+        for x in dishes
+    ]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    runs = tmp_path / "runs"
+    run_cli("train", data, "--model", "tiny", "--steps", "4", "--runs-dir", runs, "--run-name", "chatty")
+    onnx = tmp_path / "chatty-onnx"
+    run_cli("export", "--run", "chatty", "--runs-dir", runs, "--format", "onnx", "--output", onnx)
+    question = "A dish with leek?"
+    greedy = dict(temperature=0, max_new_tokens=8, include_prompt=False)
+    expected = generate(question, run="chatty", runs_dir=str(runs), **greedy)
+    assert expected[0], "the run ended its answer at once: nothing to compare"
+    messages = [{"role": "user", "content": question}]
+    for args, name in ((("--run", "chatty", "--runs-dir", runs), "chatty"), (("--onnx", onnx), "chatty-onnx")):
+        server = ServerProcess(*args, block_torch=args[0] == "--onnx")
+        try:
+            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+            out = client.chat.completions.create(model=name, messages=messages, max_tokens=8, temperature=0)
+            assert out.choices[0].message.content == expected[0], (name, server.log)
+        finally:
+            assert server.stop() == 0, server.log
