@@ -218,9 +218,16 @@ def test_chat_formats_follow_how_the_run_was_trained(tmp_path):
         plain.chat(messages)
 
 
-def test_ctrl_c_stops_the_server_with_exit_0(onnx_dir):
-    server = ServerProcess("--onnx", onnx_dir, block_torch=True)
-    assert server.stop(signal.SIGINT) == 0, server.log
+def test_model_name_and_key_from_the_environment_then_ctrl_c_exits_0(onnx_dir):
+    server = ServerProcess("--onnx", onnx_dir, "--model-name", "soup", block_torch=True, env={"FINETUNE_API_KEY": "k"})
+    try:
+        assert "serving 'soup' (onnx backend)" in server.log
+        body = {"model": "soup", "prompt": PROMPT, "max_tokens": 2}
+        assert httpx.post(f"{server.url}/v1/completions", json=body).status_code == 401
+        ok = httpx.post(f"{server.url}/v1/completions", json=body, headers={"Authorization": "Bearer k"})
+        assert ok.status_code == 200 and ok.json()["model"] == "soup"
+    finally:
+        assert server.stop(signal.SIGINT) == 0, server.log
     assert "server stopped" in server.log and "aborted" not in server.log
 
 
