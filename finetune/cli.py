@@ -23,6 +23,7 @@ from finetune.config import (
     ExportConfig,
     GenerateConfig,
     ModelConfig,
+    ServeConfig,
     TrainConfig,
     cache_root,
     choices,
@@ -573,6 +574,80 @@ def export(run, checkpoint, fmt, output, dtype, quantize, optimize, verify, over
         overwrite=overwrite,
         runs_dir=runs_dir,
         log=_echo_err,
+    )
+
+
+@main.command(context_settings={"show_default": True})
+@click.option("--run", help="Serve this run's latest checkpoint.  [default: the most recent run]")
+@click.option("--checkpoint", help="Serve this checkpoint directory.")
+@click.option("--model", "-m", help="Serve a hub id or model directory.")
+@click.option("--onnx", "onnx_dir", help="Serve an ONNX export with ONNX Runtime (no torch needed).")
+@click.option("--runs-dir", default=default(TrainConfig, "runs_dir"), help="Directory holding all runs.")
+@click.option("--host", default=default(ServeConfig, "host"), help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=int, default=default(ServeConfig, "port"), help="Port to listen on (0: any free port).")
+@click.option("--model-name", help="The model name clients send.  [default: the run's or directory's name]")
+@click.option(
+    "--api-key",
+    envvar="FINETUNE_API_KEY",
+    help="Require 'Authorization: Bearer KEY' (or set FINETUNE_API_KEY).  [default: no key needed]",
+)
+@click.option(
+    "--max-batch-size",
+    type=int,
+    default=default(ServeConfig, "max_batch_size"),
+    help="Requests decoded together.",
+)
+@click.option(
+    "--max-queue",
+    type=int,
+    default=default(ServeConfig, "max_queue"),
+    help="Requests waiting beyond the batch; more get 429.",
+)
+@click.option(
+    "--max-tokens",
+    type=int,
+    default=default(GenerateConfig, "max_new_tokens"),
+    help="New tokens when a request does not say.",
+)
+@click.option(
+    "--temperature",
+    type=float,
+    default=default(GenerateConfig, "temperature"),
+    help="Randomness when a request does not say; 0 is greedy.",
+)
+@click.option("--top-k", type=int, default=default(GenerateConfig, "top_k"), help="Default top-k; 0 disables.")
+@click.option("--top-p", type=float, default=default(GenerateConfig, "top_p"), help="Default top-p; 1 disables.")
+@click.option(
+    "--grace",
+    type=float,
+    default=default(ServeConfig, "shutdown_grace_s"),
+    help="Seconds in-flight requests get to finish on SIGTERM/Ctrl-C.",
+)
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub repo to run.")
+def serve(run, checkpoint, model, onnx_dir, runs_dir, host, port, model_name, api_key, **options):
+    """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming).
+
+    \b
+    Examples:
+      finetune serve --run recipes
+      finetune serve --onnx exports/recipes-onnx --port 8080 --max-batch-size 16
+      curl localhost:8000/v1/completions -d '{"prompt": "Title:", "max_tokens": 40}'
+    """
+    _quiet_libraries()
+    from finetune.serving.launch import serve_command
+
+    serve_command(
+        run=run,
+        checkpoint=checkpoint,
+        model=model,
+        onnx=onnx_dir,
+        runs_dir=runs_dir,
+        host=host,
+        port=port,
+        model_name=model_name,
+        api_key=api_key,
+        log=_echo_err,
+        **options,
     )
 
 

@@ -185,6 +185,17 @@ class ExportConfig:
     quantize: Optional[Literal["int8"]] = None  # ONNX only: int8 weights
 
 
+@dataclass
+class ServeConfig:
+    """`finetune serve`'s server options (the CLI's defaults; sampling defaults come from GenerateConfig)."""
+
+    host: str = "127.0.0.1"  # loopback only: pass 0.0.0.0 to listen on every interface
+    port: int = 8000
+    max_batch_size: int = 8  # requests decoded together (one batched step each)
+    max_queue: int = 64  # requests waiting for a slot beyond that; more are answered 429
+    shutdown_grace_s: float = 30.0  # SIGTERM/Ctrl-C: in-flight requests get this long to finish
+
+
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
 

@@ -11,7 +11,7 @@ from conftest import run_cli
 def test_help_has_examples():
     top = run_cli("--help").output
     assert "finetune train sample_data/recipes.txt --model tiny" in top
-    for command in ("train", "generate"):
+    for command in ("train", "generate", "serve"):
         text = run_cli(command, "--help").output
         assert "Examples:" in text and f"finetune {command} " in text
 
@@ -21,7 +21,8 @@ def test_help_does_not_import_torch():
         "import sys\n"
         "from finetune.cli import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-        "heavy = [m for m in ('torch', 'transformers', 'accelerate', 'numpy') if m in sys.modules]\n"
+        "heavy = ('torch', 'transformers', 'accelerate', 'numpy', 'fastapi', 'uvicorn')\n"
+        "heavy = [m for m in heavy if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -124,6 +125,21 @@ def test_generate_defaults_are_the_dataclass_defaults():
     assert compared == 8
     for command in (generate, export):
         assert _option(command, "--runs-dir").default == default(TrainConfig, "runs_dir")
+
+
+def test_serve_defaults_are_the_dataclass_defaults():
+    import dataclasses
+
+    from finetune.cli import serve
+    from finetune.config import GenerateConfig, ServeConfig, TrainConfig, default
+
+    for spec in dataclasses.fields(ServeConfig):
+        flag = "--grace" if spec.name == "shutdown_grace_s" else "--" + spec.name.replace("_", "-")
+        assert _option(serve, flag).default == default(ServeConfig, spec.name), flag
+    for flag, name in (("--max-tokens", "max_new_tokens"), ("--temperature", "temperature"), ("--top-k", "top_k")):
+        assert _option(serve, flag).default == default(GenerateConfig, name), flag
+    assert _option(serve, "--top-p").default == default(GenerateConfig, "top_p")
+    assert _option(serve, "--runs-dir").default == default(TrainConfig, "runs_dir")
 
 
 def test_choices_are_the_literal_values_of_the_dataclass():

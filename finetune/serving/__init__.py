@@ -6,6 +6,17 @@ sampling.py  per-request token choice with the shared sampler, logprobs
 stats.py     EngineStats: counters, gauges, latency samples
 backend.py   the Backend interface; onnx_backend.py (no torch) and torch_backend.py implement it
 
+The HTTP layer (`finetune serve`; FastAPI and uvicorn, the serve extra, imported only there):
+launch.py          serve_command(): options -> source -> app -> uvicorn
+server.py          resolve the source, bind the port, load in the background, run uvicorn, drain on SIGTERM
+http_app.py        create_app(): the routes, body reading, auth, OpenAI-shaped error handlers
+completions.py     a completions or chat request: prompts -> engine requests, events -> JSON or SSE chunks
+openai_schema.py   the request bodies (pydantic), checked against the openai client's types
+http_errors.py     ApiError and OpenAI's error shape
+codec.py           prompts, chat templates (torch or jinja2 for ONNX), token text
+text_stream.py     generated text as it streams, cut at stop strings
+metrics_export.py  GET /metrics from EngineStats (prometheus-client)
+
 Importing this package imports no torch: pick a backend module explicitly.
 
     backend = OnnxBackend.load(export_dir)            # or TorchBackend.load(checkpoint_or_model_dir)
