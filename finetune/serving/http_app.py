@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API over the serving engine, built by one factory: create_app().
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics.
+Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics, and
+GET / (page.html: a page to try the model from a browser; not behind the API key, the calls it makes are).
 Request bodies are read and validated here (size limit, JSON, pydantic), so every refusal is an
 OpenAI-shaped error (http_errors.ApiError) and none is FastAPI's 422 or a 500.
 """
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a request body past this is refused with 413
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait
+# The page may talk to this server only, and loads nothing from anywhere (its script and style are inline).
+PAGE_CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
 
 
 @dataclass
@@ -338,10 +341,23 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+def page_html() -> str:
+    """The page at GET /: one static file in this package (plain HTML, CSS and JavaScript)."""
+    from importlib.resources import files
+
+    return files("finetune.serving").joinpath("page.html").read_text(encoding="utf-8")
+
+
 def _routes(app: FastAPI, server: _Server, metrics) -> None:
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
     from finetune.serving import completions
+
+    page = page_html()
+
+    @app.get("/")
+    async def try_it():
+        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_CSP})
 
     @app.get("/health")
     async def health():
