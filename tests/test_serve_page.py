@@ -93,7 +93,7 @@ def test_the_page_streams_the_greedy_completion_in_a_real_browser(server, browse
         box.send_keys(value)
     browser.find_element(By.ID, "generate").click()
     wait.until(lambda d: text_of(d, "completion") != "")  # streamed text appears
-    wait.until(lambda d: text_of(d, "status").startswith("length after"))
+    wait.until(lambda d: text_of(d, "status").startswith("finish_reason: length,"))
     assert text_of(browser, "completion") == expected
     assert text_of(browser, "error") == ""
 
