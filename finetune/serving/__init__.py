@@ -16,6 +16,7 @@ http_errors.py     ApiError and OpenAI's error shape
 codec.py           prompts, chat templates (torch or jinja2 for ONNX), token text
 text_stream.py     generated text as it streams, cut at stop strings
 metrics_export.py  GET /metrics from EngineStats (prometheus-client)
+ray_replicas.py    `--replicas N`: the same app as a Ray Serve deployment (the ray extra, imported only there)
 
 Importing this package imports no torch: pick a backend module explicitly.
 
