@@ -25,6 +25,15 @@ def test_a_missing_ray_extra_is_one_line_naming_the_extra(tmp_path):
     assert len(lines) == 1 and "[ray]" in lines[0] and "pip install" in lines[0], result.stderr
 
 
+def test_without_replicas_nothing_imports_ray():
+    code = (
+        "import sys\n"
+        "import finetune.cli, finetune.serving.launch, finetune.serving.ray_replicas, finetune.serving.http_app\n"
+        "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_ray_flags_need_replicas(tmp_path):
     model = make_model_dir(tmp_path / "tiny", dropout=False)
     command = [sys.executable, "-m", "finetune", "serve", "--model", str(model), "--ray-address", "auto"]
