@@ -97,3 +97,16 @@ def test_two_ray_serve_replicas_answer_as_one_server_does_then_sigterm_stops_ray
     assert "server stopped" in server.log, server.log
     left = [pid for pid in ray_processes if _alive(pid)]
     assert not left, f"Ray processes left after SIGTERM: {left}\n{server.log}"
+
+
+def test_max_replicas_makes_an_autoscaling_deployment_sized_to_the_engine():
+    serve = pytest.importorskip("ray.serve", reason="the ray extra is not installed (pip install 'finetune-lm[ray]')")
+    from finetune.serving.ray_replicas import ReplicaSpec, deployment
+    from finetune.serving.server import Source
+
+    spec = ReplicaSpec(Source("torch", "/m", "m"), None, 16, 0.0, 0, 1.0, 8, 64, 5.0, False)
+    fixed = deployment(serve, spec, 2, 2)
+    assert fixed.num_replicas == 2 and fixed._deployment_config.autoscaling_config is None
+    scaled = deployment(serve, spec, 2, 6)._deployment_config
+    assert (scaled.autoscaling_config.min_replicas, scaled.autoscaling_config.max_replicas) == (2, 6)
+    assert scaled.max_ongoing_requests == 8 + 64  # Serve's default (5) would starve the batch

@@ -7,6 +7,7 @@ uvicorn) and http_app.py (the routes).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Optional
 
 from finetune.errors import FinetuneError
@@ -74,6 +75,8 @@ def serve_command(
         from finetune.serving.ray_replicas import ReplicaSpec, serve_replicas
 
         max_replicas = _check_replicas(replicas, max_replicas)
+        if Path(source.location).exists():  # replicas run in other processes (or nodes), with another cwd
+            source = server.Source(source.kind, str(Path(source.location).resolve()), source.model_name)
         spec = ReplicaSpec(
             source, api_key, max_tokens, temperature, top_k, top_p, max_batch_size, max_queue, grace, trust_remote_code
         )

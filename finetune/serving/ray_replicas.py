@@ -175,7 +175,8 @@ def serve_replicas(
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # a replica that cannot load the model: Serve gives up after its retries
-            raise FinetuneError(f"the replicas did not start: {str(exc).strip().splitlines()[0]}") from None
+            first = str(exc).strip().splitlines()[0]
+            raise FinetuneError(f"the replicas did not start ({first}); see the replica's error above") from None
         log(f"ready: '{spec.source.model_name}' on {replicas} replica(s)")
         while True:
             time.sleep(1.0)
