@@ -134,8 +134,8 @@ def deployment(serve, spec: ReplicaSpec, replicas: int, max_replicas: int):
         }
     return serve.deployment(FinetuneReplica).options(
         name="FinetuneReplica",
-        # Serve's default (5) would cap a replica below its batch: let the engine's own queue limit decide
-        # (its 429 then means the same as on a single server).
+        # Serve's default (5) would cap a replica below its batch. At batch + queue a replica is full; further
+        # requests wait in Serve's router for whichever replica frees a slot first, rather than a 429 from one.
         max_ongoing_requests=room,
         graceful_shutdown_timeout_s=max(1.0, spec.grace),
         ray_actor_options={"num_cpus": 1},
