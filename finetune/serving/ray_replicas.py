@@ -157,13 +157,15 @@ def serve_replicas(
     """Start (or join) Ray, deploy the replicas behind Serve's proxy on host:port; on SIGTERM/Ctrl-C tear down."""
     ray, serve = require_ray_extra()
     port = port or free_port(host)
-    if ray_address:
-        ray.init(address=ray_address, log_to_driver=True)
-    else:  # "local": never attach to a cluster RAY_ADDRESS happens to name; CPUs are logical, one per replica
-        ray.init(address="local", num_cpus=max_replicas, include_dashboard=False)
-    # SIGTERM stops as Ctrl-C does (KeyboardInterrupt in the main thread), while loading or serving
+    # SIGTERM stops as Ctrl-C does (KeyboardInterrupt in the main thread), while connecting, loading or serving
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
+        if ray_address:
+            ray.init(address=ray_address)
+        else:  # "local": never attach to a cluster RAY_ADDRESS happens to name; CPUs are logical, one per replica
+            ray.init(address="local", num_cpus=max_replicas, include_dashboard=False)
+        # again: joining a cluster installs Ray's C++ failure handler on SIGTERM, which aborts the process (exit -6)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         serve.start(http_options={"host": host, "port": port})
         shown_host = f"[{host}]" if ":" in host else host
         for line in banner(f"http://{shown_host}:{port}"):
@@ -183,9 +185,10 @@ def serve_replicas(
     except KeyboardInterrupt:
         pass  # Ctrl-C: a clean stop, like SIGTERM
     finally:
-        log("stopping the replicas")
-        try:
-            serve.shutdown()  # each replica's lifespan drains its engine within --grace
-        finally:
-            ray.shutdown()  # a local instance stops with its processes; a cluster is only disconnected from
+        if ray.is_initialized():
+            log("stopping the replicas")
+            try:
+                serve.shutdown()  # each replica's lifespan drains its engine within --grace
+            finally:
+                ray.shutdown()  # a local instance stops with its processes; a cluster is only disconnected from
     log("server stopped")
