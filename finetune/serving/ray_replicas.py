@@ -161,7 +161,10 @@ def serve_replicas(
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         if ray_address:
-            ray.init(address=ray_address)
+            try:
+                ray.init(address=ray_address)
+            except (ConnectionError, ValueError, RuntimeError) as exc:  # no cluster there, or it refused us
+                raise FinetuneError(f"cannot join the Ray cluster at --ray-address {ray_address}: {exc}") from None
         else:  # "local": never attach to a cluster RAY_ADDRESS happens to name; CPUs are logical, one per replica
             ray.init(address="local", num_cpus=max_replicas, include_dashboard=False)
         # again: joining a cluster installs Ray's C++ failure handler on SIGTERM, which aborts the process (exit -6)
