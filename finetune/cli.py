@@ -624,6 +624,13 @@ def export(run, checkpoint, fmt, output, dtype, quantize, optimize, verify, over
     help="Seconds in-flight requests get to finish on SIGTERM/Ctrl-C.",
 )
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub repo to run.")
+@click.option(
+    "--replicas",
+    type=int,
+    help="Serve N replicas on Ray Serve (the ray extra), each loading the model.  [default: one process, no Ray]",
+)
+@click.option("--max-replicas", type=int, help="With --replicas: autoscale between --replicas and this many.")
+@click.option("--ray-address", help="With --replicas: join this Ray cluster.  [default: start a local Ray instance]")
 def serve(run, checkpoint, model, onnx_dir, runs_dir, host, port, model_name, api_key, **options):
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming).
 
@@ -631,6 +638,7 @@ def serve(run, checkpoint, model, onnx_dir, runs_dir, host, port, model_name, ap
     Examples:
       finetune serve --run recipes
       finetune serve --onnx exports/recipes-onnx --port 8080 --max-batch-size 16
+      finetune serve --run recipes --replicas 2 --max-replicas 8
       curl localhost:8000/v1/completions -d '{"prompt": "Title:", "max_tokens": 40}'
     """
     _quiet_libraries()

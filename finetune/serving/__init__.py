@@ -17,6 +17,7 @@ codec.py           prompts, chat templates (torch or jinja2 for ONNX), token tex
 text_stream.py     generated text as it streams, cut at stop strings
 metrics_export.py  GET /metrics from EngineStats (prometheus-client)
 page.html          GET /: a page to try the model in a browser (plain HTML and JavaScript, no build step)
+ray_replicas.py    `--replicas N`: the same app as a Ray Serve deployment (the ray extra, imported only there)
 
 Importing this package imports no torch: pick a backend module explicitly.
 

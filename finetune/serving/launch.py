@@ -7,6 +7,7 @@ uvicorn) and http_app.py (the routes).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Optional
 
 from finetune.errors import FinetuneError
@@ -23,6 +24,16 @@ def _check_sampling(max_tokens: int, temperature: float, top_k: int, top_p: floa
         raise FinetuneError("--top-p must be in (0, 1] (1 disables it)")
     if grace < 0:
         raise FinetuneError("--grace must be >= 0 seconds")
+
+
+def _check_replicas(replicas: int, max_replicas: Optional[int]) -> int:
+    if replicas < 1:
+        raise FinetuneError("--replicas must be at least 1")
+    if max_replicas is None:
+        return replicas
+    if max_replicas < replicas:
+        raise FinetuneError(f"--max-replicas ({max_replicas}) must be at least --replicas ({replicas})")
+    return max_replicas
 
 
 def serve_command(
@@ -44,6 +55,9 @@ def serve_command(
     top_p: float,
     grace: float,
     trust_remote_code: bool = False,
+    replicas: Optional[int] = None,
+    max_replicas: Optional[int] = None,
+    ray_address: Optional[str] = None,
     log: Callable[[str], None] = print,
 ) -> None:
     from finetune.serving import server
@@ -57,6 +71,28 @@ def serve_command(
         raise FinetuneError("--max-batch-size must be at least 1")
     if max_queue < 0:
         raise FinetuneError("--max-queue must be >= 0 (0: refuse whenever every slot is busy)")
+    if replicas is not None:  # Ray Serve runs the replicas; ray is imported only on this path
+        from finetune.serving.ray_replicas import ReplicaSpec, serve_replicas
+
+        max_replicas = _check_replicas(replicas, max_replicas)
+        if Path(source.location).exists():  # replicas run in other processes (or nodes), with another cwd
+            source = server.Source(source.kind, str(Path(source.location).resolve()), source.model_name)
+        spec = ReplicaSpec(
+            source, api_key, max_tokens, temperature, top_k, top_p, max_batch_size, max_queue, grace, trust_remote_code
+        )
+        serve_replicas(
+            spec,
+            host=host,
+            port=port,
+            replicas=replicas,
+            max_replicas=max_replicas,
+            ray_address=ray_address,
+            banner=lambda url: server.banner(url, source, api_key),
+            log=log,
+        )
+        return
+    if max_replicas is not None or ray_address:
+        raise FinetuneError("--max-replicas and --ray-address go with --replicas N (serving on Ray Serve)")
     sock = server.bind(host, port)
     from finetune.serving.http_app import Defaults, create_app
     from finetune.serving.metrics_export import prometheus_metrics
