@@ -1,5 +1,6 @@
 """Issue 5's GPU smoke runs in one command: bf16 and fp16 training, DDP and FSDP through accelerate on
-one GPU (FSDP also stopped and resumed), and LoRA on a 0.5B-class random-weight Llama.
+one GPU (FSDP also stopped and resumed), and LoRA on a 0.5B-class random-weight Llama; then
+`finetune serve` (the torch backend on the GPU) answering 16 concurrent greedy completions.
 
     python bench/gpu_smoke.py          # on a CUDA machine: GPT-2 124M and a 0.46B Llama (~6 minutes on an H100)
     python bench/gpu_smoke.py --cpu    # the same script with tiny models, fp32, no accelerate configs
@@ -115,6 +116,52 @@ def train(root: Path, name: str, model: Path, steps: int, *extra) -> dict:
     }
 
 
+def serve(model: Path, requests: int = 16, new_tokens: int = 32) -> dict:
+    """`finetune serve --model DIR` on a free port, `requests` greedy completions sent at once (stdlib HTTP
+    only, so the script needs nothing beyond the serve extra); output tokens/s over the burst."""
+    import socket
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    row = {"run": "serve (torch backend)", "exit": 0, "seconds": 0.0, "steps": requests, "loss": None}
+    row.update(val_loss=None, tokens_per_s=None, peak_mb=None, error="")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "finetune", "serve", "--model", str(model), "--port", str(port)]
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a full pipe would stall the server
+    server = subprocess.Popen(cmd + ["--max-batch-size", str(requests)], stdout=log, stderr=log, text=True)
+    try:
+        for _ in range(600):  # loading the model; /health answers 503 until it is in
+            if server.poll() is not None:
+                log.seek(0)
+                row.update(exit=server.returncode, error=(log.read().strip().splitlines() or [""])[-1])
+                return row
+            try:
+                if urllib.request.urlopen(base + "/health", timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        body = json.dumps({"prompt": "Title:", "max_tokens": new_tokens, "temperature": 0}).encode()
+
+        def complete(_i):
+            request = urllib.request.Request(base + "/v1/completions", body, {"Content-Type": "application/json"})
+            return json.loads(urllib.request.urlopen(request, timeout=300).read())["usage"]["completion_tokens"]
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(requests) as pool:
+            tokens = sum(pool.map(complete, range(requests)))
+        row["seconds"] = time.perf_counter() - start
+        row["tokens_per_s"] = round(tokens / row["seconds"], 1)
+    except Exception as exc:  # a smoke run reports what broke and goes on
+        row.update(exit=1, error=f"{type(exc).__name__}: {exc}")
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cpu", action="store_true", help="tiny models on the CPU, to check the script")
@@ -149,6 +196,7 @@ def main() -> None:
         runs.append(
             train(root, "llama-lora", llama, steps, *block, "--lora", *(() if args.cpu else ("--precision", "bf16")))
         )
+        runs.append(serve(gpt2))
     print(
         f"GPT-2 {dirs['gpt2_params'] / 1e6:.0f}M and Llama {dirs['llama_params'] / 1e6:.0f}M, random weights, "
         f"{steps} steps each, sample data"
