@@ -13,18 +13,9 @@ from typing import Optional
 
 from finetune.config import GenerateConfig
 from finetune.errors import FinetuneError
+from finetune.text_stream import TextStream, cut_at_stop
 
 SAMPLE_DELIMITER = "=" * 20  # gpt-2-simple's separator, so existing scripts keep parsing output files
-
-
-def cut_at_stop(text: str, stops: list[str]) -> str:
-    """Text up to (not including) the earliest stop string."""
-    cut = len(text)
-    for stop in stops:
-        index = text.find(stop)
-        if index != -1:
-            cut = min(cut, index)
-    return text[:cut]
 
 
 def pick_device_and_dtype():
@@ -46,45 +37,27 @@ def load_for_generation(source: str, trust_remote_code: bool = False):
 
 
 class StopAwareStreamer:
-    """Prints new text as tokens arrive, never printing past a stop string.
-
-    transformers calls `put` with the prompt first, then with each new token, and `end` when done.
-    Text that could still turn into a stop string (or an unfinished UTF-8 character) is held back.
-    """
+    """transformers' streamer interface (`put` with the prompt first, then each new token; `end`) over
+    TextStream: new text is written as tokens arrive, never past a stop string."""
 
     def __init__(self, tokenizer, stops: list[str], write: Callable[[str], None]):
-        self.tokenizer = tokenizer
-        self.stops = stops
+        self.stream = TextStream(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), stops)
         self.write = write
-        self.ids: list[int] = []
-        self.printed = 0
         self.seen_prompt = False
-        self.stopped = False
 
-    def _emit(self, final: bool) -> None:
-        if self.stopped:
-            return
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        safe = cut_at_stop(text, self.stops)
-        if len(safe) < len(text):
-            self.stopped = True
-        elif not final:
-            hold = max((len(s) - 1 for s in self.stops), default=0)
-            safe = safe[: len(safe) - hold] if hold else safe
-            safe = safe.rstrip("\ufffd")
-        if len(safe) > self.printed:
-            self.write(safe[self.printed :])
-            self.printed = len(safe)
+    def _write(self, text: str) -> None:
+        if text:
+            self.write(text)
 
     def put(self, value) -> None:
         if not self.seen_prompt:
             self.seen_prompt = True
             return
-        self.ids.extend(int(t) for t in value.reshape(-1).tolist())
-        self._emit(final=False)
+        for token in value.reshape(-1).tolist():
+            self._write(self.stream.feed(int(token)))
 
     def end(self) -> None:
-        self._emit(final=True)
+        self._write(self.stream.finish())
 
 
 def is_chat_checkpoint(source: str) -> bool:

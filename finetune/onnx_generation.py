@@ -17,7 +17,8 @@ from finetune.config import GenerateConfig
 from finetune.errors import FinetuneError, install_hint
 from finetune.exporting import MANIFEST
 from finetune.files import read_json, reading, short
-from finetune.generation import StopAwareStreamer, cut_at_stop
+from finetune.generation import StopAwareStreamer
+from finetune.text_stream import cut_at_stop
 
 
 def position_ids_for(mask: np.ndarray, new_tokens: int) -> np.ndarray:

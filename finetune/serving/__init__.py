@@ -14,7 +14,7 @@ completions.py     a completions or chat request: prompts -> engine requests, ev
 openai_schema.py   the request bodies (pydantic), checked against the openai client's types
 http_errors.py     ApiError and OpenAI's error shape
 codec.py           prompts, chat templates (torch or jinja2 for ONNX), token text
-text_stream.py     generated text as it streams, cut at stop strings
+(finetune/text_stream.py, shared with `finetune generate`: generated text as it streams, cut at stop strings)
 metrics_export.py  GET /metrics from EngineStats (prometheus-client)
 page.html          GET /: a page to try the model in a browser (plain HTML and JavaScript, no build step)
 ray_replicas.py    `--replicas N`: the same app as a Ray Serve deployment (the ray extra, imported only there)

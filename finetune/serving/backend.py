@@ -12,6 +12,8 @@ from typing import Any, Optional, Protocol
 
 import numpy as np
 
+from finetune.onnx_generation import position_ids_for
+
 Past = Any  # a backend's per-layer key/value arrays, batch first
 
 
@@ -49,11 +51,4 @@ def left_padded(prompts: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndar
     width = max(len(p) for p in prompts)
     ids = np.array([[pad] * (width - len(p)) + list(p) for p in prompts], dtype=np.int64)
     mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=np.int64)
-    positions = np.cumsum(mask, axis=1) - 1
-    positions[mask == 0] = 1  # as transformers (and onnx_generation.position_ids_for): pads are masked anyway
-    return ids, mask, positions.astype(np.int64)
-
-
-def position_ids(mask: np.ndarray) -> np.ndarray:
-    """The position of each row's newest token: its count of real tokens so far, less one."""
-    return (mask.sum(axis=1, keepdims=True) - 1).astype(np.int64)
+    return ids, mask, position_ids_for(mask, width)

@@ -15,7 +15,7 @@ from finetune.serving.codec import ChatUnsupported
 from finetune.serving.http_app import Choice, _finish_reason, merged, new_id, sse
 from finetune.serving.http_errors import ApiError
 from finetune.serving.requests import FinalEvent, PromptEvent, TokenEvent
-from finetune.serving.text_stream import TextStream
+from finetune.text_stream import TextStream
 
 if TYPE_CHECKING:
     from finetune.serving.http_app import _Server

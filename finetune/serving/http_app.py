@@ -30,7 +30,7 @@ from finetune.serving.requests import (
     RequestError,
     TokenEvent,
 )
-from finetune.serving.text_stream import TextStream
+from finetune.text_stream import TextStream
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from finetune.serving.backend import left_padded, position_ids
+from finetune.onnx_generation import position_ids_for
+from finetune.serving.backend import left_padded
 
 if TYPE_CHECKING:
     from finetune.onnx_generation import OnnxCausalLM
@@ -50,7 +51,7 @@ class OnnxBackend:
 
     def step(self, tokens: np.ndarray, mask: np.ndarray, past: list[np.ndarray]):
         mask = mask.astype(np.int64)
-        logits, past = self.lm.forward(tokens.astype(np.int64)[:, None], mask, position_ids(mask), past)
+        logits, past = self.lm.forward(tokens.astype(np.int64)[:, None], mask, position_ids_for(mask, 1), past)
         return logits[:, -1], past
 
     def combine(self, pasts: list[list[np.ndarray]]) -> list[np.ndarray]:

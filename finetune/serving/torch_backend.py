@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from finetune.errors import FinetuneError
-from finetune.serving.backend import left_padded, position_ids
+from finetune.onnx_generation import position_ids_for
+from finetune.serving.backend import left_padded
 
 if TYPE_CHECKING:
     import torch
@@ -110,7 +111,7 @@ class TorchBackend:
         def tensor(array):
             return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).to(self.device)
 
-        logits, past = self._forward(tensor(tokens[:, None]), tensor(mask), tensor(position_ids(mask)), past, 1)
+        logits, past = self._forward(tensor(tokens[:, None]), tensor(mask), tensor(position_ids_for(mask, 1)), past, 1)
         return logits[:, -1], past
 
     def combine(self, pasts: list[Layers]) -> Layers:

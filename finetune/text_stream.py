@@ -1,4 +1,4 @@
-"""Token ids -> text as it streams, cut at stop strings.
+"""Token ids -> text as it streams, cut at stop strings (`finetune generate`'s output and `finetune serve`'s).
 
 Text that could still become a stop string, or that ends in half a UTF-8 character (byte-level BPE
 splits characters across tokens), is held back until the next token settles it, so a client never
@@ -8,6 +8,16 @@ sees part of a stop string or a replacement character that a later token would h
 from __future__ import annotations
 
 from collections.abc import Callable
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    """Text up to (not including) the earliest stop string."""
+    cut = len(text)
+    for stop in stops:
+        index = text.find(stop)
+        if index != -1:
+            cut = min(cut, index)
+    return text[:cut]
 
 
 class TextStream:
@@ -30,11 +40,11 @@ class TextStream:
             return ""
         self.ids.append(token_id)
         text = self._text()
-        cut = min((i for i in (text.find(s) for s in self.stops) if i != -1), default=-1)
-        if cut != -1:
+        before_stop = cut_at_stop(text, self.stops)
+        if len(before_stop) < len(text):
             self.stopped = True
-            self.tokens_kept = self._tokens_within(cut)
-            return self._advance(text[:cut])
+            self.tokens_kept = self._tokens_within(len(before_stop))
+            return self._advance(before_stop)
         self.tokens_kept = len(self.ids)
         safe = len(text)
         while safe and text[safe - 1] == "\ufffd":  # half a character: the next token may complete it
