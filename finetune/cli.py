@@ -54,6 +54,18 @@ def _echo_err(message: str) -> None:
     click.echo(message, err=True)
 
 
+_SHOWN_WARNINGS: set[str] = set()
+
+
+def _show_warning(message, category, *args, **kwargs) -> None:
+    """One line per distinct warning: Python shows a warning once per call site, and several sites can raise
+    the same one (e.g. each place that asks whether `--model tiny` names the preset)."""
+    text = str(message)
+    if text not in _SHOWN_WARNINGS:
+        _SHOWN_WARNINGS.add(text)
+        _echo_err(f"warning: {text}")
+
+
 def _quiet_libraries() -> None:
     """One-line warnings, and no library chatter a user cannot act on.
 
@@ -62,7 +74,8 @@ def _quiet_libraries() -> None:
     """
     from finetune.modeling import NOISY_MODULES  # light: modeling imports torch and transformers only when used
 
-    warnings.showwarning = lambda message, category, *args, **kwargs: _echo_err(f"warning: {message}")
+    _SHOWN_WARNINGS.clear()
+    warnings.showwarning = _show_warning
     warnings.filterwarnings("ignore", module=NOISY_MODULES)
     # torch.export's pytree, raised via copyreg
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*treespec.*")

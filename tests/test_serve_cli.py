@@ -120,6 +120,10 @@ def test_bad_sources_fail_in_one_line_before_the_server_starts(tmp_path, model_d
         busy.listen(1)
         port = busy.getsockname()[1]
         assert f"cannot listen on 127.0.0.1:{port}" in serve_error("--model", model_dir, "--port", port)
+    # Nothing listens there: one line in seconds, before Ray is imported (ray.init would retry for minutes)
+    replicas = ("--model", model_dir, "--replicas", "2", "--ray-address")
+    assert "cannot reach the Ray cluster at --ray-address" in serve_error(*replicas, f"127.0.0.1:{port}")
+    assert "expected HOST:PORT" in serve_error(*replicas, "nowhere")
 
 
 def test_a_missing_serve_extra_is_one_line_naming_the_extra(model_dir):
