@@ -50,6 +50,11 @@ def _default(section: type, name: str) -> str:
     return f"[default: {shown(default(section, name))}]"
 
 
+def _saved_or(section, name: str) -> str:
+    """Serve's sampling defaults: the model's own generation_config.json, else `finetune generate`'s."""
+    return f"[default: the model's generation_config.json, else {shown(default(section, name))}]"
+
+
 def _echo_err(message: str) -> None:
     click.echo(message, err=True)
 
@@ -619,17 +624,15 @@ def export(run, checkpoint, fmt, output, dtype, quantize, optimize, verify, over
 @click.option(
     "--max-tokens",
     type=int,
-    default=default(GenerateConfig, "max_new_tokens"),
-    help="New tokens when a request does not say.",
+    help="New tokens when a request does not say.  " + _saved_or(GenerateConfig, "max_new_tokens"),
 )
 @click.option(
     "--temperature",
     type=float,
-    default=default(GenerateConfig, "temperature"),
-    help="Randomness when a request does not say; 0 is greedy.",
+    help="Randomness when a request does not say; 0 is greedy.  " + _saved_or(GenerateConfig, "temperature"),
 )
-@click.option("--top-k", type=int, default=default(GenerateConfig, "top_k"), help="Default top-k; 0 disables.")
-@click.option("--top-p", type=float, default=default(GenerateConfig, "top_p"), help="Default top-p; 1 disables.")
+@click.option("--top-k", type=int, help="Default top-k; 0 disables.  " + _saved_or(GenerateConfig, "top_k"))
+@click.option("--top-p", type=float, help="Default top-p; 1 disables.  " + _saved_or(GenerateConfig, "top_p"))
 @click.option(
     "--grace",
     type=float,

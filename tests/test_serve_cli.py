@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -296,3 +297,23 @@ def test_a_chat_run_serves_chat_as_finetune_generate_samples_it_torch_and_onnx(t
             assert out.choices[0].message.content == expected[0], (name, server.log)
         finally:
             assert server.stop() == 0, server.log
+
+
+def test_sampling_defaults_follow_the_models_generation_config_unless_a_flag_says(onnx_dir, tmp_path):
+    """A model that asks for greedy decoding and 5 new tokens gets them; a flag wins; a value serve cannot use
+    is one line naming the file."""
+    model = tmp_path / "greedy-onnx"
+    shutil.copytree(onnx_dir, model)
+    (model / "generation_config.json").write_text(json.dumps({"do_sample": False, "max_new_tokens": 5}))
+    for flags, tokens in (((), 5), (("--max-tokens", "3"), 3)):
+        server = ServerProcess("--onnx", model, *flags, block_torch=True)
+        try:
+            assert f"max_tokens {tokens}, temperature 0.0, top_k 50, top_p 0.95" in server.log
+            answers = [httpx.post(f"{server.url}/v1/completions", json={"prompt": PROMPT}).json() for _ in range(2)]
+        finally:
+            assert server.stop() == 0, server.log
+        assert answers[0]["usage"]["completion_tokens"] == tokens, answers
+        assert answers[0]["choices"][0]["text"] == answers[1]["choices"][0]["text"]  # greedy: the same twice
+    (model / "generation_config.json").write_text(json.dumps({"top_p": 0}))
+    line = serve_error("--onnx", model, "--port", "0")
+    assert "generation_config.json recommends" in line and "--top-p must be in (0, 1]" in line, line

@@ -218,7 +218,12 @@ def serve_replicas(
         if ray.is_initialized():
             log("stopping the replicas")
             try:
-                serve.shutdown()  # each replica's lifespan drains its engine within --grace
+                # Deleting the app first drains it: Serve stops routing to the replicas and waits (up to --grace)
+                # for their requests in flight, streams included, while the proxy still carries the answers.
+                # serve.shutdown() alone stops the proxy at once and cuts every open stream.
+                if APP_NAME in serve.status().applications:
+                    serve.delete(APP_NAME)
+                serve.shutdown()
             finally:
                 ray.shutdown()  # a local instance stops with its processes; a cluster is only disconnected from
     log("server stopped")
