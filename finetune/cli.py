@@ -251,6 +251,11 @@ def data_options(command):
     help=f"Steps between samples written to the run's samples/; 0 disables.  {_default(TrainConfig, 'sample_every')}",
 )
 @click.option(
+    "--print-samples/--no-print-samples",
+    default=None,
+    help=f"Also print those samples above the progress bar.  {_default(TrainConfig, 'print_samples')}",
+)
+@click.option(
     "--save-every",
     type=int,
     help=f"Steps between checkpoints; 0 saves only at the end.  {_default(TrainConfig, 'save_every')}",
