@@ -664,5 +664,30 @@ def serve(run, checkpoint, model, onnx_dir, runs_dir, host, port, model_name, ap
     )
 
 
+@main.command("runs", context_settings={"show_default": True})
+@click.argument("name", required=False)
+@click.option("--runs-dir", default=default(TrainConfig, "runs_dir"), help="Directory holding all runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of the table.")
+def runs_command(name, runs_dir, as_json):
+    """List the runs (steps, status, validation perplexity, last checkpoint, size), or show one run.
+
+    \b
+    Examples:
+      finetune runs
+      finetune runs recipes
+      finetune runs --json
+    """
+    import json
+
+    from finetune import run_listing
+    from finetune.api import list_runs
+
+    found = list_runs(name, runs_dir=runs_dir)
+    if as_json:
+        click.echo(json.dumps(run_listing.to_json(found), indent=1))
+    else:
+        click.echo(run_listing.detail_text(found) if name else run_listing.table(found))
+
+
 if __name__ == "__main__":
     main()

@@ -1,7 +1,8 @@
 """How a run ended: status.json in the run directory, written by training and read by `finetune runs`.
 
     runs/<name>/status.json   {"status": "finished", "step": 200, "total_steps": 200, "pid": 4242,
-                               "started": "2026-11-28T09:30:05Z", "ended": "2026-11-28T09:41:17Z", ...}
+                               "started": "2026-11-28T09:30:05Z", "ended": "2026-11-28T09:41:17Z",
+                               "command": "finetune train stories.txt --steps 200", ...}
 
 Training writes "running" once its checks have passed and the run directory is set up, then, on its
 way out, "finished", "stopped" (by a signal: "signal" says SIGINT or SIGTERM) or "failed" (with the
@@ -43,6 +44,7 @@ class RunStatus:
     ended: Optional[str] = None
     signal: Optional[str] = None  # "SIGINT" / "SIGTERM" when stopped by one
     error: Optional[str] = None  # the error line of a failed run
+    command: Optional[str] = None  # the command line that started this session of the run
 
 
 class Steps(Protocol):
@@ -82,13 +84,13 @@ def error_line(exc: BaseException) -> str:
 
 
 @contextmanager
-def recording(run_dir: Path, progress: Steps, total_steps: int) -> Iterator[None]:
+def recording(run_dir: Path, progress: Steps, total_steps: int, command: str) -> Iterator[None]:
     """Around training's loop and finish: "running" now, then how it ended.
 
     A second Ctrl-C aborts with KeyboardInterrupt: that is a stop by SIGINT, not a failure. The
     record of a failure is best effort: it never hides the error that is on its way to the user.
     """
-    started = RunStatus(RUNNING, progress.step, total_steps, pid=os.getpid(), started=now())
+    started = RunStatus(RUNNING, progress.step, total_steps, pid=os.getpid(), started=now(), command=command)
     write(run_dir, started)
     try:
         yield

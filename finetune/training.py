@@ -288,7 +288,7 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
     with run_lock(run_dir):
         run, progress = setup(cfg, run_dir, log, command)
         # status.json says "running", then how the run ended (finetune runs reads it); rank 0 writes.
-        with run_status.recording(run_dir, progress, run.total_steps) if run.is_main else nullcontext():
+        with run_status.recording(run_dir, progress, run.total_steps, run.command) if run.is_main else nullcontext():
             fit(run, progress)
             return finish(run, progress)
 
