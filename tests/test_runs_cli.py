@@ -300,3 +300,14 @@ def test_running_then_stopped_by_sigint_then_killed(workdir, gpt2_dir):
         "killed, out of memory, or the machine stopped"
         in run_cli("runs", "live", "--runs-dir", workdir / "runs").output
     )
+
+
+def test_listing_runs_does_not_import_torch(runs):
+    code = (
+        "import sys\n"
+        "from finetune.cli import main\n"
+        f"try:\n    main(['runs', '--runs-dir', {str(runs)!r}])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "False False", out
