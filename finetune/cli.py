@@ -269,6 +269,11 @@ def data_options(command):
     help=f"Steps between samples written to the run's samples/; 0 disables.  {_default(TrainConfig, 'sample_every')}",
 )
 @click.option(
+    "--print-samples/--no-print-samples",
+    default=None,
+    help=f"Also print those samples above the progress bar.  {_default(TrainConfig, 'print_samples')}",
+)
+@click.option(
     "--save-every",
     type=int,
     help=f"Steps between checkpoints; 0 saves only at the end.  {_default(TrainConfig, 'save_every')}",
@@ -673,6 +678,31 @@ def serve(run, checkpoint, model, onnx_dir, runs_dir, host, port, model_name, ap
         log=_echo_err,
         **options,
     )
+
+
+@main.command("runs", context_settings={"show_default": True})
+@click.argument("name", required=False)
+@click.option("--runs-dir", default=default(TrainConfig, "runs_dir"), help="Directory holding all runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of the table.")
+def runs_command(name, runs_dir, as_json):
+    """List the runs (steps, status, validation perplexity, last checkpoint, size), or show one run.
+
+    \b
+    Examples:
+      finetune runs
+      finetune runs recipes
+      finetune runs --json
+    """
+    import json
+
+    from finetune import run_listing
+    from finetune.api import list_runs
+
+    found = list_runs(name, runs_dir=runs_dir)
+    if as_json:
+        click.echo(json.dumps(run_listing.to_json(found), indent=1))
+    else:
+        click.echo(run_listing.detail_text(found) if name else run_listing.table(found))
 
 
 if __name__ == "__main__":
