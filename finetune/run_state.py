@@ -209,6 +209,7 @@ IGNORED_ON_RESUME = {
     ("train", "runs_dir"),
     ("data", "paths"),
     ("data", "cache_dir"),
+    ("train", "report_to"),  # where the numbers are also sent (trackers.py)
 }
 
 
