@@ -80,8 +80,8 @@ def _finite(value) -> bool:
 
 
 def smoothed(values: list[float]) -> list[float]:
-    """TensorBoard's debiased exponential moving average, its span about a fifteenth of the points."""
-    span = max(2.0, len(values) / 15)
+    """TensorBoard's debiased exponential moving average over about a twelfth of the points (at least 3)."""
+    span = max(3.0, len(values) / 12)
     weight = 1 - 2 / (span + 1)
     out, last = [], 0.0
     for i, value in enumerate(values):
