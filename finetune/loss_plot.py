@@ -80,8 +80,9 @@ def _finite(value) -> bool:
 
 
 def smoothed(values: list[float]) -> list[float]:
-    """TensorBoard's debiased exponential moving average over about a twelfth of the points (at least 3)."""
-    span = max(3.0, len(values) / 12)
+    """TensorBoard's debiased exponential moving average over about a twentieth of the points (at least 3):
+    enough to show the trend through noisy steps, little enough to follow a falling loss closely."""
+    span = max(3.0, len(values) / 20)
     weight = 1 - 2 / (span + 1)
     out, last = [], 0.0
     for i, value in enumerate(values):
@@ -152,6 +153,22 @@ def _summary(series: Series) -> str:
     return "; ".join(parts)
 
 
+def _loss_scale(loss_ax, all_series: list[Series]) -> None:
+    """A log scale once the loss spans more than a factor of 4 (a from-scratch run falls from ~7 to ~1):
+    the late, small improvements stay visible. Ticks are written as plain numbers, not powers of ten."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator
+
+    values = [v for s in all_series for v in s.train_loss + s.val_loss if v > 0]
+    if not values or max(values) / min(values) <= 4:
+        return
+    loss_ax.set_yscale("log")
+    loss_ax.set_ylabel("loss (nats/token, log scale)")
+    loss_ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0, 7.0)))
+    loss_ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(1.5, 4.0, 6.0, 8.0)))
+    loss_ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    loss_ax.yaxis.set_minor_formatter(FormatStrFormatter(""))
+
+
 def draw_run(series: Series) -> bytes:
     """One run: raw and smoothed training loss, validation points, learning rate; PNG bytes."""
     return render([series], "png")
@@ -173,6 +190,7 @@ def render(all_series: list[Series], fmt: str) -> bytes:
         loss_ax.set_title("training loss (smoothed; raw behind it) and validation loss", fontsize=10)
         if any(s.train_steps for s in all_series):
             lr_ax.legend(loc="upper right", fontsize=8)
+    _loss_scale(loss_ax, all_series)
     loss_ax.legend(loc="upper right", fontsize=9)
     buffer = io.BytesIO()
     fig.savefig(buffer, format=fmt)

@@ -207,3 +207,24 @@ def test_config_flattens_into_hyperparameters_and_old_runs_default_to_none(tmp_p
     config = tmp_path / "old.yaml"  # a config file without train.report_to, as runs before it wrote them
     config.write_text(yaml.safe_dump({"model": {"name": "tiny"}, "train": {"steps": 3}}))
     assert resolve_run_config(str(config), {"data": {"paths": ["x.txt"]}}).train.report_to == "none"
+
+
+@pytest.mark.slow  # trackio's finish waits for its sender thread: most of a minute on a busy machine
+def test_trackio_receives_the_metrics(workdir, gpt2_dir):
+    """trackio reads TRACKIO_DIR once, at import: a process of its own writes into this test's directory."""
+    import sqlite3
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), TRACKIO_DIR=str(workdir / "trackio"))
+    args = train_args(gpt2_dir, "tracked", 2, "--report-to", "trackio")
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune", *map(str, args)], cwd=workdir, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = workdir / "runs" / "tracked"
+    with sqlite3.connect(workdir / "trackio" / f"{trackers.PROJECT}.db") as db:
+        rows = db.execute("select run_name, step, metrics from metrics order by id").fetchall()
+        (config,) = db.execute("select config from configs").fetchone()
+    logged = [(step, json.loads(values)) for name, step, values in rows if name == "tracked"]
+    assert [(step, m["train/loss"]) for step, m in logged if "train/loss" in m] == expected(run_dir, "loss")
+    assert [(step, m["val/loss"]) for step, m in logged if "val/loss" in m] == expected(run_dir, "val_loss")
+    assert json.loads(config)["train.report_to"] == "trackio"
