@@ -302,6 +302,9 @@ class LossPlotter:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 env=env,
+                # Out of the terminal's process group: Ctrl-C stops training (which then asks for the last
+                # drawing), not the plot. Without training the helper still ends, at the end of its input.
+                start_new_session=True,
             )
         except OSError as exc:
             self.stopped = True
