@@ -273,16 +273,21 @@ class LossPlotter:
         except OSError:  # the helper is gone: its own line says why
             self._failed()
 
-    def close(self) -> bool:
-        """The last drawing, waited for; True when loss.png is there. Idempotent."""
+    def close(self, wait: bool = True) -> bool:
+        """The last drawing, waited for; True when loss.png is there. Idempotent.
+
+        wait=False (a second Ctrl-C: the user wants out now) leaves a running helper to draw and end alone.
+        """
         if self.run_dir is None or self.stopped:
             return False
-        process = self.process or self._start()
+        process = self.process or (self._start() if wait else None)
         self.stopped = True
         if process is None:
             return False
         try:
             process.stdin.close()
+            if not wait:
+                return False
             process.wait(timeout=CLOSE_TIMEOUT_S)
         except (OSError, subprocess.TimeoutExpired):
             process.kill()

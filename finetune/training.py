@@ -291,6 +291,9 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
         try:
             fit(run, progress)
             return finish(run, progress)
+        except KeyboardInterrupt:  # a second Ctrl-C: out at once, the plot draws itself
+            run.plot.close(wait=False)
+            raise
         finally:
             run.plot.close()  # a run that fails still gets its last loss.png (a no-op after finish)
 

@@ -128,3 +128,31 @@ def test_smoothing_follows_the_trend_and_starts_at_the_first_value():
     assert smooth[0] == values[0]
     assert max(abs(a - b) for a, b in zip(smooth[10:], smooth[11:])) < 0.8  # the zigzag (2.0) mostly gone
     assert smooth[-1] < smooth[10]
+
+
+def test_ctrl_c_stops_training_and_loss_png_is_drawn_to_the_last_step(workdir, gpt2_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    args = [str(a) for a in train_args(gpt2_dir, "stopped", 100000)]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finetune", *args], cwd=workdir, env=env, stderr=subprocess.PIPE, text=True
+    )
+    run_dir = workdir / "runs" / "stopped"
+    deadline = time.monotonic() + 180
+    while not ((run_dir / "loss.png").is_file() and (run_dir / "metrics.jsonl").read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    before = (run_dir / "loss.png").stat().st_mtime_ns
+    proc.send_signal(signal.SIGINT)  # to training only: the plot's helper is in a session of its own
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130 and "stopped by SIGINT" in err
+    assert f"loss plot: {Path('runs') / 'stopped' / 'loss.png'}" in err and "no longer drawn" not in err
+    last = loss_plot.read_series(run_dir).train_steps[-1]
+    assert (run_dir / "loss.png").stat().st_mtime_ns > before and last >= 3
