@@ -116,7 +116,13 @@ def _figure():
 def _draw_series(loss_ax, lr_ax, series: Series, color: str, val_color: str, label: str) -> None:
     if series.train_steps:
         loss_ax.plot(
-            series.train_steps, series.train_loss, color=color, alpha=0.3, linewidth=0.8, label=f"{label}training (raw)"
+            series.train_steps,
+            series.train_loss,
+            color=color,
+            alpha=0.3,
+            linewidth=0.8,
+            # Compared runs name only their smoothed and validation curves: the subtitle explains the raw ones.
+            label="training (raw)" if not label else "_nolegend_",
         )
         loss_ax.plot(
             series.train_steps,
@@ -189,9 +195,9 @@ def render(all_series: list[Series], fmt: str) -> bytes:
         fig.suptitle("runs " + ", ".join(f"'{s.name}'" for s in all_series), fontsize=14, fontweight="bold")
         loss_ax.set_title("training loss (smoothed; raw behind it) and validation loss", fontsize=10)
         if any(s.train_steps for s in all_series):
-            lr_ax.legend(loc="upper right", fontsize=8)
+            lr_ax.legend(loc="best", fontsize=8)
     _loss_scale(loss_ax, all_series)
-    loss_ax.legend(loc="upper right", fontsize=9)
+    loss_ax.legend(loc="best", fontsize=9)
     buffer = io.BytesIO()
     fig.savefig(buffer, format=fmt)
     return buffer.getvalue()
