@@ -3,9 +3,13 @@
     python bench/train_speed.py --preset tiny                      # CPU: the tiny preset (target >= 1.3x)
     python bench/train_speed.py --preset gpt2 --device cuda        # GPU: GPT-2 124M, bf16, seq 1024, batch 16
     python bench/train_speed.py --preset tiny --before ../old      # also finetune as an earlier checkout has it
+    python bench/train_speed.py --preset tiny --plot-every 5       # also: validation every 5 steps, loss.png on/off
 
 `--before DIR` adds a row for the finetune of another checkout (e.g. `git worktree add ../old <commit>`), run by
 that checkout's own copy of this script in alternating rounds with the others: a refactor shows it stayed in noise.
+
+`--plot-every N` adds two rows that validate every N steps, one redrawing loss.png at each validation (as
+training does) and one with the drawing switched off: the same tokens/s shows the plot stays off the hot path.
 
 Each side runs in its own process (clean memory statistics) on the same token blocks. Tokens/s is
 measured after warm-up steps (compilation, allocator growth) for both. GPU rows add MFU (nanoGPT's
@@ -55,12 +59,28 @@ def build_model_dir(name: str, root: Path) -> Path:
 
 
 def run_ours(
-    model_dir: Path, batch: int, seq: int, steps: int, warmup: int, precision: str, root: Path, cpu_kernels=None
+    model_dir: Path,
+    batch: int,
+    seq: int,
+    steps: int,
+    warmup: int,
+    precision: str,
+    root: Path,
+    cpu_kernels=None,
+    eval_every: int = 0,
+    plot: bool = True,
 ) -> dict:
     from finetune.api import train
 
     run_dir = root / "runs"
     name = "ours" if cpu_kernels is None else "ours-plain"
+    if eval_every:
+        name = "ours-plot" if plot else "ours-noplot"
+    if not plot:  # this process only: training asks for drawings, nothing draws
+        from finetune.loss_plot import LossPlotter
+
+        LossPlotter.redraw = lambda self: None
+        LossPlotter.close = lambda self: False
     train(
         str(SAMPLE),
         model=str(model_dir),
@@ -70,7 +90,7 @@ def run_ours(
         lr=1e-4,
         warmup=0,
         precision=precision,
-        eval_every=0,
+        eval_every=eval_every,
         sample_every=0,
         save_every=0,
         log_every=1,
@@ -158,17 +178,29 @@ def main() -> None:
         help="alternating runs of each side; the median is reported [default: 5 on CPU, 1 on CUDA]",
     )
     parser.add_argument("--before", help="a checkout of an earlier commit: adds its finetune as a row")
-    parser.add_argument("--side", choices=["ours", "ours-plain", "trainer"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--plot-every", type=int, default=0, help="adds rows validating every N steps with loss.png drawn / not drawn"
+    )
+    parser.add_argument("--steps", type=int, help="steps per run [default: the preset's]")
+    parser.add_argument(
+        "--side", choices=["ours", "ours-plain", "ours-plot", "ours-noplot", "trainer"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
     name, batch, seq, steps, warmup = PRESETS[args.preset]
+    if args.steps:  # a quick check of the script itself: fewer steps, a shorter warm-up
+        steps, warmup = args.steps, min(warmup, args.steps // 2)
     args.rounds = args.rounds or (1 if args.device == "cuda" else 5)  # a GPU is not shared with neighbours
     precision = "bf16" if args.device == "cuda" else "fp32"
     if args.side:  # child process: one side of the comparison
         root = Path(args.root)
-        runner = {"ours": run_ours, "trainer": run_trainer, "ours-plain": lambda *a: run_ours(*a, cpu_kernels=False)}[
-            args.side
-        ]
+        runner = {
+            "ours": run_ours,
+            "trainer": run_trainer,
+            "ours-plain": lambda *a: run_ours(*a, cpu_kernels=False),
+            "ours-plot": lambda *a: run_ours(*a, eval_every=args.plot_every),
+            "ours-noplot": lambda *a: run_ours(*a, eval_every=args.plot_every, plot=False),
+        }[args.side]
         print("RESULT " + json.dumps(runner(root / name, batch, seq, steps, warmup, precision, root)))
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -177,6 +209,7 @@ def main() -> None:
         # On CPU also finetune without its CPU kernels (--no-cpu-kernels), to show what they add.
         sides = ("trainer", "ours") if args.device == "cuda" else ("trainer", "ours-plain", "ours")
         sides += ("before",) if args.before else ()
+        sides += ("ours-noplot", "ours-plot") if args.plot_every else ()
         rounds = {side: [] for side in sides}
         for _ in range(args.rounds):  # alternating sides, so a noisy neighbour slows both alike
             for side in sides:
@@ -186,7 +219,8 @@ def main() -> None:
                     env = {**os.environ, "PYTHONPATH": str(script.parents[1])}
                 child_side = "ours" if side == "before" else side
                 command = [sys.executable, str(script), "--preset", args.preset, "--device", args.device]
-                command += ["--side", child_side, "--root", str(root)]
+                command += ["--side", child_side, "--root", str(root), "--plot-every", str(args.plot_every)]
+                command += ["--steps", str(steps)]
                 out = subprocess.run(command, capture_output=True, text=True, env=env)
                 if out.returncode:
                     sys.exit(out.stderr[-3000:])
@@ -207,6 +241,8 @@ def main() -> None:
     labels = {"trainer": "HF Trainer", "ours-plain": "finetune --no-cpu-kernels", "ours": "finetune"}
     if args.before:
         labels["before"] = f"finetune at {args.before}"
+    labels["ours-noplot"] = f"finetune, validation every {args.plot_every} steps, no loss.png"
+    labels["ours-plot"] = f"finetune, validation every {args.plot_every} steps, loss.png redrawn"
     for side, label in labels.items():
         if side not in results:
             continue

@@ -281,6 +281,11 @@ def data_options(command):
 @click.option(
     "--log-every", type=int, help=f"Steps between metrics.jsonl entries.  {_default(TrainConfig, 'log_every')}"
 )
+@click.option(
+    "--report-to",
+    help="Also send the metrics to experiment trackers: none, all (the installed ones), or a comma list of "
+    f"tensorboard, wandb, mlflow, trackio.  {_default(TrainConfig, 'report_to')}",
+)
 @click.option("--keep", type=int, help=f"Checkpoints kept (the newest).  {_default(TrainConfig, 'keep')}")
 @click.option("--seed", type=int, help=f"Random seed (data order, init, samples).  {_default(TrainConfig, 'seed')}")
 @click.option(
@@ -406,6 +411,30 @@ def prepare(data, output, config_file, **flags):
     if data:
         options["data"] = list(data)
     api_prepare(output=output, config=config_file, log=_echo_err, **options)
+
+
+@main.command(context_settings={"show_default": True})
+@click.argument("runs", nargs=-1, required=True)
+@click.option(
+    "--output",
+    "-o",
+    help="The image to write (.png, .svg or .pdf).  [default: the run's loss.png for "
+    "one run, ./loss-compare.png for several]",
+)
+@click.option("--runs-dir", default=default(TrainConfig, "runs_dir"), help="Directory holding the runs.")
+def plot(runs, output, runs_dir):
+    """Draw the loss of one or several runs (on the same axes, to compare them).
+
+    \b
+    Examples:
+      finetune plot recipes
+      finetune plot recipes recipes-lr3e-3 --output compare.png
+    \b
+    RUN is a run's name under --runs-dir, or a run directory. Training draws runs/<run>/loss.png itself.
+    """
+    from finetune.loss_plot import plot_runs
+
+    click.echo(plot_runs(list(runs), runs_dir, output))
 
 
 def _command_line(name: str, arguments: list[str], options: dict) -> str:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from finetune import trackers
 from finetune.errors import FinetuneError
 from finetune.records import FORMATS
 
@@ -140,6 +141,7 @@ class TrainConfig:
     save_every: int = 500  # steps between checkpoints (0: only at the end)
     keep: int = 3  # checkpoints kept on disk (the newest ones)
     log_every: int = 10  # steps between metrics.jsonl entries
+    report_to: str = "none"  # experiment trackers: none, all (the installed ones), or tensorboard,wandb,mlflow,trackio
     seed: int = 42  # seeds data order, initialisation and sampling
     resume: str = "latest"  # existing run: latest (continue it), fresh (refuse unless overwrite), or a checkpoint dir
     overwrite: bool = False  # delete an existing run of the same name first
@@ -417,6 +419,7 @@ def validate_run_config(cfg: RunConfig) -> None:
     _require(t.eval_batches >= 1, "train.eval_batches must be at least 1")
     _require(t.keep >= 1, "train.keep (--keep) must be at least 1")
     _require(t.log_every >= 1, "train.log_every (--log-every) must be at least 1")
+    trackers.parse(t.report_to)
     _require(
         t.loss_sync_every is None or t.loss_sync_every >= 1,
         "train.loss_sync_every (--loss-sync-every) must be at least 1",

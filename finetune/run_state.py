@@ -210,6 +210,7 @@ IGNORED_ON_RESUME = {
     ("data", "paths"),
     ("data", "cache_dir"),
     ("train", "print_samples"),  # what the screen shows, not what is trained
+    ("train", "report_to"),  # where the numbers are also sent (trackers.py)
 }
 
 

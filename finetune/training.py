@@ -34,11 +34,13 @@ from finetune import (
     run_status,
     schedules,
     state_dicts,
+    trackers,
 )
 from finetune.batching import endless_batches, make_dataloader
 from finetune.config import DEFAULT_STEPS, LOSS_SYNC_EVERY, GenerateConfig, RunConfig, TrainConfig, dump_yaml
 from finetune.data_files import resolve_files
 from finetune.errors import FinetuneError, install_hint
+from finetune.loss_plot import LossPlotter
 from finetune.prepared import is_prepared_dir, load_prepared, read_manifest
 from finetune.run_state import TrainingState
 from finetune.runs import run_dir_for, run_lock
@@ -236,6 +238,7 @@ class Run:
     resumed_rng: Optional[dict] = None  # generator states to restore just before the first step
     flops_per_token: float = 0.0
     device_peak_flops: Optional[float] = None  # None: MFU is not reported
+    plot: LossPlotter = field(default_factory=LossPlotter)  # loss.png, drawn by a helper process (loss_plot.py)
 
     @property
     def world(self) -> int:
@@ -289,8 +292,14 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
         run, progress = setup(cfg, run_dir, log, command)
         # status.json says "running", then how the run ended (finetune runs reads it); rank 0 writes.
         with run_status.recording(run_dir, progress, run.total_steps, run.command) if run.is_main else nullcontext():
-            fit(run, progress)
-            return finish(run, progress)
+            try:
+                fit(run, progress)
+                return finish(run, progress)
+            except KeyboardInterrupt:  # a second Ctrl-C: out at once, the plot draws itself
+                run.plot.close(wait=False)
+                raise
+            finally:
+                run.plot.close()  # a run that fails still gets its last loss.png (a no-op after finish)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +315,8 @@ def setup(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], command: Op
     data_files = resolve_files(cfg.data.paths)
     val_files = resolve_files([cfg.data.val_file]) if cfg.data.val_file else None
     resume_from, saved = _check_resume(cfg, run_dir)
-    accelerator = _make_accelerator(t.precision)
+    reporting = trackers.resolve(t.report_to)
+    accelerator = _make_accelerator(t.precision, trackers.accelerator_options(reporting, run_dir))
     say = log if accelerator.is_main_process else (lambda _msg: None)
     set_seed(t.seed)
     tokenizer, prepared_dir = _load_tokenizer(cfg, accelerator, data_files, resume_from)
@@ -354,6 +364,10 @@ def setup(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], command: Op
     run.scheduler = schedules.scheduler_from(optimizer, run.schedule, t.lr, progress.step)
     _start_run_dir(run, progress.step)
     _announce(run, steps_per_epoch)
+    for line in trackers.start(accelerator, reporting, run_dir, resolved.to_dict(), progress.step, saved is not None):
+        say(f"reporting to {line}")
+    if run.is_main:
+        run.plot = LossPlotter(run_dir, warn=say)
     run.flops_per_token = metrics.flops_per_token(lm, prepared.block_size)
     if run.cuda:
         import torch
@@ -376,7 +390,8 @@ def _check_resume(cfg: RunConfig, run_dir: Path) -> tuple[Optional[Path], Option
     return resume_from, saved
 
 
-def _make_accelerator(precision: str) -> Accelerator:
+def _make_accelerator(precision: str, tracking: dict) -> Accelerator:
+    """The Accelerator; `tracking` holds its --report-to arguments (trackers.accelerator_options)."""
     import torch
     from accelerate import Accelerator, DataLoaderConfiguration
 
@@ -386,6 +401,7 @@ def _make_accelerator(precision: str) -> Accelerator:
         cpu=not torch.cuda.is_available(),
         # With pinned batches (batching.make_dataloader), host-to-GPU copies overlap the previous step.
         dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
+        **tracking,
     )
 
 
@@ -830,20 +846,19 @@ def _show_on_bar(bar: tqdm, loss: float, lr: float, tokens_per_s: float, mfu: Op
 
 
 def log_metrics(run: Run, progress: Progress, lr: float, tokens_per_s: float, mfu: Optional[float]) -> None:
-    """A training record in metrics.jsonl (rank 0); the throughput window starts again."""
-    metrics.append(
-        run.run_dir / metrics.FILE_NAME,
-        {
-            "step": progress.step,
-            "epoch": progress.epoch,
-            "loss": round(progress.train_loss, 6),
-            "lr": lr,
-            "tokens_seen": progress.tokens_seen,
-            "tokens_per_s": round(tokens_per_s, 1),
-            "peak_memory_mb": round(metrics.peak_memory_bytes(run.baseline_rss) / 1e6, 1),
-            **({"mfu": round(mfu, 4)} if mfu is not None else {}),
-        },
-    )
+    """A training record in metrics.jsonl and the trackers (rank 0); the throughput window starts again."""
+    record = {
+        "step": progress.step,
+        "epoch": progress.epoch,
+        "loss": round(progress.train_loss, 6),
+        "lr": lr,
+        "tokens_seen": progress.tokens_seen,
+        "tokens_per_s": round(tokens_per_s, 1),
+        "peak_memory_mb": round(metrics.peak_memory_bytes(run.baseline_rss) / 1e6, 1),
+        **({"mfu": round(mfu, 4)} if mfu is not None else {}),
+    }
+    metrics.append(run.run_dir / metrics.FILE_NAME, record)
+    trackers.log(run.accelerator, record)
     progress.window_start, progress.window_tokens = time.perf_counter(), 0
 
 
@@ -853,10 +868,14 @@ def validate(run: Run, progress: Progress, bar: tqdm) -> None:
     progress.val_loss = evaluate(run.model, run.val_loader, t.eval_batches, run.accelerator)
     perplexity = math.exp(min(progress.val_loss, 50))
     if run.is_main:
-        metrics.append(
-            run.run_dir / metrics.FILE_NAME,
-            {"step": progress.step, "val_loss": round(progress.val_loss, 6), "val_perplexity": round(perplexity, 4)},
-        )
+        record = {
+            "step": progress.step,
+            "val_loss": round(progress.val_loss, 6),
+            "val_perplexity": round(perplexity, 4),
+        }
+        metrics.append(run.run_dir / metrics.FILE_NAME, record)
+        trackers.log(run.accelerator, record)
+        run.plot.redraw()
         bar.write(f"step {progress.step}: validation loss {progress.val_loss:.4f}, perplexity {perplexity:.2f}")
 
 
@@ -1009,6 +1028,8 @@ def finish(run: Run, progress: Progress) -> TrainResult:
         )
     elif run.is_main:
         run.log(f"done: {progress.step} steps; checkpoint {progress.last_checkpoint}")
+    if run.plot.close():
+        run.log(f"loss plot: {run.plot.path}")
     # All ranks reach the end together before end_training destroys the process group: a rank
     # tearing its gloo/NCCL connections down while another still uses them aborts ("terminate
     # called without an active exception").

@@ -222,6 +222,7 @@ COMMANDS = {
             f"{RUN}/checkpoint-{RESUME_STEPS:06d}/**",
             f"{RUN}/latest",
             f"{RUN}/metrics.jsonl",
+            f"{RUN}/loss.png",  # redrawn from metrics.jsonl at the end
             f"{RUN}/config.yaml",
             f"{RUN}/samples/samples-{RESUME_STEPS:06d}.txt",
         ),

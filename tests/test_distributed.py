@@ -56,6 +56,7 @@ def test_two_processes_match_one_process_and_resume(workdir, plain_gpt2):
         "checkpoint-000004",
         "config.yaml",
         "latest",
+        "loss.png",  # drawn by rank 0 only
         "metrics.jsonl",
         "samples",
         "status.json",
