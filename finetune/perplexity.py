@@ -7,6 +7,7 @@ torch-free ONNX path all format the same numbers here.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 MAX_LOSS = 50.0  # exp(50) is already meaningless as a perplexity; beyond it the float overflows
@@ -43,3 +44,24 @@ def change_line(before_loss: Optional[float], after_loss: Optional[float], what:
         return ""
     before, after = perplexity(before_loss), perplexity(after_loss)
     return f"{what} {shown(before)} → {shown(after)} ({relative_change(before, after)})"
+
+
+@dataclass
+class Score:
+    """Summed next-token loss (nats) over the tokens scored; the figures follow from the two."""
+
+    nll_sum: float = 0.0
+    tokens: int = 0
+
+    def add(self, nll_sum: float, tokens: int) -> None:
+        self.nll_sum += nll_sum
+        self.tokens += tokens
+
+    @property
+    def loss(self) -> float:
+        """Mean loss per scored token (nats/token)."""
+        return self.nll_sum / self.tokens if self.tokens else math.nan
+
+    @property
+    def perplexity(self) -> float:
+        return perplexity(self.loss)
