@@ -128,15 +128,15 @@ def _evaluate_torch(request: EvalRequest, files: list[Path], log: Callable[[str]
     data_cfg = data_config(run_dir, request.reading)
     with quiet_libraries():
         latest = targets[-1]
-        model, tokenizer = _load(latest)  # the latest checkpoint's tokenizer is the run's
-        block = _block_size(request, data_cfg, model, latest.label)
+        model, tokenizer = _load(latest, request.trust_remote_code)  # the latest checkpoint's tokenizer is the run's
+        block = _block_size(request.block_size or data_cfg.block_size, model, latest.label)
         data = read_eval_data(files, tokenizer, block, data_cfg)
         stride = None if data.supervised else (request.stride or block)
         if data.supervised and request.stride:
             raise FinetuneError(
                 "--stride applies to plain text; prompt/completion and chat examples are scored one per row"
             )
-        figures, skipped = _score_targets(targets, model, data, block, stride, request.batch_size, log)
+        figures, skipped = _score_targets(targets, model, data, block, stride, request, log)
         report = EvalReport(request.data, data.describe(), block, stride, figures[-1])
         if request.all_checkpoints:
             report.checkpoints, report.skipped = figures, skipped
@@ -177,19 +177,19 @@ def _step_of(checkpoint: Path) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
-def _load(target: Target, trust_remote_code: bool = False):
+def _load(target: Target, trust_remote_code: bool):
     from finetune.generation import load_for_generation
 
     return load_for_generation(target.source, trust_remote_code)
 
 
-def _block_size(request: EvalRequest, data_cfg: DataConfig, model: PreTrainedModel, name: str) -> int:
-    """--block-size, else the run's, else the model's context up to training's default."""
+def _block_size(requested: Optional[int], model: PreTrainedModel, name: str) -> int:
+    """`requested` (--block-size, else the run's), else the model's context up to training's default."""
     from finetune.modeling import context_length
     from finetune.token_cache import block_size_for
 
     context = context_length(model.config)
-    block = block_size_for(request.block_size or data_cfg.block_size, context)
+    block = block_size_for(requested, context)
     _require_context(block, context, name)
     return block
 
@@ -207,7 +207,7 @@ def _score_targets(
     data: EvalData,
     block: int,
     stride: Optional[int],
-    batch_size: int,
+    request: EvalRequest,
     log: Callable[[str], None],
 ) -> tuple[list[Figures], list[str]]:
     """Each target's figures (the latest is already loaded); with several (--all-checkpoints) a checkpoint
@@ -219,12 +219,13 @@ def _score_targets(
             model = latest_model
         else:
             try:
-                model, _ = _load(target)
+                model, _ = _load(target, request.trust_remote_code)
             except FinetuneError as exc:
                 log(f"warning: skipping {target.label}: {exc}")
                 skipped.append(f"{target.label}: {exc}")
                 continue
-        figures.append(Figures(target.label, score_torch(model, data, block, stride, batch_size), target.step))
+        score = score_torch(model, data, block, stride, request.batch_size)
+        figures.append(Figures(target.label, score, target.step))
         if len(targets) > 1:
             log(f"{target.label}: perplexity {figures[-1].score.perplexity:.2f}")
     return figures, skipped
@@ -242,7 +243,7 @@ def _score_baseline(
     """The baseline on the same tokens: its tokenizer must read the data as the same ids."""
     target = Target(request.baseline, request.baseline)
     model, tokenizer = _load(target, request.trust_remote_code)
-    _block_size(EvalRequest([], block_size=block), data_cfg, model, request.baseline)
+    _block_size(block, model, request.baseline)  # the windows must fit its context too
     _require_same_tokens(data, read_eval_data(files, tokenizer, block, data_cfg), name, request.baseline)
     return Figures(request.baseline, score_torch(model, data, block, stride, request.batch_size))
 
