@@ -98,8 +98,9 @@ def _evaluate_onnx(request: EvalRequest, files: list[Path]) -> EvalReport:
     baseline = load_export(request.baseline) if request.baseline else None  # a second export: int8 against fp32
     data_cfg = data_config(None, request.reading)
     block = block_size_for(request.block_size or trained_block_size(lm), context_of(lm))
-    for model, name in ((lm, request.onnx), *(((baseline[0], request.baseline),) if baseline else ())):
-        _require_context(block, context_of(model), name)
+    exports = [(lm, request.onnx)] + ([(baseline[0], request.baseline)] if baseline else [])
+    for export, name in exports:
+        _require_context(block, context_of(export), name)
     data = read_eval_data(files, tokenizer, block, data_cfg)
     stride = request.stride or block
     report = EvalReport(
