@@ -105,6 +105,7 @@ def draw_checkpoints(report: EvalReport, run_name: str, path: Path) -> None:
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     steps = [f.step for f in report.checkpoints]
     values = [f.score.perplexity for f in report.checkpoints]
@@ -122,6 +123,7 @@ def draw_checkpoints(report: EvalReport, run_name: str, path: Path) -> None:
         axes.axhline(baseline.score.perplexity, color="gray", linestyle="--", label=baseline_label)
     names = ", ".join(Path(d).name for d in report.data[:2]) + (" ..." if len(report.data) > 2 else "")
     axes.set_title(f"Run '{run_name}': perplexity on {names} by checkpoint")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     axes.set_xlabel("training step (optimizer steps)")
     axes.set_ylabel("perplexity (lower is better)")
     axes.grid(True, alpha=0.3)

@@ -114,6 +114,17 @@ def test_all_checkpoints_table_best_and_plot(workdir, eval_run, held_out):
     assert f"plot: {plot}" in out and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_prepared_directory_and_the_python_api_read_the_same_tokens(workdir, eval_run, held_out):
+    import finetune
+
+    checkpoint = eval_run / "checkpoint-000006"
+    run_cli("prepare", held_out, "--model", checkpoint, "--block-size", BLOCK, "--output", workdir / "prepared")
+    from_dir, _ = eval_json(workdir / "prepared", "--checkpoint", checkpoint)
+    report = finetune.evaluate(str(held_out), checkpoint=str(checkpoint), log=lambda _m: None)
+    assert report.model.score.tokens == from_dir["model"]["tokens"]
+    assert abs(report.model.score.loss - from_dir["model"]["loss"]) < 1e-6
+
+
 def test_prompt_completion_examples_score_only_the_completions(workdir, gpt2_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
