@@ -339,3 +339,10 @@ def evaluate(
         reading=reading,
     )
     return run_evaluation(request, log=log)
+
+
+def list_runs(name: Optional[str] = None, *, runs_dir: str = default(TrainConfig, "runs_dir")):
+    """The runs in `runs_dir` (a run_listing.Listing), or the run `name` in detail (a run_listing.RunDetail)."""
+    from finetune import run_listing
+
+    return run_listing.describe(runs_dir, name) if name else run_listing.list_runs(runs_dir)

@@ -50,8 +50,25 @@ def _default(section: type, name: str) -> str:
     return f"[default: {shown(default(section, name))}]"
 
 
+def _saved_or(section, name: str) -> str:
+    """Serve's sampling defaults: the model's own generation_config.json, else `finetune generate`'s."""
+    return f"[default: the model's generation_config.json, else {shown(default(section, name))}]"
+
+
 def _echo_err(message: str) -> None:
     click.echo(message, err=True)
+
+
+_SHOWN_WARNINGS: set[str] = set()
+
+
+def _show_warning(message, category, *args, **kwargs) -> None:
+    """One line per distinct warning: Python shows a warning once per call site, and several sites can raise
+    the same one (e.g. each place that asks whether `--model tiny` names the preset)."""
+    text = str(message)
+    if text not in _SHOWN_WARNINGS:
+        _SHOWN_WARNINGS.add(text)
+        _echo_err(f"warning: {text}")
 
 
 def _quiet_libraries() -> None:
@@ -62,7 +79,8 @@ def _quiet_libraries() -> None:
     """
     from finetune.modeling import NOISY_MODULES  # light: modeling imports torch and transformers only when used
 
-    warnings.showwarning = lambda message, category, *args, **kwargs: _echo_err(f"warning: {message}")
+    _SHOWN_WARNINGS.clear()
+    warnings.showwarning = _show_warning
     warnings.filterwarnings("ignore", module=NOISY_MODULES)
     # torch.export's pytree, raised via copyreg
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*treespec.*")
@@ -249,6 +267,11 @@ def data_options(command):
     "--sample-every",
     type=int,
     help=f"Steps between samples written to the run's samples/; 0 disables.  {_default(TrainConfig, 'sample_every')}",
+)
+@click.option(
+    "--print-samples/--no-print-samples",
+    default=None,
+    help=f"Also print those samples above the progress bar.  {_default(TrainConfig, 'print_samples')}",
 )
 @click.option(
     "--save-every",
@@ -648,17 +671,15 @@ def evaluate(data, onnx_dir, json_file, **options):
 @click.option(
     "--max-tokens",
     type=int,
-    default=default(GenerateConfig, "max_new_tokens"),
-    help="New tokens when a request does not say.",
+    help="New tokens when a request does not say.  " + _saved_or(GenerateConfig, "max_new_tokens"),
 )
 @click.option(
     "--temperature",
     type=float,
-    default=default(GenerateConfig, "temperature"),
-    help="Randomness when a request does not say; 0 is greedy.",
+    help="Randomness when a request does not say; 0 is greedy.  " + _saved_or(GenerateConfig, "temperature"),
 )
-@click.option("--top-k", type=int, default=default(GenerateConfig, "top_k"), help="Default top-k; 0 disables.")
-@click.option("--top-p", type=float, default=default(GenerateConfig, "top_p"), help="Default top-p; 1 disables.")
+@click.option("--top-k", type=int, help="Default top-k; 0 disables.  " + _saved_or(GenerateConfig, "top_k"))
+@click.option("--top-p", type=float, help="Default top-p; 1 disables.  " + _saved_or(GenerateConfig, "top_p"))
 @click.option(
     "--grace",
     type=float,
@@ -699,6 +720,31 @@ def serve(run, checkpoint, model, onnx_dir, runs_dir, host, port, model_name, ap
         log=_echo_err,
         **options,
     )
+
+
+@main.command("runs", context_settings={"show_default": True})
+@click.argument("name", required=False)
+@click.option("--runs-dir", default=default(TrainConfig, "runs_dir"), help="Directory holding all runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of the table.")
+def runs_command(name, runs_dir, as_json):
+    """List the runs (steps, status, validation perplexity, last checkpoint, size), or show one run.
+
+    \b
+    Examples:
+      finetune runs
+      finetune runs recipes
+      finetune runs --json
+    """
+    import json
+
+    from finetune import run_listing
+    from finetune.api import list_runs
+
+    found = list_runs(name, runs_dir=runs_dir)
+    if as_json:
+        click.echo(json.dumps(run_listing.to_json(found), indent=1))
+    else:
+        click.echo(run_listing.detail_text(found) if name else run_listing.table(found))
 
 
 if __name__ == "__main__":

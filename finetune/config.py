@@ -136,6 +136,7 @@ class TrainConfig:
     eval_batches: int = 50  # at most this many batches per validation pass
     sample_every: int = 200  # steps between samples written to samples/ (0 disables)
     sample_tokens: int = 120  # new tokens per training-time sample
+    print_samples: bool = True  # also print those samples above the progress bar (gpt-2-simple did)
     save_every: int = 500  # steps between checkpoints (0: only at the end)
     keep: int = 3  # checkpoints kept on disk (the newest ones)
     log_every: int = 10  # steps between metrics.jsonl entries

@@ -201,7 +201,7 @@ REFUSED_ON_RESUME = {
         "the checkpoint's optimizer state covers the parameters trained so far",
     ),
 }
-# Where the run and its data live, and how this command was asked to start: not the experiment.
+# Where the run and its data live, how this command was asked to start and what it prints: not the experiment.
 IGNORED_ON_RESUME = {
     ("train", "overwrite"),
     ("train", "resume"),
@@ -209,6 +209,7 @@ IGNORED_ON_RESUME = {
     ("train", "runs_dir"),
     ("data", "paths"),
     ("data", "cache_dir"),
+    ("train", "print_samples"),  # what the screen shows, not what is trained
 }
 
 

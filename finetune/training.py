@@ -10,6 +10,7 @@ the current step, save, and exit. Runs on accelerate: one process, several GPUs,
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import signal
 import threading
@@ -30,6 +31,7 @@ from finetune import (
     modeling,
     optimizer_state,
     run_state,
+    run_status,
     schedules,
     state_dicts,
 )
@@ -287,8 +289,10 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
     run_dir = run_dir_for(cfg)
     with run_lock(run_dir):
         run, progress = setup(cfg, run_dir, log, command)
-        fit(run, progress)
-        return finish(run, progress)
+        # status.json says "running", then how the run ended (finetune runs reads it); rank 0 writes.
+        with run_status.recording(run_dir, progress, run.total_steps, run.command) if run.is_main else nullcontext():
+            fit(run, progress)
+            return finish(run, progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -621,19 +625,39 @@ def _start_run_dir(run: Run, step: int) -> None:
     run.accelerator.wait_for_everyone()
 
 
+# accelerate's mixed_precision values, as the run header says them
+PRECISION_WORDS = {"no": "fp32", "bf16": "bf16 mixed", "fp16": "fp16 mixed", "fp8": "fp8 mixed"}
+
+
 def _announce(run: Run, steps_per_epoch: int) -> None:
+    """The run header: what trains, where, at which precision, and how much data a step and the run take."""
     t = run.cfg.train
     n_params = modeling.count_parameters(run.model)
     n_trainable = modeling.count_trainable(run.model)
     effective_batch = t.batch_size * t.grad_accum * run.world
     trainable = f" ({n_trainable / 1e6:.2f}M trainable)" if n_trainable != n_params else ""
+    precision = PRECISION_WORDS.get(run.accelerator.mixed_precision, run.accelerator.mixed_precision)
+    split = (
+        f" ({t.batch_size} per device x {t.grad_accum} accumulation x {run.world} processes)"
+        if t.grad_accum > 1 or run.world > 1
+        else ""
+    )
     run.log(
         f"run '{run.run_dir.name}': {run.cfg.model.name}, {n_params / 1e6:.1f}M parameters{trainable}, "
-        f"{run.accelerator.device}, precision {run.accelerator.mixed_precision}; {run.total_steps} steps of "
-        f"{effective_batch} blocks ({t.batch_size} per device x {t.grad_accum} accumulation x {run.world} "
-        f"processes) = {effective_batch * run.prepared.block_size:,} tokens per step; "
-        f"~{run.total_steps / steps_per_epoch:.1f} epochs"
+        f"on {_device_words(run)}, precision {precision}; {run.total_steps} steps of {effective_batch} blocks{split} "
+        f"of {run.prepared.block_size} tokens = {effective_batch * run.prepared.block_size:,} tokens per step; "
+        f"~{run.total_steps / steps_per_epoch:.1f} epochs (passes over the training data)"
     )
+
+
+def _device_words(run: Run) -> str:
+    """'CPU', 'GPU (NVIDIA H200)', '4 GPUs (NVIDIA H200)': not accelerate's 'cpu' / 'cuda:0'."""
+    if not run.cuda:
+        return run.accelerator.device.type.upper()
+    import torch
+
+    count = f"{run.world} GPUs" if run.world > 1 else "GPU"
+    return f"{count} ({torch.cuda.get_device_name(run.accelerator.device)})"
 
 
 def _check_run_files(run_dir: Path) -> None:
@@ -884,9 +908,29 @@ def write_samples(run: Run, progress: Progress) -> None:
     run.model.train()
     if run.is_main:
         body = f"\n{SAMPLE_DELIMITER}\n".join(texts)
-        files.write_atomic(
-            run.run_dir / "samples" / f"samples-{progress.step:06d}.txt", body + "\n", "training samples", durable=False
-        )
+        path = run.run_dir / "samples" / f"samples-{progress.step:06d}.txt"
+        files.write_atomic(path, body + "\n", "training samples", durable=False)
+        if run.cfg.train.print_samples:
+            print_above_bar(samples_for_screen(texts, progress.step, path))
+
+
+# Control characters an early model may sample (a carriage return, an escape sequence) would garble the screen.
+SCREEN_UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def samples_for_screen(texts: list[str], step: int, path: Path) -> str:
+    """The samples as gpt-2-simple printed them while training: each under a ======== SAMPLE n ======== line."""
+    lines = [f"samples at step {step} (saved in {path}):"]
+    for number, text in enumerate(texts, start=1):
+        lines += [f"======== SAMPLE {number} ========", SCREEN_UNSAFE.sub("\ufffd", text.rstrip("\n"))]
+    return "\n".join([*lines, "=" * 26])
+
+
+def print_above_bar(text: str) -> None:
+    """Print on the screen while the progress bar runs: tqdm clears the bar, prints, then redraws it."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(text)
 
 
 def save_checkpoint(run: Run, progress: Progress) -> Path:
@@ -923,6 +967,7 @@ def save_checkpoint(run: Run, progress: Progress) -> Path:
     if run.is_main:
         contents = partial(_write_checkpoint, run, unwrapped, state_dict, state, full_optimizer, rng)
         path = ckpt.save_checkpoint(run.run_dir, step, contents, run.cfg.train.keep)
+        print_above_bar(f"step {step}: saved {path}")
     accelerator.wait_for_everyone()
     return path or run.run_dir / ckpt.checkpoint_name(step)
 

@@ -59,6 +59,12 @@ class ServerProcess:
                 self.url = match.group(1)
                 self._url.set()
 
+    def rss_mb(self) -> float:
+        """The server process's resident memory now (Linux /proc)."""
+        with open(f"/proc/{self.process.pid}/status") as fh:
+            kib = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+        return kib / 1024
+
     @property
     def log(self) -> str:
         return "".join(self.lines)

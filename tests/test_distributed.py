@@ -3,6 +3,7 @@ saves whole tensors and resumes; the bundled accelerate configs are valid."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,9 @@ def test_two_processes_match_one_process_and_resume(workdir, plain_gpt2):
         "latest",
         "metrics.jsonl",
         "samples",
+        "status.json",
     ]
+    assert json.loads((workdir / "runs/ddp/status.json").read_text())["status"] == "finished"  # rank 0 wrote it
     # The optimizer file holds whole moments keyed by parameter name, equal to the single process's.
     import torch
 

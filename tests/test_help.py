@@ -130,15 +130,21 @@ def test_generate_defaults_are_the_dataclass_defaults():
 def test_serve_defaults_are_the_dataclass_defaults():
     import dataclasses
 
-    from finetune.cli import serve
+    from finetune.cli import serve, shown
     from finetune.config import GenerateConfig, ServeConfig, TrainConfig, default
 
     for spec in dataclasses.fields(ServeConfig):
         flag = "--grace" if spec.name == "shutdown_grace_s" else "--" + spec.name.replace("_", "-")
         assert _option(serve, flag).default == default(ServeConfig, spec.name), flag
-    for flag, name in (("--max-tokens", "max_new_tokens"), ("--temperature", "temperature"), ("--top-k", "top_k")):
-        assert _option(serve, flag).default == default(GenerateConfig, name), flag
-    assert _option(serve, "--top-p").default == default(GenerateConfig, "top_p")
+    sampling = {
+        "--max-tokens": "max_new_tokens",
+        "--temperature": "temperature",
+        "--top-k": "top_k",
+        "--top-p": "top_p",
+    }
+    for flag, name in sampling.items():  # None: the model's generation_config.json, else generate's default
+        option = _option(serve, flag)
+        assert f"generation_config.json, else {shown(default(GenerateConfig, name))}]" in option.help, flag
     assert _option(serve, "--runs-dir").default == default(TrainConfig, "runs_dir")
 
 

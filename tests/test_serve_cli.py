@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -120,6 +121,10 @@ def test_bad_sources_fail_in_one_line_before_the_server_starts(tmp_path, model_d
         busy.listen(1)
         port = busy.getsockname()[1]
         assert f"cannot listen on 127.0.0.1:{port}" in serve_error("--model", model_dir, "--port", port)
+    # Nothing listens there: one line in seconds, before Ray is imported (ray.init would retry for minutes)
+    replicas = ("--model", model_dir, "--replicas", "2", "--ray-address")
+    assert "cannot reach the Ray cluster at --ray-address" in serve_error(*replicas, f"127.0.0.1:{port}")
+    assert "expected HOST:PORT" in serve_error(*replicas, "nowhere")
 
 
 def test_a_missing_serve_extra_is_one_line_naming_the_extra(model_dir):
@@ -233,7 +238,8 @@ def test_model_name_and_key_from_the_environment_then_ctrl_c_exits_0(onnx_dir):
 
 @pytest.mark.slow
 def test_a_burst_of_200_requests_at_32_clients_loses_none(onnx_dir):
-    """Every request gets a whole answer or a 429; the server stays up and healthy."""
+    """Every request gets a whole answer or a 429; the server stays up and healthy, and its memory goes back to
+    where it was after a warm-up of the same load (a leak per request would add megabytes over 200)."""
     from concurrent.futures import ThreadPoolExecutor
 
     server = ServerProcess("--onnx", onnx_dir, "--max-batch-size", "16", "--max-queue", "8", block_torch=True)
@@ -249,8 +255,12 @@ def test_a_burst_of_200_requests_at_32_clients_loses_none(onnx_dir):
 
     try:
         with ThreadPoolExecutor(32) as pool:
+            list(pool.map(one, range(32)))  # warm-up: allocator pools and ONNX Runtime's arenas reach their size
+            idle = server.rss_mb()
             outcomes = list(pool.map(one, range(200)))
         assert httpx.get(f"{server.url}/health").status_code == 200
+        after = server.rss_mb()
+        assert after <= idle * 1.05 + 8, f"memory after the burst {after:.0f} MB, idle {idle:.0f} MB"
     finally:
         assert server.stop() == 0, server.log
     complete = [o for o in outcomes if o.startswith("200")]
@@ -287,3 +297,23 @@ def test_a_chat_run_serves_chat_as_finetune_generate_samples_it_torch_and_onnx(t
             assert out.choices[0].message.content == expected[0], (name, server.log)
         finally:
             assert server.stop() == 0, server.log
+
+
+def test_sampling_defaults_follow_the_models_generation_config_unless_a_flag_says(onnx_dir, tmp_path):
+    """A model that asks for greedy decoding and 5 new tokens gets them; a flag wins; a value serve cannot use
+    is one line naming the file."""
+    model = tmp_path / "greedy-onnx"
+    shutil.copytree(onnx_dir, model)
+    (model / "generation_config.json").write_text(json.dumps({"do_sample": False, "max_new_tokens": 5}))
+    for flags, tokens in (((), 5), (("--max-tokens", "3"), 3)):
+        server = ServerProcess("--onnx", model, *flags, block_torch=True)
+        try:
+            assert f"max_tokens {tokens}, temperature 0.0, top_k 50, top_p 0.95" in server.log
+            answers = [httpx.post(f"{server.url}/v1/completions", json={"prompt": PROMPT}).json() for _ in range(2)]
+        finally:
+            assert server.stop() == 0, server.log
+        assert answers[0]["usage"]["completion_tokens"] == tokens, answers
+        assert answers[0]["choices"][0]["text"] == answers[1]["choices"][0]["text"]  # greedy: the same twice
+    (model / "generation_config.json").write_text(json.dumps({"top_p": 0}))
+    line = serve_error("--onnx", model, "--port", "0")
+    assert "generation_config.json recommends" in line and "--top-p must be in (0, 1]" in line, line

@@ -110,3 +110,47 @@ def test_max_replicas_makes_an_autoscaling_deployment_sized_to_the_engine():
     scaled = deployment(serve, spec, 2, 6)._deployment_config
     assert (scaled.autoscaling_config.min_replicas, scaled.autoscaling_config.max_replicas) == (2, 6)
     assert scaled.max_ongoing_requests == 8 + 64  # Serve's default (5) would starve the batch
+
+
+@pytest.mark.slow
+def test_onnx_replicas_with_an_api_key_drain_a_stream_on_sigterm(tmp_path):
+    """--onnx and --api-key reach every replica; SIGTERM lets a stream in flight finish, then exits 0."""
+    import json
+    import signal
+    import threading
+
+    import httpx
+
+    pytest.importorskip("ray.serve", reason="the ray extra is not installed (pip install 'finetune-lm[ray]')")
+    from conftest import run_cli
+
+    model = make_model_dir(tmp_path / "tiny", dropout=False)
+    onnx = tmp_path / "tiny-onnx"
+    run_cli("export", "--checkpoint", model, "--format", "onnx", "--output", onnx)
+    server = ServerProcess("--onnx", onnx, "--replicas", "2", "--api-key", "sesame", timeout=300)
+    chunks: list[str] = []
+    first = threading.Event()
+    body = {"prompt": PROMPTS[0], "max_tokens": 200, "temperature": 0, "stream": True}
+
+    def stream() -> None:
+        headers = {"Authorization": "Bearer sesame"}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    chunks.append(line[6:])
+                    first.set()
+
+    try:
+        assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).status_code == 401
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert first.wait(120), server.log
+        server.process.send_signal(signal.SIGTERM)
+        reader.join(120)
+        server.process.wait(120)  # one SIGTERM: a second one (as stop() sends) would force the exit
+    finally:
+        code = server.stop(timeout=120)
+    assert code == 0, server.log
+    assert chunks[-1] == "[DONE]", chunks[-3:]
+    assert json.loads(chunks[-2])["choices"][0]["finish_reason"] in ("length", "stop")
+    assert "server stopped" in server.log and "Traceback" not in server.log, server.log

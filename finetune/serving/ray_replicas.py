@@ -57,6 +57,31 @@ def require_ray_extra():
     return ray, serve
 
 
+CONNECT_TIMEOUT_S = 10.0
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail in seconds when nothing listens at --ray-address: ray.init would retry the connection for minutes.
+
+    "auto" (the cluster this machine belongs to) has no address to try; Ray finds it or says why.
+    """
+    if address == "auto":
+        return
+    where = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = where.rpartition(":")
+    if not host or not port.isdigit():
+        raise FinetuneError(
+            f"--ray-address {address}: expected HOST:PORT (e.g. 10.0.0.5:6379), ray://HOST:PORT or auto"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise FinetuneError(
+            f"cannot reach the Ray cluster at --ray-address {address} ({exc.strerror or exc}); start it with "
+            f"`ray start --head` there, check the address and port, or leave --ray-address out for a local instance"
+        ) from None
+
+
 def free_port(host: str) -> int:
     """A free port for --port 0: Ray Serve's proxy needs a number, and it binds the port itself."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
@@ -155,6 +180,8 @@ def serve_replicas(
     log: Callable[[str], None] = print,
 ) -> None:
     """Start (or join) Ray, deploy the replicas behind Serve's proxy on host:port; on SIGTERM/Ctrl-C tear down."""
+    if ray_address:
+        check_reachable(ray_address)
     ray, serve = require_ray_extra()
     port = port or free_port(host)
     # SIGTERM stops as Ctrl-C does (KeyboardInterrupt in the main thread), while connecting, loading or serving
@@ -191,7 +218,12 @@ def serve_replicas(
         if ray.is_initialized():
             log("stopping the replicas")
             try:
-                serve.shutdown()  # each replica's lifespan drains its engine within --grace
+                # Deleting the app first drains it: Serve stops routing to the replicas and waits (up to --grace)
+                # for their requests in flight, streams included, while the proxy still carries the answers.
+                # serve.shutdown() alone stops the proxy at once and cuts every open stream.
+                if APP_NAME in serve.status().applications:
+                    serve.delete(APP_NAME)
+                serve.shutdown()
             finally:
                 ray.shutdown()  # a local instance stops with its processes; a cluster is only disconnected from
     log("server stopped")

@@ -152,11 +152,12 @@ def serve(app, sock: socket.socket, grace_s: float, loader: Callable[[], None], 
         engine.stop(grace_s)
 
 
-def banner(url: str, source: Source, api_key: Optional[str]) -> list[str]:
-    """What startup prints: where, which model, which backend, and a request to try."""
+def banner(url: str, source: Source, api_key: Optional[str], sampling: dict) -> list[str]:
+    """What startup prints: where, which model, which backend, the sampling defaults, and a request to try."""
     auth = " -H 'Authorization: Bearer YOUR_API_KEY'" if api_key else ""
     body = f'{{"model": "{source.model_name}", "prompt": "Hello", "max_tokens": 20}}'
     return [
         f"serving '{source.model_name}' ({source.kind} backend) at {url}/v1 (GET {url}/health: 200 once loaded)",
+        "a request that does not say gets " + ", ".join(f"{name} {value}" for name, value in sampling.items()),
         f"try: curl {url}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'",
     ]
