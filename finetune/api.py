@@ -292,6 +292,55 @@ def _prepare_into(cfg, files: list[Path], output: Path, log):
     return prepared
 
 
+def evaluate(
+    data: Union[str, list[str], None] = None,
+    *,
+    run: Optional[str] = None,
+    checkpoint: Optional[str] = None,
+    model: Optional[str] = None,
+    onnx: Optional[str] = None,
+    baseline: Optional[str] = None,
+    all_checkpoints: bool = False,
+    block_size: Optional[int] = None,
+    stride: Optional[int] = None,
+    batch_size: int = 8,
+    json_file: Optional[str] = None,
+    runs_dir: str = default(TrainConfig, "runs_dir"),
+    trust_remote_code: bool = False,
+    log=_stderr,
+    **reading,
+):
+    """Perplexity, mean loss and tokens counted of a model on data read as training reads it; an EvalReport.
+
+    >>> finetune.evaluate("held_out.txt", run="recipes", baseline="gpt2").lines()
+    >>> finetune.evaluate("held_out.txt", onnx="exports/recipes-onnx")   # ONNX Runtime, no torch needed
+    """
+    from finetune.eval_data import READING_FIELDS
+    from finetune.evaluation import EvalRequest
+    from finetune.evaluation import evaluate as run_evaluation
+
+    unknown = sorted(set(reading) - set(READING_FIELDS))
+    if unknown:
+        raise FinetuneError(f"unknown option(s) {', '.join(unknown)}; data options are: {', '.join(READING_FIELDS)}")
+    request = EvalRequest(
+        _paths(data) if data is not None else [],
+        run=run,
+        checkpoint=checkpoint,
+        model=model,
+        onnx=onnx,
+        baseline=baseline,
+        all_checkpoints=all_checkpoints,
+        block_size=block_size,
+        stride=stride,
+        batch_size=batch_size,
+        runs_dir=runs_dir,
+        json_file=json_file,
+        trust_remote_code=trust_remote_code,
+        reading=reading,
+    )
+    return run_evaluation(request, log=log)
+
+
 def list_runs(name: Optional[str] = None, *, runs_dir: str = default(TrainConfig, "runs_dir")):
     """The runs in `runs_dir` (a run_listing.Listing), or the run `name` in detail (a run_listing.RunDetail)."""
     from finetune import run_listing

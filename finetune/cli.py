@@ -629,6 +629,48 @@ def export(run, checkpoint, fmt, output, dtype, quantize, optimize, verify, over
     )
 
 
+@main.command(name="eval", context_settings={"show_default": True})
+@click.argument("data", nargs=-1)
+@click.option("--run", help="Evaluate this run's latest checkpoint, with the run's tokenizer and data settings.")
+@click.option("--checkpoint", help="Evaluate this checkpoint directory.")
+@click.option("--model", "-m", help="Evaluate a hub id or model directory.")
+@click.option("--onnx", "onnx_dir", help="Evaluate an ONNX export with ONNX Runtime (no torch needed).")
+@click.option("--baseline", help="Also evaluate this model (with --onnx: this export) and print the change.")
+@click.option("--all-checkpoints", is_flag=True, help="With --run: every checkpoint, a table and a plot by step.")
+@click.option(
+    "--block-size", type=int, help="Tokens per window.  [default: the run's block size, else min(1024, context)]"
+)
+@click.option("--stride", type=int, help="Tokens between window starts (< block size: more context per token).  "
+              "[default: the block size]")  # fmt: skip
+@click.option("--batch-size", type=int, default=8, help="Windows scored together.")
+@click.option("--json", "json_file", help="Also write the figures to this JSON file, for scripts.")
+@click.option("--runs-dir", default=default(TrainConfig, "runs_dir"), help="Directory holding all runs.")
+@click.option("--line-by-line/--no-line-by-line", default=None, help="Each non-empty line is a document.")
+@click.option("--encoding", help="Text encoding of the data files.  [default: the run's, else utf-8]")
+@click.option("--format", "format", type=click.Choice(FORMATS), help="Data format.  [default: from the extension]")
+@click.option("--text-field", "--text-column", "text_field", help="Field/column with the text of plain records.")
+@click.option("--cache-dir", help="Tokenized-data cache.  [default: $FINETUNE_CACHE or ~/.cache/finetune]")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub repo to run.")
+def evaluate(data, onnx_dir, json_file, **options):
+    """Perplexity of a model on your data, read exactly as training reads it.
+
+    \b
+    Examples:
+      finetune eval held_out.txt --run recipes --baseline gpt2
+      finetune eval held_out.txt --run recipes --all-checkpoints
+      finetune eval held_out.txt --model gpt2 --stride 512
+      finetune eval held_out.txt --onnx exports/recipes-onnx-int8 --baseline exports/recipes-onnx --json eval.json
+    """
+    _quiet_libraries()
+    from finetune.api import evaluate as api_evaluate
+
+    report = api_evaluate(list(data), onnx=onnx_dir, json_file=json_file, log=_echo_err, **options)
+    for line in report.lines():
+        click.echo(line)
+    if json_file:
+        _echo_err(f"wrote {json_file}")
+
+
 @main.command(context_settings={"show_default": True})
 @click.option("--run", help="Serve this run's latest checkpoint.  [default: the most recent run]")
 @click.option("--checkpoint", help="Serve this checkpoint directory.")

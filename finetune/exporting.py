@@ -471,6 +471,16 @@ def _verify_export(
     return report
 
 
+def _trained_block_size(source: Path) -> Optional[int]:
+    """The block size the checkpoint was trained with (`finetune eval --onnx` scores windows of it); None if unknown."""
+    from finetune.run_state import TrainingState
+
+    config = TrainingState.read_optional(str(source)).config
+    data = config.get("data") if isinstance(config, dict) else None
+    size = data.get("block_size") if isinstance(data, dict) else None
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
 def _export_onnx(
     source: Path,
     output: Path,
@@ -515,7 +525,9 @@ def _export_onnx(
             model.generation_config.save_pretrained(tmp)
             model.config.save_pretrained(tmp)
             manifest = _manifest(model, tokenizer, layout, dtype, quantize)
-            manifest.update(onnxruntime_fusions=fusions, quantization=quantization)
+            manifest.update(
+                onnxruntime_fusions=fusions, quantization=quantization, training_block_size=_trained_block_size(source)
+            )
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             (tmp / "README.md").write_text(
                 model_card(run_dir, source, "ONNX" + (" int8" if quantize else ""), dtype, fused=bool(fusions)),

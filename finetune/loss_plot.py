@@ -66,6 +66,8 @@ def read_series(run_dir: Path) -> Series:
             train[step] = (record["loss"], record["lr"])
         if _finite(record.get("val_loss")):
             val[step] = record["val_loss"]
+        elif step == 0 and _finite(record.get(metrics.INITIAL_VAL_LOSS)):  # before training: the first point
+            val[step] = record[metrics.INITIAL_VAL_LOSS]
     for step in sorted(train):
         series.train_steps.append(step)
         series.train_loss.append(train[step][0])

@@ -1,7 +1,9 @@
 """What training measures: metrics.jsonl (append, read, cut back on resume), peak memory, FLOPs and MFU.
 
 metrics.jsonl holds one JSON object per line: a training record every --log-every steps and a
-validation record every --eval-every steps, each with its "step".
+validation record every --eval-every steps, each with its "step". A run that validates also records,
+at step 0, the validation loss of the model before any update, under keys of its own (INITIAL_VAL_LOSS),
+so the validation records remain those of the --eval-every cadence.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ if TYPE_CHECKING:
 FILE_NAME = "metrics.jsonl"
 _WHAT = "metrics file"
 _FIX = "delete its damaged lines, or the file"
+INITIAL_VAL_LOSS = "initial_val_loss"  # step 0: the validation loss before training
+INITIAL_VAL_PERPLEXITY = "initial_val_perplexity"
 
 
 def append(path: Path, record: dict) -> None:
@@ -27,6 +31,17 @@ def append(path: Path, record: dict) -> None:
 def read(path: Path) -> list[dict]:
     """The file's records; a damaged line other than a torn last one names itself."""
     return files.read_jsonl(path, _WHAT, _FIX)
+
+
+def initial_val_loss(path: Path) -> Optional[float]:
+    """The validation loss recorded before the first update (the "before" of before/after), if any."""
+    if not path.is_file():
+        return None
+    for record in read(path):
+        value = record.get(INITIAL_VAL_LOSS)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
 
 
 def records_until(path: Path, step: int) -> Optional[list[dict]]:

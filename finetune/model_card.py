@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from finetune.errors import DISTRIBUTION
+from finetune.errors import DISTRIBUTION, FinetuneError
+from finetune.perplexity import change_line
 
 
 def model_card(run_dir: Optional[Path], source: Path, fmt: str, dtype: str, fused: bool = False) -> str:
@@ -43,6 +44,9 @@ def model_card(run_dir: Optional[Path], source: Path, fmt: str, dtype: str, fuse
         import math
 
         lines.append(f"| final validation loss | {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f}) |")
+        before_after = change_line(_initial_val_loss(run_dir), val_loss)
+        if before_after:
+            lines.append(f"| before → after fine-tuning | {before_after} |")
     if state.command:
         lines.append(f"| command | `{state.command}` |")
     lines += ["", "## Load it", ""]
@@ -73,6 +77,18 @@ def model_card(run_dir: Optional[Path], source: Path, fmt: str, dtype: str, fuse
             "`verification.json` holds the parity check against PyTorch made at export time.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _initial_val_loss(run_dir: Optional[Path]) -> Optional[float]:
+    """The run's validation loss before training (metrics.jsonl, step 0); None when unknown or unreadable."""
+    from finetune import metrics
+
+    if run_dir is None:
+        return None
+    try:
+        return metrics.initial_val_loss(run_dir / metrics.FILE_NAME)
+    except FinetuneError:  # a damaged metrics file costs the card one line, not the export
+        return None
 
 
 def _field(config: dict, section: str) -> dict:

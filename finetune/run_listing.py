@@ -204,12 +204,13 @@ def read_config(run_dir: Path) -> Optional[dict]:
 
 
 def validation_of(records: list[dict]) -> Validation:
-    """The first, best (lowest) and last validation perplexity of metrics.jsonl's records."""
-    points = [
-        (r["step"], float(r["val_perplexity"]))
-        for r in records
-        if _is_number(r.get("val_perplexity")) and _is_int(r.get("step"))
-    ]
+    """The first, best (lowest) and last validation perplexity of metrics.jsonl's records; the first is the one
+    before training (step 0, metrics.INITIAL_VAL_PERPLEXITY) when the run measured it."""
+    points = []
+    for r in records:
+        value = r.get("val_perplexity", r.get(metrics.INITIAL_VAL_PERPLEXITY))
+        if _is_number(value) and _is_int(r.get("step")):
+            points.append((r["step"], float(value)))
     if not points:
         return Validation()
     best_step, best = min(points, key=lambda point: point[1])

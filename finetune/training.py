@@ -41,6 +41,7 @@ from finetune.config import DEFAULT_STEPS, LOSS_SYNC_EVERY, GenerateConfig, RunC
 from finetune.data_files import resolve_files
 from finetune.errors import FinetuneError, install_hint
 from finetune.loss_plot import LossPlotter
+from finetune.perplexity import change_line, perplexity
 from finetune.prepared import is_prepared_dir, load_prepared, read_manifest
 from finetune.run_state import TrainingState
 from finetune.runs import run_dir_for, run_lock
@@ -276,6 +277,7 @@ class Progress:
     epoch: int = 0
     batches_in_epoch: int = 0  # batches of `epoch` consumed
     val_loss: Optional[float] = None  # the last validation loss
+    initial_val_loss: Optional[float] = None  # before any update (step 0): the "before" of the final line
     train_loss: float = math.nan  # the last training loss read back to the host
     pending_losses: list = field(default_factory=list)  # step losses not read back yet (sync_every > 1)
     nonfinite_streak: int = 0  # consecutive steps skipped for a non-finite loss
@@ -612,6 +614,7 @@ def _resume(run: Run, saved: TrainingState, changes: list[str]) -> Progress:
         epoch=saved.epoch,
         batches_in_epoch=saved.batches_in_epoch,
         val_loss=saved.val_loss,
+        initial_val_loss=metrics.initial_val_loss(run.run_dir / metrics.FILE_NAME),  # not evaluated again
         last_checkpoint=checkpoint,
     )
     run.schedule, plan = run_state.resumed_schedule(saved, t, progress.step, run.total_steps)
@@ -727,6 +730,8 @@ def fit(run: Run, progress: Progress) -> None:
         run_state.restore_rng_state(run.resumed_rng)
     # The bar is closed however the loop ends, so an error's message starts on its own line.
     with bar, StopSignals() as signals:
+        if progress.step == 0 and run.val_loader is not None and t.eval_every:
+            validate_before_training(run, progress, bar)
         while progress.step < total_steps and not signals.received:
             step_loss, step_tokens = _forward_backward(run, progress, batches)
             if run.sync_every > 1:
@@ -866,17 +871,42 @@ def validate(run: Run, progress: Progress, bar: tqdm) -> None:
     """The validation loss (every rank: evaluate() is collective), recorded and shown by rank 0."""
     t = run.cfg.train
     progress.val_loss = evaluate(run.model, run.val_loader, t.eval_batches, run.accelerator)
-    perplexity = math.exp(min(progress.val_loss, 50))
+    ppl = perplexity(progress.val_loss)
     if run.is_main:
         record = {
             "step": progress.step,
             "val_loss": round(progress.val_loss, 6),
-            "val_perplexity": round(perplexity, 4),
+            "val_perplexity": round(ppl, 4),
         }
         metrics.append(run.run_dir / metrics.FILE_NAME, record)
         trackers.log(run.accelerator, record)
         run.plot.redraw()
-        bar.write(f"step {progress.step}: validation loss {progress.val_loss:.4f}, perplexity {perplexity:.2f}")
+        bar.write(f"step {progress.step}: validation loss {progress.val_loss:.4f}, perplexity {ppl:.2f}")
+
+
+def validate_before_training(run: Run, progress: Progress, bar: tqdm) -> None:
+    """Step 0: the validation loss of the model as loaded, before any update (no RNG is drawn: eval mode).
+
+    Recorded under keys of its own (metrics.INITIAL_VAL_LOSS); a resumed run reads it back from metrics.jsonl.
+    """
+    progress.initial_val_loss = evaluate(run.model, run.val_loader, run.cfg.train.eval_batches, run.accelerator)
+    initial = perplexity(progress.initial_val_loss)
+    if run.is_main:
+        metrics.append(
+            run.run_dir / metrics.FILE_NAME,
+            {
+                "step": 0,
+                metrics.INITIAL_VAL_LOSS: round(progress.initial_val_loss, 6),
+                metrics.INITIAL_VAL_PERPLEXITY: round(initial, 4),
+            },
+        )
+        # Trackers show it as the first validation point (val/loss at step 0); so does loss.png.
+        record = {"step": 0, "val_loss": round(progress.initial_val_loss, 6), "val_perplexity": round(initial, 4)}
+        trackers.log(run.accelerator, record)
+        run.plot.redraw()
+        bar.write(
+            f"step 0 (before training): validation loss {progress.initial_val_loss:.4f}, perplexity {initial:.2f}"
+        )
 
 
 def write_samples(run: Run, progress: Progress) -> None:
@@ -1028,6 +1058,9 @@ def finish(run: Run, progress: Progress) -> TrainResult:
         )
     elif run.is_main:
         run.log(f"done: {progress.step} steps; checkpoint {progress.last_checkpoint}")
+        before_after = change_line(progress.initial_val_loss, progress.val_loss)
+        if before_after:
+            run.log(before_after)
     if run.plot.close():
         run.log(f"loss plot: {run.plot.path}")
     # All ranks reach the end together before end_training destroys the process group: a rank

@@ -11,7 +11,7 @@ from conftest import run_cli
 def test_help_has_examples():
     top = run_cli("--help").output
     assert "finetune train sample_data/recipes.txt --model tiny" in top
-    for command in ("train", "generate", "serve"):
+    for command in ("train", "generate", "eval", "serve"):
         text = run_cli(command, "--help").output
         assert "Examples:" in text and f"finetune {command} " in text
 

@@ -48,7 +48,8 @@ def test_training_draws_loss_png_whose_steps_continue_across_a_resume(two_runs):
     assert pixels.shape[0] > 500 and pixels.shape[1] > 800
     series = loss_plot.read_series(run_dir)
     assert series.train_steps == [1, 2, 3, 4, 5, 6]
-    assert series.val_steps == [2, 4, 6]
+    assert series.val_steps == [0, 2, 4, 6]  # step 0: the validation loss before training
+    assert series.val_loss[0] == next(m["initial_val_loss"] for m in read_metrics(run_dir) if m["step"] == 0)
     assert series.train_loss == [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
 
 
@@ -146,7 +147,9 @@ def test_ctrl_c_stops_training_and_loss_png_is_drawn_to_the_last_step(workdir, g
     )
     run_dir = workdir / "runs" / "stopped"
     deadline = time.monotonic() + 180
-    while not ((run_dir / "loss.png").is_file() and (run_dir / "metrics.jsonl").read_text().count("\n") >= 3):
+    while not (
+        (run_dir / "loss.png").is_file() and (run_dir / "metrics.jsonl").read_text().count("\n") >= 4
+    ):  # step 0 + 3
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.2)
     before = (run_dir / "loss.png").stat().st_mtime_ns
