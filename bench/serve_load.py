@@ -117,7 +117,7 @@ def prepare(work: Path) -> dict[str, Path]:
     """The run `bench` (one training step on the sample data) and its three exports, reused when present."""
     base = build_model(work)
     runs = work / "runs"
-    if not (runs / "bench" / "state.json").exists():
+    if not (runs / "bench" / "latest").exists():  # names the newest complete checkpoint
         finetune_cli(
             "train", str(SAMPLE_DATA), "--model", str(base), "--run-name", "bench", "--runs-dir", str(runs),
             "--steps", "1", "--block-size", "128", "--batch-size", "1", "--overwrite",

@@ -80,7 +80,7 @@ def run_ours(
         from finetune.loss_plot import LossPlotter
 
         LossPlotter.redraw = lambda self: None
-        LossPlotter.close = lambda self: False
+        LossPlotter.close = lambda self, wait=True: False
     train(
         str(SAMPLE),
         model=str(model_dir),

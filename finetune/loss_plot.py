@@ -305,6 +305,13 @@ class LossPlotter:
             return False
         return self.path.is_file()
 
+    def __enter__(self) -> LossPlotter:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        """The last drawing at the end of training, also when it fails; a second Ctrl-C does not wait for it."""
+        self.close(wait=kind is not KeyboardInterrupt)
+
     def _start(self) -> Optional[subprocess.Popen]:
         package_root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
@@ -343,8 +350,16 @@ def _last_line(stream: Optional[IO[bytes]]) -> str:
     return lines[-1] if lines else ""
 
 
+# The helper draws at most this share of the time (a drawing takes ~0.3 s of a core; training needs them all).
+DRAWING_SHARE = 0.03
+MIN_GAP_S = 5.0
+
+
 def serve(run_dir: Path) -> int:
-    """The helper process: a drawing per batch of requests on stdin, and a last one at end of input."""
+    """The helper process: drawings on request from stdin, spaced so that drawing takes at most DRAWING_SHARE of
+    the time (requests in between make one drawing), and a last one at the end of input."""
+    import select
+    import time
     import warnings
 
     warnings.simplefilter("ignore")  # its stderr is for the one line that says why it stopped
@@ -352,19 +367,35 @@ def serve(run_dir: Path) -> int:
         os.nice(5)  # training comes first on a busy CPU
     except OSError:
         pass
-    fd, drawn_at = sys.stdin.fileno(), None
+    fd, drawn_at, pending, next_drawing = sys.stdin.fileno(), None, False, 0.0
     while True:
-        request = os.read(fd, 4096)  # every pending request at once: one drawing for them all
-        state = _file_state(run_dir / metrics.FILE_NAME)
-        if state != drawn_at:  # nothing new since the last drawing: skip it
-            try:
-                draw_into(run_dir)
-            except Exception as exc:  # whatever the cause, training must not notice but this one line
-                print(f"{type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
-                return 1
-            drawn_at = state
-        if not request:
-            return 0
+        wait = max(0.0, next_drawing - time.monotonic()) if pending else None
+        if select.select([fd], [], [], wait)[0]:
+            request = os.read(fd, 4096)
+            if not request:  # end of input: training is over, the last drawing now
+                return _draw_if_new(run_dir, drawn_at)[0]
+            pending = True
+            if time.monotonic() < next_drawing:
+                continue
+        started = time.monotonic()
+        code, drawn_at = _draw_if_new(run_dir, drawn_at)
+        if code:
+            return code
+        pending = False
+        next_drawing = time.monotonic() + max(MIN_GAP_S, (time.monotonic() - started) / DRAWING_SHARE)
+
+
+def _draw_if_new(run_dir: Path, drawn_at: Optional[tuple[int, int]]) -> tuple[int, Optional[tuple[int, int]]]:
+    """Draw unless metrics.jsonl is as it was at the last drawing: (exit code, the file's state drawn)."""
+    state = _file_state(run_dir / metrics.FILE_NAME)
+    if state == drawn_at:
+        return 0, drawn_at
+    try:
+        draw_into(run_dir)
+    except Exception as exc:  # whatever the cause, training must not notice but this one line
+        print(f"{type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        return 1, drawn_at
+    return 0, state
 
 
 def _file_state(path: Path) -> Optional[tuple[int, int]]:

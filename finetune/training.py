@@ -293,15 +293,10 @@ def train(cfg: RunConfig, log: Callable[[str], None] = print, command: Optional[
     with run_lock(run_dir):
         run, progress = setup(cfg, run_dir, log, command)
         # status.json says "running", then how the run ended (finetune runs reads it); rank 0 writes.
-        with run_status.recording(run_dir, progress, run.total_steps, run.command) if run.is_main else nullcontext():
-            try:
-                fit(run, progress)
-                return finish(run, progress)
-            except KeyboardInterrupt:  # a second Ctrl-C: out at once, the plot draws itself
-                run.plot.close(wait=False)
-                raise
-            finally:
-                run.plot.close()  # a run that fails still gets its last loss.png (a no-op after finish)
+        status = run_status.recording(run_dir, progress, run.total_steps, run.command) if run.is_main else nullcontext()
+        with status, run.plot:  # the plot's last drawing also comes when the run fails (loss_plot.LossPlotter)
+            fit(run, progress)
+            return finish(run, progress)
 
 
 # ---------------------------------------------------------------------------------------------
