@@ -1053,11 +1053,11 @@ def finish(run: Run, progress: Progress) -> TrainResult:
         )
     elif run.is_main:
         run.log(f"done: {progress.step} steps; checkpoint {progress.last_checkpoint}")
-        before_after = change_line(progress.initial_val_loss, progress.val_loss)
-        if before_after:
-            run.log(before_after)
     if run.plot.close():
         run.log(f"loss plot: {run.plot.path}")
+    before_after = change_line(progress.initial_val_loss, progress.val_loss)
+    if before_after and run.is_main and not progress.stopped_by:  # the last line: did fine-tuning help?
+        run.log(before_after)
     # All ranks reach the end together before end_training destroys the process group: a rank
     # tearing its gloo/NCCL connections down while another still uses them aborts ("terminate
     # called without an active exception").
