@@ -77,7 +77,9 @@ def test_two_processes_match_one_process_and_resume(workdir, plain_gpt2):
         )
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize(
+    "lora", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["full", "lora"]
+)  # LoRA under FSDP: 20 s more, slow
 def test_fsdp_training_saves_and_resumes_like_one_process(workdir, plain_gpt2, lora):
     """The CLI's loop under accelerate's FSDP2 (full shard) on 2 CPU processes: see tests/fsdp_cli.py."""
     import subprocess

@@ -142,6 +142,7 @@ def test_sigkill_after_checkpoint_then_resume_is_exact(workdir, gpt2_dir, refere
     assert_same_weights(reference / "checkpoint-000006", run_dir / "checkpoint-000006")
 
 
+@pytest.mark.slow  # 30 s: kills a save at many points; tests/test_sweep.py's default cases cover damaged trees
 def test_sigkill_during_save_never_breaks_latest(workdir, gpt2_dir, reference):
     """Kill at each stage of writing checkpoint 4 (checkpoint 2 exists); every resume finishes exactly."""
 
