@@ -87,27 +87,31 @@ def error_line(exc: BaseException) -> str:
 def recording(run_dir: Path, progress: Steps, total_steps: int, command: str) -> Iterator[None]:
     """Around training's loop and finish: "running" now, then how it ended.
 
-    A second Ctrl-C aborts with KeyboardInterrupt: that is a stop by SIGINT, not a failure. The
-    record of a failure is best effort: it never hides the error that is on its way to the user.
+    A second Ctrl-C aborts with KeyboardInterrupt: that is a stop by SIGINT, not a failure. Every
+    record is best effort (_record): a status file that cannot be written is one warning.
     """
     started = RunStatus(RUNNING, progress.step, total_steps, pid=os.getpid(), started=now(), command=command)
-    write(run_dir, started)
+    _record(run_dir, started)
     try:
         yield
     except KeyboardInterrupt:
-        _write_quietly(run_dir, dataclasses.replace(started, status=STOPPED, signal="SIGINT"), progress)
+        _record(run_dir, dataclasses.replace(started, status=STOPPED, signal="SIGINT", step=progress.step, ended=now()))
         raise
     except BaseException as exc:
-        _write_quietly(run_dir, dataclasses.replace(started, status=FAILED, error=error_line(exc)), progress)
+        failed = dataclasses.replace(started, status=FAILED, error=error_line(exc), step=progress.step, ended=now())
+        _record(run_dir, failed)
         raise
     ended = STOPPED if progress.stopped_by else FINISHED
-    write(
+    _record(
         run_dir, dataclasses.replace(started, status=ended, signal=progress.stopped_by, step=progress.step, ended=now())
     )
 
 
-def _write_quietly(run_dir: Path, status: RunStatus, progress: Steps) -> None:
+def _record(run_dir: Path, status: RunStatus) -> None:
+    """Best effort: status.json only informs `finetune runs`, so a run never fails (or hides its own error) for it."""
+    import warnings
+
     try:
-        write(run_dir, dataclasses.replace(status, step=progress.step, ended=now()))
-    except FinetuneError:
-        pass
+        write(run_dir, status)
+    except FinetuneError as exc:
+        warnings.warn(f"{exc}; `finetune runs` will not know how this run ended", UserWarning, stacklevel=2)

@@ -223,6 +223,7 @@ COMMANDS = {
             f"{RUN}/latest",
             f"{RUN}/metrics.jsonl",
             f"{RUN}/loss.png",  # redrawn from metrics.jsonl at the end
+            f"{RUN}/status.json",  # running, then finished (run_status.py)
             f"{RUN}/config.yaml",
             f"{RUN}/samples/samples-{RESUME_STEPS:06d}.txt",
         ),
