@@ -1,6 +1,7 @@
 """Issue 5's GPU smoke runs in one command: bf16 and fp16 training, DDP and FSDP through accelerate on
 one GPU (FSDP also stopped and resumed), and LoRA on a 0.5B-class random-weight Llama; then
-`finetune serve` (the torch backend on the GPU) answering 16 concurrent greedy completions.
+`finetune eval` of the first run, and `finetune serve` (the torch backend on the GPU) answering 16
+concurrent greedy completions.
 
     python bench/gpu_smoke.py          # on a CUDA machine: GPT-2 124M and a 0.46B Llama (~6 minutes on an H100)
     python bench/gpu_smoke.py --cpu    # the same script with tiny models, fp32, no accelerate configs
@@ -116,6 +117,29 @@ def train(root: Path, name: str, model: Path, steps: int, *extra) -> dict:
     }
 
 
+def evaluate(root: Path, name: str) -> dict:
+    """`finetune eval` of a trained run on the sample data (the model on the GPU, as generate loads it): its
+    mean loss goes in the "val loss" column, tokens scored per second in "tokens/s"."""
+    out = root / f"eval-{name}.json"
+    cmd = [sys.executable, "-m", "finetune", "eval", str(SAMPLE), "--run", name, "--runs-dir", str(root / "runs")]
+    cmd += ["--json", str(out)]
+    start = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    model = json.loads(out.read_text())["model"] if result.returncode == 0 and out.is_file() else {}
+    return {
+        "run": f"eval {name}",
+        "exit": result.returncode,
+        "seconds": seconds,
+        "steps": model.get("step") or 0,
+        "loss": None,
+        "val_loss": model.get("loss"),
+        "tokens_per_s": round(model["tokens"] / seconds) if model else None,
+        "peak_mb": None,
+        "error": result.stderr.strip().splitlines()[-1] if result.returncode and result.stderr.strip() else "",
+    }
+
+
 def serve(model: Path, requests: int = 16, new_tokens: int = 32) -> dict:
     """`finetune serve --model DIR` on a free port, `requests` greedy completions sent at once (stdlib HTTP
     only, so the script needs nothing beyond the serve extra); output tokens/s over the burst."""
@@ -196,6 +220,7 @@ def main() -> None:
         runs.append(
             train(root, "llama-lora", llama, steps, *block, "--lora", *(() if args.cpu else ("--precision", "bf16")))
         )
+        runs.append(evaluate(root, runs[0]["run"]))  # the first run: gpt2-fp32 on CPU, gpt2-bf16 on a GPU
         runs.append(serve(gpt2))
     print(
         f"GPT-2 {dirs['gpt2_params'] / 1e6:.0f}M and Llama {dirs['llama_params'] / 1e6:.0f}M, random weights, "
