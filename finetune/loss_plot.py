@@ -29,6 +29,7 @@ from typing import IO, Optional
 
 from finetune import files, metrics
 from finetune.errors import FinetuneError
+from finetune.perplexity import perplexity
 
 PLOT_NAME = "loss.png"
 COMPARE_NAME = "loss-compare.png"
@@ -157,7 +158,7 @@ def _summary(series: Series) -> str:
     if series.val_steps:
         best = min(series.val_loss)
         parts.append(
-            f"validation loss {series.val_loss[-1]:.3f} (perplexity {math.exp(min(series.val_loss[-1], 50)):.1f}; "
+            f"validation loss {series.val_loss[-1]:.3f} (perplexity {perplexity(series.val_loss[-1]):.1f}; "
             f"best {best:.3f})"
         )
     return "; ".join(parts)

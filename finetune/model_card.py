@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from finetune.errors import DISTRIBUTION, FinetuneError
-from finetune.perplexity import change_line
+from finetune.perplexity import change_line, perplexity
 
 
 def model_card(run_dir: Optional[Path], source: Path, fmt: str, dtype: str, fused: bool = False) -> str:
@@ -41,9 +41,7 @@ def model_card(run_dir: Optional[Path], source: Path, fmt: str, dtype: str, fuse
         else "| tokens seen | unknown |",
     ]
     if val_loss is not None:
-        import math
-
-        lines.append(f"| final validation loss | {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f}) |")
+        lines.append(f"| final validation loss | {val_loss:.4f} (perplexity {perplexity(val_loss):.2f}) |")
         before_after = change_line(_initial_val_loss(run_dir), val_loss)
         if before_after:
             lines.append(f"| before → after fine-tuning | {before_after} |")
