@@ -317,3 +317,6 @@ def test_sampling_defaults_follow_the_models_generation_config_unless_a_flag_say
     (model / "generation_config.json").write_text(json.dumps({"top_p": 0}))
     line = serve_error("--onnx", model, "--port", "0")
     assert "generation_config.json recommends" in line and "--top-p must be in (0, 1]" in line, line
+    (model / "generation_config.json").write_text('{"top_p": 0.9')  # cut short
+    line = serve_error("--onnx", model, "--port", "0")
+    assert "generation config" in line and "is not valid JSON" in line, line

@@ -19,17 +19,12 @@ def sampling_defaults(
     """What a request that does not say gets: the flag, else the model's generation_config.json (the sampling
     its authors recommend, e.g. temperature 0.6 and top-p 0.9 for Llama 3, kept by training and export), else
     `finetune generate`'s default. No torch or transformers: the ONNX server runs without them."""
-    import json
-
+    from finetune import files
     from finetune.config import GenerateConfig, default
 
-    saved: dict = {}
     path = Path(location) / "generation_config.json"
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError):
-            saved = {}  # transformers would refuse it at load time; an unreadable file recommends nothing
+    # read as loading a model directory reads it (modeling.MODEL_JSON_FILES): a damaged file is one line
+    saved = files.read_json(path, "generation config") if path.exists() else {}
     if saved.get("do_sample") is False:  # the model is meant to be decoded greedily
         saved = {**saved, "temperature": 0.0}
     given = {"max_new_tokens": max_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p}
