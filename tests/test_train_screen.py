@@ -5,33 +5,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from conftest import SAMPLE, run_cli
+from conftest import run_cli
+from short_runs import base_args
 
 from finetune.generation import SAMPLE_DELIMITER
 
 
 def train_args(model_dir: Path, steps: int, *extra) -> list:
-    return [
-        "train",
-        SAMPLE,
-        "--model",
-        model_dir,
-        "--run-name",
-        "screen",
-        "--steps",
-        steps,
-        "--block-size",
-        32,
-        "--batch-size",
-        4,
-        "--eval-every",
-        0,
-        "--sample-every",
-        2,
-        "--save-every",
-        2,
-        *extra,
-    ]
+    """Samples and a checkpoint every 2 steps, no validation: the screen shows samples and saves only."""
+    return base_args(model_dir, "screen", steps, 4, "--eval-every", 0, "--sample-every", 2, *extra)
 
 
 def on_screen(samples_file: Path, step: int) -> str:
