@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from finetune import onnx_optimize, output_dirs
+from finetune import onnx_optimize, onnx_quantize, output_dirs
 from finetune.architectures import architecture, onnx_architectures
 from finetune.errors import FinetuneError, install_hint
 from finetune.files import writing
@@ -160,8 +160,8 @@ def _io_names(num_layers: int) -> tuple[list[str], list[str]]:
 def _untie_output_layer(model: PreTrainedModel) -> None:
     """Give the output layer its own copy of the embedding matrix.
 
-    With tied weights the exported graph feeds Transpose(embedding) to the output MatMul, which
-    dynamic int8 quantization leaves in fp32; untied, the largest MatMul is quantized too.
+    With tied weights the exported graph feeds Transpose(embedding) to the output MatMul, which is not
+    a constant weight for int8 quantization to rewrite; untied, the largest MatMul is quantized too.
     """
     import torch
 
@@ -423,18 +423,15 @@ def _fuse(graph: Path, staging: Path, external: bool, log: Callable[[str], None]
 
 
 def _write_weights(
-    graph: Path, directory: Path, quantize: Optional[str], fused: bool, external: bool, log: Callable[[str], None]
+    graph: Path, directory: Path, quantize: Optional[str], external: bool, log: Callable[[str], None]
 ) -> Optional[str]:
     """The final graph in `directory`, its weights quantized if asked; returns how they were quantized."""
     if not quantize:
         onnx_optimize.move_graph(graph, directory)
         return None
     log("quantizing the weights to int8 ...")
-    if fused:
-        onnx_optimize.quantize_int8_blocks(graph, directory / ONNX_FILE, external)
-        return onnx_optimize.INT8_BLOCKS_DESCRIPTION
-    onnx_optimize.quantize_int8_dynamic(graph, directory / ONNX_FILE, external)
-    return onnx_optimize.INT8_DYNAMIC_DESCRIPTION
+    onnx_quantize.quantize_int8(graph, directory / ONNX_FILE, external)
+    return onnx_quantize.DESCRIPTION
 
 
 def _verify_export(
@@ -518,7 +515,7 @@ def _export_onnx(
             fusions: dict[str, int] = {}
             if optimize:
                 graph, fusions = _fuse(graph, tmp / "staging", external, log)
-            quantization = _write_weights(graph, tmp, quantize, bool(fusions), external, log)
+            quantization = _write_weights(graph, tmp, quantize, external, log)
             shutil.rmtree(tmp / "staging")
             seconds = time.perf_counter() - started
             tokenizer.save_pretrained(tmp)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import make_model_dir, run_cli
 
+from finetune import onnx_quantize
 from finetune.architectures import onnx_architectures
 
 ARCHITECTURES = onnx_architectures()  # each one the table claims is exported, verified and sampled
@@ -92,7 +93,7 @@ def test_no_optimize_keeps_standard_onnx_operators(workdir, gpt2_dir):
         assert set(ops.values()) <= set(STANDARD_DOMAINS), ops
         manifest = json.loads((out / "finetune_onnx.json").read_text())
         assert manifest["onnxruntime_fusions"] == {} and json.loads((out / "verification.json").read_text())["passed"]
-    assert "MatMulInteger" in ops and "dynamic int8" in manifest["quantization"]
+    assert "MatMulInteger" in ops and manifest["quantization"] == onnx_quantize.DESCRIPTION
     assert "needs ONNX Runtime" not in (out / "README.md").read_text()
     assert greedy_text("--onnx", workdir / "plain-") == greedy_text("--checkpoint", gpt2_dir)
 
@@ -165,8 +166,9 @@ def test_int8_and_fp16_exports_of_a_trained_run(trained_run, trained_onnx, workd
         "--output",
         workdir / "int8",
     )
-    assert graph_ops(workdir / "int8")["MatMulNBits"] == "com.microsoft"
-    assert "MatMulNBits" in json.loads((workdir / "int8" / "finetune_onnx.json").read_text())["quantization"]
+    assert graph_ops(workdir / "int8")["MatMulInteger"] in STANDARD_DOMAINS
+    manifest = json.loads((workdir / "int8" / "finetune_onnx.json").read_text())
+    assert manifest["quantization"] == onnx_quantize.DESCRIPTION
     report = json.loads((workdir / "int8" / "verification.json").read_text())
     assert report["weights"] == "int8" and report["passed"]
     assert 0 <= report["greedy_token_agreement"] <= 1 and report["prompt_top1_agreement"] >= 0.8

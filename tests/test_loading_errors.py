@@ -239,7 +239,7 @@ def test_a_full_disk_during_export_leaves_the_old_export(workdir, gpt2_dir, monk
     if fmt == "safetensors":
         monkeypatch.setattr(modeling_utils, "safe_save_file", safetensors_disk_full)
     else:
-        monkeypatch.setattr(onnx_optimize, "_save", disk_full)  # writing the fused graph
+        monkeypatch.setattr(onnx_optimize, "save", disk_full)  # writing the fused graph
     result = run_cli(*export_args(gpt2_dir, output, "--overwrite", "--format", fmt), expect=None)
     assert_one_clear_line(result, "the disk is full", "free disk space")
     assert sorted(p.name for p in workdir.iterdir()) == ["out"]  # no temporary directory, no lock file

@@ -174,19 +174,34 @@ def test_greedy_batched_equals_alone_on_llama(tmp_path_factory):
     assert results["torch"] == results["onnx"]
 
 
-def test_int8_exports_batch_invariant_or_say_so(model_dir, onnx_dir):
-    """The default int8 export quantizes activations row by row: batched greedy == alone. The plain-operator
-    int8 (--no-optimize) scales them per batch, and its backend says it is not batch-invariant."""
+def test_int8_exports_are_batch_invariant(model_dir, onnx_dir):
+    """int8 exports, fused or --no-optimize, quantize each row's activations on their own: a row's logits are
+    bit-identical alone and in a batch, so batched greedy == alone. Manifests of earlier int8 exports (one
+    activation scale per tensor; MatMulNBits) say they are not."""
+    import numpy as np
+
+    from finetune.onnx_quantize import batch_invariant
     from finetune.serving.onnx_backend import OnnxBackend
 
-    blocks, dynamic = onnx_dir.parent / "int8", onnx_dir.parent / "int8-dynamic"
     int8 = ["export", "--checkpoint", model_dir, "--format", "onnx", "--quantize", "int8"]
-    run_cli(*int8, "--output", blocks)
-    run_cli(*int8, "--no-optimize", "--output", dynamic)
-    backend = OnnxBackend.load(blocks)
-    alone, staggered, together, _ = alone_staggered_together(backend)
-    assert backend.batch_invariant and staggered == alone and together == alone
-    assert not OnnxBackend.load(dynamic).batch_invariant
+    for name, extra in (("int8", []), ("int8-plain", ["--no-optimize"])):
+        out = onnx_dir.parent / name
+        run_cli(*int8, *extra, "--output", out)
+        backend = OnnxBackend.load(out)
+        assert backend.batch_invariant, name
+        ids = backend.encode(" ".join(PROMPTS))
+        rows = [ids[i : i + 6] for i in range(4)]  # equal lengths: no padding, so "alone" and "batched" match
+        together, past = backend.prefill(rows, all_logits=True)
+        step, _ = backend.step(np.array([r[-1] for r in rows]), np.ones((4, 7), np.int64), past)
+        for i, row in enumerate(rows):
+            alone, alone_past = backend.prefill([row], all_logits=True)
+            assert np.array_equal(alone[0], together[i]), (name, i)
+            alone_step, _ = backend.step(np.array([row[-1]]), np.ones((1, 7), np.int64), alone_past)
+            assert np.array_equal(alone_step[0], step[i]), (name, i)
+        alone, staggered, together_ids, _ = alone_staggered_together(backend)
+        assert staggered == alone and together_ids == alone, name
+    assert not batch_invariant("dynamic int8 (MatMulInteger, one scale per weight tensor, int8 activations)")
+    assert batch_invariant(None)
 
 
 def test_prefill_groups_keep_echo_alone_and_bound_their_size(monkeypatch):

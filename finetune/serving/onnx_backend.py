@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from finetune.onnx_generation import position_ids_for
+from finetune.onnx_quantize import batch_invariant
 from finetune.serving.backend import left_padded
 
 if TYPE_CHECKING:
@@ -28,9 +29,8 @@ class OnnxBackend:
         self.eos_token_id = lm.eos_token_id
         self.context: Optional[int] = lm.max_positions
         self.vocab_size = lm.tokenizer.get_vocab_size()
-        # `--quantize int8 --no-optimize` (MatMulInteger) scales activations per tensor, i.e. per batch;
-        # the default int8 (MatMulNBits, accuracy level 4) quantizes each row on its own.
-        self.batch_invariant = "MatMulInteger" not in str(lm.manifest.get("quantization") or "")
+        # int8 exports quantize each row's activations on their own; exports made before that did not.
+        self.batch_invariant = batch_invariant(lm.manifest.get("quantization"))
 
     @classmethod
     def load(cls, directory: str | Path) -> OnnxBackend:
