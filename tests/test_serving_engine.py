@@ -454,23 +454,29 @@ def test_a_failing_step_ends_its_batch_with_an_error_and_the_engine_keeps_servin
         engine.stop(5)
 
 
-def test_nan_weights_end_the_request_with_an_error_not_token_zero(backends):
-    import copy
-
+def test_nan_weights_end_the_request_with_an_error_not_token_zero(model_dir):
+    """Alone (the plain weights) and batched (the packed copy on CPU): NaN logits end the request with an error."""
     import torch
 
+    from finetune.generation import load_for_generation
+    from finetune.serving import cpu_linear
     from finetune.serving.torch_backend import TorchBackend
 
-    torch_backend = backends["torch"]
-    model = copy.deepcopy(torch_backend.model)
+    model, tokenizer = load_for_generation(str(model_dir))
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
-    engine = Engine(TorchBackend(model, torch_backend.tokenizer))
+    assert cpu_linear.pack_weights(model) > 0  # as TorchBackend.load does
+    backend = TorchBackend(model, tokenizer)
+    engine = Engine(backend)
     try:
-        tokens, final = token_ids(engine.submit(greedy(torch_backend, PROMPTS[0])))
+        # Two submitted together are prefilled together (2 rows: the packed weights), then one alone.
+        pair = engine.submit_many([greedy(backend, PROMPTS[0]), greedy(backend, PROMPTS[1])])
+        finals = [token_ids(h)[1] for h in pair]
+        finals.append(token_ids(engine.submit(greedy(backend, PROMPTS[0])))[1])
     finally:
         engine.stop(5)
-    assert tokens == [] and final.finish_reason == "error" and "NaN" in final.error
+    assert len(finals) == 3
+    assert all(f.finish_reason == "error" and "NaN" in f.error and f.completion_tokens == 0 for f in finals)
 
 
 def test_a_burst_from_32_clients_loses_nothing(backends):
