@@ -206,6 +206,8 @@ def sampling_distribution(scores: np.ndarray, cfg: GenerateConfig) -> tuple[np.n
 def next_tokens(scores: np.ndarray, history: np.ndarray, cfg: GenerateConfig, rng: np.random.Generator) -> np.ndarray:
     """One token per row from last-position logits, with transformers' processor semantics
     (repetition penalty, temperature, top-k, top-p, in that order)."""
+    if cfg.temperature == 0 and cfg.repetition_penalty == 1.0:
+        return scores.argmax(-1)  # the same index in float32 as in float64, without copying the vocabulary
     scores = scores.astype(np.float64)
     if cfg.repetition_penalty != 1.0:
         rows = np.arange(len(scores))[:, None]

@@ -57,9 +57,14 @@ class OnnxBackend:
     def combine(self, pasts: list[list[np.ndarray]]) -> list[np.ndarray]:
         width = max(p[0].shape[2] for p in pasts)
         layers = []
-        for arrays in zip(*pasts):
-            padded = [np.pad(a, ((0, 0), (0, 0), (width - a.shape[2], 0), (0, 0))) for a in arrays]
-            layers.append(np.concatenate(padded, axis=0))
+        for arrays in zip(*pasts):  # each part copied once, right-aligned into a zeroed batch
+            batch, heads, _, dim = arrays[0].shape
+            joined = np.zeros((sum(a.shape[0] for a in arrays), heads, width, dim), arrays[0].dtype)
+            row = 0
+            for a in arrays:
+                joined[row : row + a.shape[0], :, width - a.shape[2] :] = a
+                row += a.shape[0]
+            layers.append(joined)
         return layers
 
     def select(self, past: list[np.ndarray], rows: np.ndarray, start: int) -> list[np.ndarray]:
