@@ -82,8 +82,8 @@ def _weight_of(node):
     else:
         return None
     weight = node.inputs[1]
-    if weight is None or weight.const_value is None or not weight.is_initializer():
-        return None
+    if weight is None or weight.const_value is None or not weight.is_initializer() or weight.is_graph_input():
+        return None  # a graph input may be fed another value at run time
     array = weight.const_value.numpy()
     if array.ndim != 2 or array.dtype != np.float32:
         return None
@@ -99,6 +99,7 @@ class _RowQuantizer:
         self.graph = graph
         self.axes_as_input = opset >= 18  # ReduceMax took `axes` as an attribute before opset 18
         self.rows: dict = {}  # input value -> (uint8 rows, row scales)
+        self.weights: dict = {}  # (weight value, transposed) -> (int8 weight, column scales): one copy per weight
         self.count = 0
         self.inv_levels = self._constant("int8_rows_inv_levels", np.array(1 / ACTIVATION_LEVELS, np.float32))
         self.tiny = self._constant("int8_rows_tiny", np.array(1e-12, np.float32))  # an all-zero row
@@ -145,18 +146,27 @@ class _RowQuantizer:
             self.rows[x] = (rows, scale)
         return self.rows[x]
 
-    def _rewrite(self, node, weight, transposed: bool) -> None:
+    def _int8_weight(self, weight, transposed: bool):
+        """The weight as (in, out) int8 levels and a float scale per output column, made once per weight."""
         import numpy as np
+
+        if (weight, transposed) not in self.weights:
+            matrix = weight.const_value.numpy()
+            matrix = np.ascontiguousarray(matrix.T if transposed else matrix)  # (in, out)
+            column_scale = np.abs(matrix).max(axis=0) / WEIGHT_LEVELS
+            column_scale[column_scale == 0] = 1
+            levels = np.clip(np.rint(matrix / column_scale), -WEIGHT_LEVELS, WEIGHT_LEVELS).astype(np.int8)
+            self.count += 1
+            self.weights[weight, transposed] = (
+                self._constant(f"{weight.name}_int8_{self.count}", levels),
+                self._constant(f"{weight.name}_scale_{self.count}", column_scale.astype(np.float32)),
+            )
+        return self.weights[weight, transposed]
+
+    def _rewrite(self, node, weight, transposed: bool) -> None:
         import onnx_ir as ir
 
-        matrix = weight.const_value.numpy()
-        matrix = np.ascontiguousarray(matrix.T if transposed else matrix)  # (in, out)
-        column_scale = np.abs(matrix).max(axis=0) / WEIGHT_LEVELS
-        column_scale[column_scale == 0] = 1
-        int8_weight = np.clip(np.rint(matrix / column_scale), -WEIGHT_LEVELS, WEIGHT_LEVELS).astype(np.int8)
-        self.count += 1
-        w8 = self._constant(f"{weight.name}_int8_{self.count}", int8_weight)
-        w_scale = self._constant(f"{weight.name}_scale_{self.count}", column_scale.astype(np.float32))
+        w8, w_scale = self._int8_weight(weight, transposed)
 
         added: list = []
         rows, row_scale = self._quantized_rows(node.inputs[0], added)
@@ -172,10 +182,11 @@ class _RowQuantizer:
         if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
             result = op("Add", [result, node.inputs[2]])
         self.graph.insert_before(node, added)
-        name = node.outputs[0].name
-        ir.convenience.replace_all_uses_with(node.outputs[0], result, replace_graph_outputs=True)
+        old = node.outputs[0]
+        name, result.type, result.shape = old.name, old.type, old.shape  # a graph output (the logits) keeps them
+        ir.convenience.replace_all_uses_with(old, result, replace_graph_outputs=True)
         self.graph.remove(node, safe=True)
-        result.name = name  # a graph output (the logits) keeps its name
+        result.name = name
         if not weight.uses():
             self.graph.initializers.pop(weight.name)
 

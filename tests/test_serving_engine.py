@@ -455,7 +455,7 @@ def test_a_failing_step_ends_its_batch_with_an_error_and_the_engine_keeps_servin
 
 
 def test_nan_weights_end_the_request_with_an_error_not_token_zero(model_dir):
-    """Alone (the plain weights) and batched (the packed copy on CPU): NaN logits end the request with an error."""
+    """NaN logits end each request with an error, whether prefilled alone or together, never token 0."""
     import torch
 
     from finetune.generation import load_for_generation
@@ -504,3 +504,49 @@ def test_a_burst_from_32_clients_loses_nothing(backends):
     assert stats["finished"] == {"length": outcomes.count("ok")} and stats["rejected"] == outcomes.count("429")
     assert stats["batch_size"] == 0 and stats["queue_depth"] == 0 and not engine._handles
     assert stats["max_batch_size_seen"] == 4
+
+
+def test_the_torch_kv_cache_appends_in_place_only_where_it_is_safe():
+    """Columns go into spare room after the past, but a past stepped twice, or a tensor the cache did not
+    make, is copied, never overwritten; past the spare room it grows by copying, with the same values."""
+    import torch
+
+    from finetune.serving.torch_backend import SPARE_COLUMNS, _appended
+
+    def column(value: float) -> torch.Tensor:
+        return torch.full((2, 3, 1, 4), value)
+
+    start = torch.zeros(2, 3, 5, 4)
+    first = _appended(start, column(1))
+    second = _appended(first, column(2))
+    assert second.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()  # in place
+    again = _appended(first, column(3))  # `first` stepped a second time
+    assert second[:, :, -1].eq(2).all() and again[:, :, -1].eq(3).all()
+    wide = torch.zeros(2, 3, 40, 4)
+    _appended(wide[:, :, :6], column(4))  # a view of a buffer the cache did not make
+    assert wide.eq(0).all()
+    grown, expected = start, start
+    for i in range(SPARE_COLUMNS + 10):
+        grown = _appended(grown, column(i))
+        expected = torch.cat([expected, column(i)], dim=2)
+    assert torch.equal(grown, expected)
+
+
+def test_packed_layers_still_show_their_weight_and_compute_the_same(model_dir):
+    import torch
+
+    from finetune.generation import load_for_generation
+    from finetune.serving import cpu_linear
+
+    model, _ = load_for_generation(str(model_dir))
+    layer = model.transformer.h[0].mlp.c_fc
+    weight = layer.weight
+    x = torch.randn(4, 3, weight.shape[0])
+    with torch.inference_mode():
+        expected_rows, expected_one = layer(x), layer(x[:1, :1])
+    assert cpu_linear.pack_weights(model) > 0
+    packed = model.transformer.h[0].mlp.c_fc
+    assert packed is not layer and packed.weight is weight and packed.bias is layer.bias  # model code may read them
+    with torch.inference_mode():
+        assert torch.allclose(packed(x), expected_rows, atol=1e-5)  # several rows: the packed copy
+        assert torch.equal(packed(x[:1, :1]), expected_one)  # one row: the plain layer itself

@@ -7,7 +7,8 @@ pass does on CPU), is 1.3-1.4x faster there (the 50,257-wide output layer: 13.1 
 slower for a single row, where a step only streams the weights from memory. So each layer keeps
 both: one row goes through the plain weight, as `finetune generate` does (serving one request is as
 fast as generating), and several through the packed copy. The cost is a second copy of the weights in
-memory, paid by the torch serving backend on CPU only (ONNX serving and GPUs do not need it).
+memory, paid by the torch serving backend on CPU only (ONNX serving and GPUs do not need it), and
+only when it fits in half the memory available at load; otherwise batches use the plain weights.
 
 Both paths are fp32 with fp32 accumulation; they differ from each other in rounding only (about
 1e-6 on GPT-2's logits), as torch's own GEMM already does between batch sizes.
@@ -52,6 +53,14 @@ def _packed_linear_class():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACKED_FOR_ROWS)
             self.packed_bias = None if bias is None else bias.detach()
 
+        @property
+        def weight(self) -> torch.Tensor:  # for model code that reads a layer's weight (dtype, device, shape)
+            return self.plain.weight
+
+        @property
+        def bias(self):
+            return self.plain.bias
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             rows = x.reshape(-1, x.shape[-1])
             if rows.shape[0] < PACKED_MIN_ROWS:
@@ -60,6 +69,23 @@ def _packed_linear_class():
             return out.reshape(*x.shape[:-1], self.out_features)
 
     return PackedLinear
+
+
+def fits_in_memory(model: torch.nn.Module) -> bool:
+    """A second copy of the model's weights fits in half the memory available now (unknown: assume it does)."""
+    import os
+
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not every OS reports it
+        return True
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 2 * weights < available
+
+
+def worth_packing(model: torch.nn.Module) -> bool:
+    """On CPU, with torch's oneDNN ops, and room for the second copy."""
+    return next(model.parameters()).device.type == "cpu" and available() and fits_in_memory(model)
 
 
 def pack_weights(model: torch.nn.Module) -> int:

@@ -31,32 +31,26 @@ Layers = list  # [(keys, values)] per layer, each (batch, heads, length, head_di
 SPARE_COLUMNS = 64
 
 
-def _room(tensor: torch.Tensor) -> int:
-    """Columns the storage under a (batch, heads, length, head_dim) view holds: more than `length` when
-    the view is the front of a wider buffer this module allocated, else its length."""
-    batch, heads, length, dim = tensor.shape
-    stride = tensor.stride()
-    if tensor.storage_offset() or stride[3] != 1 or stride[2] != dim or stride[1] % dim:
-        return length
-    room = stride[1] // dim
-    if stride[0] != heads * room * dim or tensor.untyped_storage().nbytes() < batch * stride[0] * tensor.element_size():
-        return length
-    return room
-
-
 def _appended(past: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """`past` with `new` columns after it: written into the buffer's spare room, or a copy with fresh room."""
+    """`past` with `new` columns after it: written in place into the spare room of the buffer `past` came
+    from, or into a fresh buffer with room to spare.
+
+    In place only when `past` is the longest view of a buffer this function made (so a past stepped twice,
+    or a tensor from elsewhere, is copied instead of overwritten): the buffer records how far it is filled.
+    """
     import torch
 
     batch, heads, length, dim = past.shape
     total = length + new.shape[2]
-    if past.numel() and _room(past) >= total:
-        buffer = past.as_strided((batch, heads, _room(past), dim), past.stride())
-    else:
+    buffer = getattr(past, "_finetune_buffer", None)
+    if buffer is None or buffer._finetune_filled != length or buffer.shape[2] < total:
         buffer = torch.empty((batch, heads, total + SPARE_COLUMNS, dim), dtype=new.dtype, device=new.device)
         buffer[:, :, :length] = past
     buffer[:, :, length:total] = new
-    return buffer[:, :, :total]
+    buffer._finetune_filled = total
+    view = buffer[:, :, :total]
+    view._finetune_buffer = buffer
+    return view
 
 
 @functools.cache
@@ -105,7 +99,7 @@ class TorchBackend:
         from finetune.serving import cpu_linear
 
         model, tokenizer = load_for_generation(source, trust_remote_code)
-        if next(model.parameters()).device.type == "cpu" and cpu_linear.available():
+        if cpu_linear.worth_packing(model):
             cpu_linear.pack_weights(model)
         return cls(model, tokenizer)
 
