@@ -550,3 +550,16 @@ def test_packed_layers_still_show_their_weight_and_compute_the_same(model_dir):
     with torch.inference_mode():
         assert torch.allclose(packed(x), expected_rows, atol=1e-5)  # several rows: the packed copy
         assert torch.equal(packed(x[:1, :1]), expected_one)  # one row: the plain layer itself
+
+
+def test_packing_is_skipped_when_a_second_weight_copy_would_not_fit(model_dir, monkeypatch):
+    from finetune.serving import cpu_linear
+    from finetune.serving.torch_backend import TorchBackend
+
+    def packed_layers(backend) -> int:
+        return sum(type(m).__name__ == "PackedLinear" for m in backend.model.modules())
+
+    monkeypatch.setattr(cpu_linear, "_available_memory", lambda: 1000)  # bytes: far too little
+    assert packed_layers(TorchBackend.load(str(model_dir))) == 0
+    monkeypatch.setattr(cpu_linear, "_available_memory", lambda: None)  # unknown: pack
+    assert packed_layers(TorchBackend.load(str(model_dir))) > 0

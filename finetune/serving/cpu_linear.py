@@ -71,16 +71,28 @@ def _packed_linear_class():
     return PackedLinear
 
 
-def fits_in_memory(model: torch.nn.Module) -> bool:
-    """A second copy of the model's weights fits in half the memory available now (unknown: assume it does)."""
+def _available_memory() -> int | None:
+    """Bytes the OS can hand out now: MemAvailable on Linux (free pages plus reclaimable cache), else free pages."""
     import os
 
     try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not every OS reports it
-        return True
+        return None
+
+
+def fits_in_memory(model: torch.nn.Module) -> bool:
+    """A second copy of the model's weights fits in half the memory available now (unknown: assume it does)."""
+    available = _available_memory()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return 2 * weights < available
+    return available is None or 2 * weights < available
 
 
 def worth_packing(model: torch.nn.Module) -> bool:
