@@ -114,6 +114,15 @@ class _RowQuantizer:
         self.graph.register_initializer(value)
         return value
 
+    @staticmethod
+    def _op(added: list, op_type: str, inputs: list, *attrs):
+        """A new standard-domain node (collected in `added`, inserted by the caller); its output."""
+        import onnx_ir as ir
+
+        node = ir.Node("", op_type, inputs, list(attrs))
+        added.append(node)
+        return node.outputs[0]
+
     def run(self) -> None:
         for node in list(self.graph):
             found = _weight_of(node)
@@ -130,9 +139,7 @@ class _RowQuantizer:
         if x not in self.rows:
 
             def op(op_type, inputs, *attrs):
-                node = ir.Node("", op_type, inputs, list(attrs))
-                added.append(node)
-                return node.outputs[0]
+                return self._op(added, op_type, inputs, *attrs)
 
             magnitude = op("Abs", [x])
             if self.axes_as_input:
@@ -172,9 +179,7 @@ class _RowQuantizer:
         rows, row_scale = self._quantized_rows(node.inputs[0], added)
 
         def op(op_type, inputs, *attrs):
-            new = ir.Node("", op_type, inputs, list(attrs))
-            added.append(new)
-            return new.outputs[0]
+            return self._op(added, op_type, inputs, *attrs)
 
         product = op("MatMulInteger", [rows, w8, self.zero])
         as_float = op("Cast", [product], ir.AttrInt64("to", ir.DataType.FLOAT))

@@ -862,17 +862,18 @@ def log_metrics(run: Run, progress: Progress, lr: float, tokens_per_s: float, mf
     progress.window_start, progress.window_tokens = time.perf_counter(), 0
 
 
+def _validation_record(step: int, val_loss: float) -> dict:
+    """A validation pass as metrics.jsonl and the trackers record it."""
+    return {"step": step, "val_loss": round(val_loss, 6), "val_perplexity": round(perplexity(val_loss), 4)}
+
+
 def validate(run: Run, progress: Progress, bar: tqdm) -> None:
     """The validation loss (every rank: evaluate() is collective), recorded and shown by rank 0."""
     t = run.cfg.train
     progress.val_loss = evaluate(run.model, run.val_loader, t.eval_batches, run.accelerator)
     ppl = perplexity(progress.val_loss)
     if run.is_main:
-        record = {
-            "step": progress.step,
-            "val_loss": round(progress.val_loss, 6),
-            "val_perplexity": round(ppl, 4),
-        }
+        record = _validation_record(progress.step, progress.val_loss)
         metrics.append(run.run_dir / metrics.FILE_NAME, record)
         trackers.log(run.accelerator, record)
         run.plot.redraw()
@@ -887,16 +888,16 @@ def validate_before_training(run: Run, progress: Progress, bar: tqdm) -> None:
     progress.initial_val_loss = evaluate(run.model, run.val_loader, run.cfg.train.eval_batches, run.accelerator)
     initial = perplexity(progress.initial_val_loss)
     if run.is_main:
+        record = _validation_record(0, progress.initial_val_loss)
         metrics.append(
             run.run_dir / metrics.FILE_NAME,
             {
                 "step": 0,
-                metrics.INITIAL_VAL_LOSS: round(progress.initial_val_loss, 6),
-                metrics.INITIAL_VAL_PERPLEXITY: round(initial, 4),
+                metrics.INITIAL_VAL_LOSS: record["val_loss"],
+                metrics.INITIAL_VAL_PERPLEXITY: record["val_perplexity"],
             },
         )
         # Trackers show it as the first validation point (val/loss at step 0); so does loss.png.
-        record = {"step": 0, "val_loss": round(progress.initial_val_loss, 6), "val_perplexity": round(initial, 4)}
         trackers.log(run.accelerator, record)
         run.plot.redraw()
         bar.write(

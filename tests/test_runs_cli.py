@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+import short_runs
 import yaml
-from conftest import REPO, SAMPLE, read_metrics, run_cli
+from conftest import REPO, read_metrics, run_cli
 
 # Damaged copies of the finished run, each with what `finetune runs` must say about it (None: nothing, it is fine).
 DAMAGED = {
@@ -30,23 +31,7 @@ DAMAGED = {
 
 
 def train_args(model_dir: Path, run: str, steps: int, *extra) -> list:
-    return [
-        "train",
-        SAMPLE,
-        "--model",
-        model_dir,
-        "--run-name",
-        run,
-        "--steps",
-        steps,
-        "--block-size",
-        32,
-        "--batch-size",
-        4,
-        "--log-every",
-        1,
-        *extra,
-    ]
+    return short_runs.base_args(model_dir, run, steps, 4, *extra)
 
 
 def damage(runs: Path, name: str) -> None:
@@ -80,8 +65,10 @@ def runs(tmp_path_factory, gpt2_dir) -> Path:
     root = tmp_path_factory.mktemp("runs-table")
     with contextlib.chdir(root):
         run_cli(*train_args(gpt2_dir, "done", 4, "--eval-every", 2, "--save-every", 2, "--sample-every", 2))
-        # A learning rate this high makes the loss non-finite at once: training stops with an error.
-        failed = run_cli(*train_args(gpt2_dir, "failed", 20, "--lr", 1e8, "--warmup", 0, "--eval-every", 0), expect=2)
+        # A learning rate this high makes the loss non-finite at once: training stops with an error. Saving and
+        # sampling at the defaults (base_args sets its own cadences).
+        fail_args = ("--lr", 1e8, "--warmup", 0, "--eval-every", 0, "--save-every", 500, "--sample-every", 200)
+        failed = run_cli(*train_args(gpt2_dir, "failed", 20, *fail_args), expect=2)
         assert "the loss was not finite" in failed.output
     runs = root / "runs"
     for name in DAMAGED:

@@ -58,7 +58,7 @@ class OnnxBackend:
         width = max(p[0].shape[2] for p in pasts)
         layers = []
         for arrays in zip(*pasts):  # each part copied once, right-aligned into a zeroed batch
-            batch, heads, _, dim = arrays[0].shape
+            _, heads, _, dim = arrays[0].shape
             joined = np.zeros((sum(a.shape[0] for a in arrays), heads, width, dim), arrays[0].dtype)
             row = 0
             for a in arrays:
