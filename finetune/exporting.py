@@ -150,11 +150,14 @@ def _onnx_wrapper(model: PreTrainedModel, num_layers: int) -> torch.nn.Module:
     return DecoderWithCache().eval()
 
 
-def _io_names(num_layers: int) -> tuple[list[str], list[str]]:
+def _io_names(num_layers: int, shared_kv: bool = False) -> tuple[list[str], list[str]]:
+    from finetune.onnx_generation import CONTROL_INPUTS  # it imports this module
+
     # optimum's naming, so existing ONNX Runtime generation loaders recognise the graph.
     past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+    control = [spec[0] for spec in CONTROL_INPUTS["shared" if shared_kv else "concat"]]
+    return ["input_ids", *control, *past], ["logits", *present]
 
 
 def _untie_output_layer(model: PreTrainedModel) -> None:
@@ -219,27 +222,19 @@ def _manifest(
     layout: list[tuple[int, int, int]],
     dtype: str,
     quantize: Optional[str],
+    shared_kv: bool,
 ) -> dict:
     from finetune.modeling import declared_context, pad_id
+    from finetune.onnx_generation import CONTROL_INPUTS
 
     num_layers = len(layout)
-    inputs, outputs = _io_names(num_layers)
+    inputs, outputs = _io_names(num_layers, shared_kv)
     float_type = "float16" if dtype == "fp16" else "float32"
-    spec_in = [
-        {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
-        {
-            "name": "attention_mask",
-            "dtype": "int64",
-            "shape": ["batch", "past_sequence + sequence"],
-            "note": "1 for real tokens, 0 for left padding; covers past and new tokens",
-        },
-        {
-            "name": "position_ids",
-            "dtype": "int64",
-            "shape": ["batch", "sequence"],
-            "note": "cumsum(attention_mask) - 1, with padded positions set to 1 (as transformers does)",
-        },
-    ]
+    past_length = "room" if shared_kv else "past_sequence"
+    present_length = "room" if shared_kv else "past_sequence + sequence"
+    spec_in = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}]
+    for name, dtype_name, shape, note in CONTROL_INPUTS["shared" if shared_kv else "concat"]:
+        spec_in.append({"name": name, "dtype": dtype_name, "shape": shape, "note": note})
     spec_out = [{"name": "logits", "dtype": float_type, "shape": ["batch", "sequence", model.config.vocab_size]}]
     for i, (heads, key_dim, value_dim) in enumerate(layout):
         for kv, dim in (("key", key_dim), ("value", value_dim)):
@@ -247,14 +242,14 @@ def _manifest(
                 {
                     "name": f"past_key_values.{i}.{kv}",
                     "dtype": float_type,
-                    "shape": ["batch", heads, "past_sequence", dim],
+                    "shape": ["batch", heads, past_length, dim],
                 }
             )
             spec_out.append(
                 {
                     "name": f"present.{i}.{kv}",
                     "dtype": float_type,
-                    "shape": ["batch", heads, "past_sequence + sequence", dim],
+                    "shape": ["batch", heads, present_length, dim],
                 }
             )
     assert [s["name"] for s in spec_in] == inputs and [s["name"] for s in spec_out] == outputs
@@ -272,11 +267,22 @@ def _manifest(
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": pad_id(tokenizer),
         "bos_token_id": tokenizer.bos_token_id,
+        "kv_cache": "shared" if shared_kv else "concat",
         "inputs": spec_in,
         "outputs": spec_out,
-        "usage": "prompt: feed empty past (past_sequence = 0); each step: feed the new token, the grown "
-        "attention_mask, its position, and the previous step's present.* as past_key_values.*",
+        "usage": USAGE_SHARED if shared_kv else USAGE_CONCAT,
     }
+
+
+USAGE_CONCAT = (
+    "prompt: feed empty past (past_sequence = 0); each step: feed the new token, the grown attention_mask, its "
+    "position, and the previous step's present.* as past_key_values.*"
+)
+USAGE_SHARED = (
+    "ONNX Runtime GroupQueryAttention: allocate past_key_values.* with room for the longest row, bind each "
+    "present.* output to the same memory as its past input (I/O binding: written in place), right pad the "
+    "prompts; each step feeds the new token, its position, seqlens_k and total_sequence_length"
+)
 
 
 def _verify_onnx(
@@ -404,12 +410,14 @@ def _require_onnx_architecture(model_type: str) -> None:
         )
 
 
-def _fuse(graph: Path, staging: Path, external: bool, log: Callable[[str], None]) -> tuple[Path, dict[str, int]]:
+def _fuse(
+    graph: Path, staging: Path, external: bool, shared_kv: bool, log: Callable[[str], None]
+) -> tuple[Path, dict[str, int]]:
     """The graph with ONNX Runtime's fused operators and the fusion counts; the plain graph where fusing fails."""
     fused = staging / "fused" / ONNX_FILE
     fused.parent.mkdir()
     try:
-        fusions = onnx_optimize.fuse(graph, fused, external)
+        fusions = onnx_optimize.fuse(graph, fused, external, shared_kv)
     except OSError:  # a full disk is not a fusion problem
         raise
     except Exception as exc:  # the plain graph is correct, only slower: keep it and say why
@@ -468,6 +476,14 @@ def _verify_export(
     return report
 
 
+def _shared_kv_fits(model: PreTrainedModel, dtype: str) -> bool:
+    """GroupQueryAttention (in place KV cache) for fp32 graphs, whose attention is causal with no window:
+    ONNX Runtime's CPU kernel is fp32 only, and a sliding window would need its local_window_size."""
+    window = getattr(model.config, "sliding_window", None)
+    use_window = getattr(model.config, "use_sliding_window", window is not None)
+    return dtype == "fp32" and not (window and use_window)
+
+
 def _trained_block_size(source: Path) -> Optional[int]:
     """The block size the checkpoint was trained with (`finetune eval --onnx` scores windows of it); None if unknown."""
     from finetune.run_state import TrainingState
@@ -514,14 +530,15 @@ def _export_onnx(
             _export_graph(model, graph, layout, external)
             fusions: dict[str, int] = {}
             if optimize:
-                graph, fusions = _fuse(graph, tmp / "staging", external, log)
+                graph, fusions = _fuse(graph, tmp / "staging", external, _shared_kv_fits(model, dtype), log)
             quantization = _write_weights(graph, tmp, quantize, external, log)
             shutil.rmtree(tmp / "staging")
             seconds = time.perf_counter() - started
             tokenizer.save_pretrained(tmp)
             model.generation_config.save_pretrained(tmp)
             model.config.save_pretrained(tmp)
-            manifest = _manifest(model, tokenizer, layout, dtype, quantize)
+            shared_kv = "GroupQueryAttention" in fusions
+            manifest = _manifest(model, tokenizer, layout, dtype, quantize, shared_kv)
             manifest.update(
                 onnxruntime_fusions=fusions, quantization=quantization, training_block_size=_trained_block_size(source)
             )

@@ -18,6 +18,7 @@ from finetune.errors import FinetuneError, install_hint
 from finetune.exporting import MANIFEST
 from finetune.files import read_json, reading, short
 from finetune.generation import StopAwareStreamer
+from finetune.onnx_kv_cache import SharedFeed, SharedKV
 from finetune.text_stream import cut_at_stop
 
 
@@ -31,6 +32,31 @@ def position_ids_for(mask: np.ndarray, new_tokens: int) -> np.ndarray:
 EXPORT_AGAIN = "export it again with `finetune export --format onnx`"
 # The manifest entries generation relies on, and the JSON type each must have.
 MANIFEST_FIELDS = {"file": str, "dtype": str, "inputs": list, "eos_token_id": int, "pad_token_id": int}
+# The manifest's "kv_cache": how the graph takes its past. "concat" (the default, and every export made
+# before the field): past in, a longer present out. "shared": ONNX Runtime's GroupQueryAttention, the
+# present written into the past's own buffer (onnx_kv_cache.py). Per kind, the inputs between input_ids
+# and the past: name, dtype, shape, what to feed.
+CONTROL_INPUTS = {
+    "concat": [
+        (
+            "attention_mask",
+            "int64",
+            ["batch", "past_sequence + sequence"],
+            "1 for real tokens, 0 for left padding; covers past and new tokens",
+        ),
+        (
+            "position_ids",
+            "int64",
+            ["batch", "sequence"],
+            "cumsum(attention_mask) - 1, with padded positions set to 1 (as transformers does)",
+        ),
+    ],
+    "shared": [
+        ("position_ids", "int64", ["batch", "sequence"], "each row's filled length plus 0, 1, ... (right padded)"),
+        ("seqlens_k", "int32", ["batch"], "each row's filled length after this call, minus 1"),
+        ("total_sequence_length", "int32", [], "the longest filled length before this call plus sequence"),
+    ],
+}
 
 
 def read_manifest(path: Path) -> dict:
@@ -46,15 +72,31 @@ def read_manifest(path: Path) -> dict:
             raise FinetuneError(
                 f"ONNX manifest {path}: '{key}' should be an integer, not {manifest[key]!r}; {EXPORT_AGAIN}"
             )
+    kv_cache = manifest.setdefault("kv_cache", "concat")
+    if not isinstance(kv_cache, str) or kv_cache not in CONTROL_INPUTS:
+        raise FinetuneError(
+            f"ONNX manifest {path}: 'kv_cache' should be one of {', '.join(CONTROL_INPUTS)}, not {kv_cache!r}; "
+            f"{EXPORT_AGAIN} (or upgrade finetune)"
+        )
+    control = 1 + len(CONTROL_INPUTS[kv_cache])
     inputs = manifest["inputs"]
+    outputs = manifest.get("outputs")
     well_formed = (
-        len(inputs) >= 3
+        len(inputs) >= control
         and all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in inputs)
         and all(
             isinstance(s.get("shape"), list)
             and len(s["shape"]) == 4
             and all(isinstance(d, int) for d in s["shape"][1::2])
-            for s in inputs[3:]
+            for s in inputs[control:]
+        )
+        and (
+            kv_cache == "concat"
+            or (
+                isinstance(outputs, list)
+                and len(outputs) == len(inputs) - control + 1
+                and all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in outputs)
+            )
         )
     )
     if not well_formed:
@@ -100,22 +142,35 @@ class OnnxCausalLM:
             self.session = ort.InferenceSession(str(model_file), providers=providers)
         self.model_file = model_file
         self.float_type = np.float16 if self.manifest["dtype"] == "fp16" else np.float32
-        self.past_specs = self.manifest["inputs"][3:]
+        control = 1 + len(CONTROL_INPUTS[self.manifest["kv_cache"]])
+        self.shared_kv = self.manifest["kv_cache"] == "shared"
+        self.past_specs = self.manifest["inputs"][control:]
         self.input_names = [spec["name"] for spec in self.manifest["inputs"]]
+        self.past_names = self.input_names[control:]
+        self.present_names = [spec["name"] for spec in self.manifest.get("outputs", [])[1:]]
         self.eos_token_id = self.manifest["eos_token_id"]
         self.pad_token_id = self.manifest["pad_token_id"]
         self.bos_token_id = self.manifest.get("bos_token_id")
         self.max_positions = self.manifest.get("max_positions")
 
-    def empty_past(self, batch: int) -> list[np.ndarray]:
-        return [
-            np.zeros((batch, spec["shape"][1], 0, spec["shape"][3]), dtype=self.float_type) for spec in self.past_specs
-        ]
+    def empty_past(self, batch: int) -> list[np.ndarray] | SharedKV:
+        shapes = [(spec["shape"][1], spec["shape"][3]) for spec in self.past_specs]
+        if self.shared_kv:
+            return SharedKV.empty(shapes, batch, self.float_type)
+        return [np.zeros((batch, heads, 0, dim), dtype=self.float_type) for heads, dim in shapes]
 
-    def forward(self, input_ids, attention_mask, position_ids, past) -> tuple[np.ndarray, list[np.ndarray]]:
-        feed = dict(zip(self.input_names, (input_ids, attention_mask, position_ids, *past)))
+    def forward(self, input_ids, attention_mask, position_ids, past) -> tuple[np.ndarray, list[np.ndarray] | SharedKV]:
+        """Logits (rows, n, vocab) of n new tokens per row, and the past grown by them.
+
+        input_ids are left padded (a row's real tokens end at the last column) and attention_mask covers the
+        past and the new tokens; position_ids are position_ids_for(attention_mask, n). A SharedKV past is
+        grown in place and returned (use it once)."""
         try:
-            logits, *present = self.session.run(None, feed)
+            if self.shared_kv:
+                logits, present = self._forward_shared(input_ids, attention_mask, past)
+            else:
+                feed = dict(zip(self.input_names, (input_ids, attention_mask, position_ids, *past)))
+                logits, *present = self.session.run(None, feed)
         except Exception as exc:  # the manifest's names, types or shapes do not fit the graph
             raise FinetuneError(
                 f"ONNX model {self.model_file} does not accept the inputs its manifest {MANIFEST} "
@@ -127,6 +182,24 @@ class OnnxCausalLM:
                 f"diverged); export an earlier checkpoint"
             )
         return logits, present
+
+    def _forward_shared(self, input_ids, attention_mask, past: SharedKV) -> tuple[np.ndarray, SharedKV]:
+        import onnxruntime as ort
+
+        feed = SharedFeed.of(input_ids, attention_mask, past, self.max_positions)
+        past.reserve(len(input_ids), int(feed.total_sequence_length), self.max_positions)
+        binding = self.session.io_binding()
+        binding.bind_output("logits")
+        for name in ("input_ids", "position_ids", "seqlens_k", "total_sequence_length"):
+            binding.bind_cpu_input(name, getattr(feed, name))
+        for past_name, present_name, view in zip(self.past_names, self.present_names, past.views()):
+            value = ort.OrtValue.ortvalue_from_numpy(view)  # the same memory in and out: written in place
+            binding.bind_ortvalue_input(past_name, value)
+            binding.bind_ortvalue_output(present_name, value)
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
+        past.lengths = feed.seqlens_k.astype(np.int64) + 1
+        return feed.left_padded(logits), past
 
     def greedy(self, input_ids: np.ndarray, attention_mask: np.ndarray, steps: int) -> np.ndarray:
         """`steps` argmax tokens per row, ignoring EOS (used to verify exports)."""

@@ -7,6 +7,11 @@ graph into ONNX Runtime's contrib operators (MultiHeadAttention with the KV cach
 SkipLayerNormalization, FastGelu, RotaryEmbedding, ...): 175 nodes. The fused graph needs ONNX
 Runtime (any language binding); `--no-optimize` keeps standard ONNX operators only.
 
+Then, for fp32 decoders with plain causal attention, each MultiHeadAttention becomes ONNX Runtime's
+GroupQueryAttention, whose KV cache is written in place (onnx_kv_cache.py explains the gain): the graph
+takes seqlens_k and total_sequence_length instead of attention_mask, and its manifest says
+"kv_cache": "shared".
+
 int8 weights (fused graph or not) are onnx_quantize.py's.
 """
 
@@ -50,11 +55,12 @@ def save(model, path: Path, external: bool) -> None:
     ir.save(model, str(path), external_data=path.name + ".data" if external else None)
 
 
-def fuse(source: Path, target: Path, external: bool) -> dict[str, int]:
+def fuse(source: Path, target: Path, external: bool, shared_kv: bool = False) -> dict[str, int]:
     """Write `source` with ONNX Runtime's fused operators to `target`; returns the fusions applied.
 
-    Raises if the fusions fail, match nothing, or give a graph ONNX Runtime cannot load, so the
-    caller can keep the plain graph instead.
+    shared_kv: also turn the attention into GroupQueryAttention where every attention node allows it
+    (counted as "GroupQueryAttention"). Raises if the fusions fail, match nothing, or give a graph ONNX
+    Runtime cannot load, so the caller can keep the plain graph instead.
     """
     import onnx_ir as ir
     import onnxruntime as ort
@@ -64,6 +70,10 @@ def fuse(source: Path, target: Path, external: bool) -> dict[str, int]:
     counts = {name: count for name, count in counts.items() if count}
     if not counts:  # nothing to gain, and the standard graph stays portable
         raise ValueError("no fusion pattern matched this architecture")
+    if shared_kv:
+        rewritten = share_kv_cache(model)
+        if rewritten:
+            counts["GroupQueryAttention"] = rewritten
     save(model, target, external)
     del model
     options = ort.SessionOptions()
@@ -76,3 +86,94 @@ def move_graph(source: Path, directory: Path) -> None:
     """Move model.onnx and its external data file (named relative to the graph) into `directory`."""
     for path in source.parent.glob(source.name + "*"):
         shutil.move(str(path), str(directory / path.name))
+
+
+MASK_INPUT = "attention_mask"
+ATTENTION_BIAS = 5  # MultiHeadAttention's input index of the additive mask made from attention_mask
+
+
+def _mask_feeds_only_attention(graph, mask) -> bool:
+    """Everything computed from attention_mask ends as an attention bias (not a graph output): causal and
+    padding masking, which GroupQueryAttention does from seqlens_k itself."""
+    outputs = {id(value) for value in graph.outputs}
+    frontier, seen = [mask], set()
+    while frontier:
+        value = frontier.pop()
+        if id(value) in outputs:
+            return False
+        for node, index in value.uses():
+            if node.op_type == "MultiHeadAttention":
+                if index != ATTENTION_BIAS:
+                    return False
+            elif id(node) not in seen:
+                seen.add(id(node))
+                frontier.extend(node.outputs)
+    return True
+
+
+def _attention_fits(node, graph_inputs: set, graph_outputs: set) -> bool:
+    """A self-attention node with the past from graph inputs and the present to graph outputs, no biases."""
+    inputs = list(node.inputs) + [None] * (8 - len(node.inputs))
+    return (
+        node.domain == "com.microsoft"
+        and len(node.inputs) == 8
+        and all(inputs[i] is not None for i in (0, 1, 2, 6, 7))
+        and inputs[3] is None  # projection bias
+        and inputs[4] is None  # key padding mask
+        and id(inputs[6]) in graph_inputs
+        and id(inputs[7]) in graph_inputs
+        and len(node.outputs) == 3
+        and all(id(value) in graph_outputs for value in node.outputs[1:])
+        and set(node.attributes) <= {"num_heads", "scale", "mask_filter_value", "unidirectional"}
+    )
+
+
+def share_kv_cache(model) -> int:
+    """Replace every MultiHeadAttention by GroupQueryAttention on the same past/present names; returns how
+    many, 0 (and the graph unchanged) unless every attention node and the mask's uses allow it."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    graph = model.graph
+    attention = [node for node in graph if node.op_type == "MultiHeadAttention"]
+    mask = next((value for value in graph.inputs if value.name == MASK_INPUT), None)
+    graph_inputs = {id(value) for value in graph.inputs}
+    graph_outputs = {id(value) for value in graph.outputs}
+    if (
+        not attention
+        or mask is None
+        or not all(_attention_fits(node, graph_inputs, graph_outputs) for node in attention)
+        or not _mask_feeds_only_attention(graph, mask)
+    ):
+        return 0
+    batch = mask.shape[0] if mask.shape is not None else None
+    seqlens = ir.Value(name="seqlens_k", type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape([batch]))
+    total = ir.Value(name="total_sequence_length", type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape([]))
+    for node in attention:
+        heads = node.attributes["num_heads"].value
+        attributes = [ir.AttrInt64("num_heads", heads), ir.AttrInt64("kv_num_heads", heads)]
+        if "scale" in node.attributes:
+            attributes.append(ir.AttrFloat32("scale", node.attributes["scale"].value))
+        q, k, v = node.inputs[:3]
+        past_key, past_value = node.inputs[6:8]
+        replacement = ir.Node(
+            "com.microsoft",
+            "GroupQueryAttention",
+            [q, k, v, past_key, past_value, seqlens, total],
+            attributes,
+            num_outputs=3,
+            name=(node.name or "attention") + "_gqa",
+        )
+        graph.insert_before(node, replacement)
+        for old, new in zip(node.outputs, replacement.outputs):
+            name, old.name = old.name, None
+            new.name, new.type, new.shape = name, old.type, old.shape
+            ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+    RemoveUnusedNodesPass()(model)
+    graph.inputs.remove(mask)
+    names = [value.name for value in graph.inputs]  # the manifest's order: ids, positions, then these two
+    position = names.index("position_ids") + 1 if "position_ids" in names else len(names)
+    graph.inputs.insert(position, total)
+    graph.inputs.insert(position, seqlens)
+    return len(attention)

@@ -46,6 +46,9 @@ def greedy_text(*source_args: str, prompt: str = "Title: Lemon", tokens: int = 2
 
 # Mistral and Qwen2 are Llama's graph with small changes (a sliding window, q/k/v biases): 20 s, in the slow suite.
 SLOW_EXPORTS = {"mistral", "qwen2"}
+# Exports whose attention becomes GroupQueryAttention. Llama's family concatenates the cache outside the fused
+# attention (its keys and values have fewer heads), and Mistral's config sets a sliding window.
+SHARED_KV = {"gpt2"}
 
 
 @pytest.mark.parametrize(
@@ -63,10 +66,20 @@ def test_onnx_export_parity_and_greedy_equality(workdir, architecture):
     manifest = json.loads((out / "finetune_onnx.json").read_text())
     assert manifest["model_type"] == architecture and manifest["opset"] >= 17
     names = [i["name"] for i in manifest["inputs"]]
-    assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and names[3] == "past_key_values.0.key"
     assert manifest["outputs"][1]["name"] == "present.0.key" and manifest["eos_token_id"] == 0
-    # By default attention (with its KV cache) runs as one ONNX Runtime operator per layer.
-    assert graph_ops(out).get("MultiHeadAttention") == "com.microsoft" and manifest["onnxruntime_fusions"]
+    # By default attention runs as one ONNX Runtime operator per layer. Where the fusion puts the KV cache
+    # inside it and the attention has no sliding window, that is GroupQueryAttention, its cache written in place.
+    ops = graph_ops(out)
+    assert manifest["kv_cache"] == ("shared" if architecture in SHARED_KV else "concat")
+    if manifest["kv_cache"] == "concat":
+        assert ops.get("MultiHeadAttention") == "com.microsoft"
+        assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and names[3] == "past_key_values.0.key"
+    else:
+        assert manifest["kv_cache"] == "shared" and ops.get("GroupQueryAttention") == "com.microsoft"
+        assert "MultiHeadAttention" not in ops and "attention_mask" not in names
+        assert names[:4] == ["input_ids", "position_ids", "seqlens_k", "total_sequence_length"]
+        assert names[4] == "past_key_values.0.key"
+    assert manifest["onnxruntime_fusions"]
     assert "needs ONNX Runtime" in (out / "README.md").read_text()
     for name in ("tokenizer.json", "README.md", "model.onnx", "generation_config.json"):
         assert (out / name).is_file(), name
@@ -82,6 +95,7 @@ def test_onnx_graph_has_dynamic_batch_sequence_and_past(workdir, gpt2_dir):
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
     assert dims["input_ids"] == ["batch", "sequence"]
     assert dims["past_key_values.1.value"][0] == "batch" and dims["past_key_values.1.value"][2] == "past_sequence"
+    assert dims["seqlens_k"] == ["batch"] and dims["total_sequence_length"] == []
     assert not (workdir / "o" / "verification.json").exists()
 
 

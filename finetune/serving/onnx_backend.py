@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 
 from finetune.onnx_generation import position_ids_for
+from finetune.onnx_kv_cache import SharedKV
 from finetune.onnx_quantize import batch_invariant
 from finetune.serving.backend import left_padded
 
@@ -54,7 +55,12 @@ class OnnxBackend:
         logits, past = self.lm.forward(tokens.astype(np.int64)[:, None], mask, position_ids_for(mask, 1), past)
         return logits[:, -1], past
 
-    def combine(self, pasts: list[list[np.ndarray]]) -> list[np.ndarray]:
+    def combine(self, pasts: list[list[np.ndarray]] | list[SharedKV]) -> list[np.ndarray] | SharedKV:
+        if isinstance(pasts[0], SharedKV):  # rows of different lengths need no padding: append the others' rows
+            joined = pasts[0]
+            for past in pasts[1:]:
+                joined = joined.extend(past)
+            return joined
         width = max(p[0].shape[2] for p in pasts)
         layers = []
         for arrays in zip(*pasts):  # each part copied once, right-aligned into a zeroed batch
@@ -67,6 +73,8 @@ class OnnxBackend:
             layers.append(joined)
         return layers
 
-    def select(self, past: list[np.ndarray], rows: np.ndarray, start: int) -> list[np.ndarray]:
+    def select(self, past: list[np.ndarray] | SharedKV, rows: np.ndarray, start: int) -> list[np.ndarray] | SharedKV:
+        if isinstance(past, SharedKV):  # no padding columns to cut; the kept rows move up in place
+            return past.keep(rows)
         # A contiguous copy: ONNX Runtime copies non-contiguous inputs anyway, once per step.
         return [np.ascontiguousarray(a[rows, :, start:]) for a in past]
