@@ -2,8 +2,9 @@
 
 A backend runs the model; the engine owns the batch. The engine keeps each row's attention mask
 (numpy, left padded: a row's real tokens always end at the last column) and hands the backend an
-opaque `past` (per-layer key/value arrays of shape (batch, heads, length, head_dim)) to grow,
-combine and cut.
+opaque `past` (per-layer key/value arrays of shape (batch, heads, length, head_dim), or buffers the
+backend grows in place) to grow, combine and cut. Each past is used once: step, combine and select
+may change the past they are given and return it.
 """
 
 from __future__ import annotations
