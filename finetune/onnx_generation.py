@@ -159,18 +159,22 @@ class OnnxCausalLM:
             return SharedKV.empty(shapes, batch, self.float_type)
         return [np.zeros((batch, heads, 0, dim), dtype=self.float_type) for heads, dim in shapes]
 
-    def forward(self, input_ids, attention_mask, position_ids, past) -> tuple[np.ndarray, list[np.ndarray] | SharedKV]:
-        """Logits (rows, n, vocab) of n new tokens per row, and the past grown by them.
+    def forward(
+        self, input_ids, attention_mask, position_ids, past, last_only: bool = False
+    ) -> tuple[np.ndarray, list[np.ndarray] | SharedKV]:
+        """Logits (rows, n, vocab) of n new tokens per row (with last_only, only the last: (rows, 1, vocab)),
+        and the past grown by them.
 
         input_ids are left padded (a row's real tokens end at the last column) and attention_mask covers the
         past and the new tokens; position_ids are position_ids_for(attention_mask, n). A SharedKV past is
         grown in place and returned (use it once)."""
         try:
             if self.shared_kv:
-                logits, present = self._forward_shared(input_ids, attention_mask, past)
+                logits, present = self._forward_shared(input_ids, attention_mask, past, last_only)
             else:
                 feed = dict(zip(self.input_names, (input_ids, attention_mask, position_ids, *past)))
                 logits, *present = self.session.run(None, feed)
+                logits = logits[:, -1:] if last_only else logits
         except Exception as exc:  # the manifest's names, types or shapes do not fit the graph
             raise FinetuneError(
                 f"ONNX model {self.model_file} does not accept the inputs its manifest {MANIFEST} "
@@ -183,7 +187,9 @@ class OnnxCausalLM:
             )
         return logits, present
 
-    def _forward_shared(self, input_ids, attention_mask, past: SharedKV) -> tuple[np.ndarray, SharedKV]:
+    def _forward_shared(
+        self, input_ids, attention_mask, past: SharedKV, last_only: bool
+    ) -> tuple[np.ndarray, SharedKV]:
         import onnxruntime as ort
 
         feed = SharedFeed.of(input_ids, attention_mask, past, self.max_positions)
@@ -199,7 +205,7 @@ class OnnxCausalLM:
         self.session.run_with_iobinding(binding)
         logits = binding.get_outputs()[0].numpy()
         past.lengths = feed.seqlens_k.astype(np.int64) + 1
-        return feed.left_padded(logits), past
+        return (feed.last(logits) if last_only else feed.left_padded(logits)), past
 
     def greedy(self, input_ids: np.ndarray, attention_mask: np.ndarray, steps: int) -> np.ndarray:
         """`steps` argmax tokens per row, ignoring EOS (used to verify exports)."""
@@ -218,6 +224,7 @@ class OnnxCausalLM:
             attention_mask,
             position_ids_for(attention_mask, input_ids.shape[1]),
             self.empty_past(len(input_ids)),
+            last_only=True,
         )
         mask, history = attention_mask, input_ids
         for _ in range(steps):
@@ -323,7 +330,7 @@ def generate_texts_onnx(
                 write(prompts[0])
             streamer = StopAwareStreamer(lm.tokenizer, cfg.stop, write)
             streamer.put(ids[0])
-        logits, past = lm.forward(ids, mask, position_ids_for(mask, width), lm.empty_past(len(ids)))
+        logits, past = lm.forward(ids, mask, position_ids_for(mask, width), lm.empty_past(len(ids)), last_only=True)
         history, new = ids, [[] for _ in prompts]
         finished = np.zeros(len(prompts), dtype=bool)
         for _ in range(cfg.max_new_tokens):

@@ -59,8 +59,8 @@ class SharedKV:
             room = positions + SPARE_POSITIONS
             if limit:  # no position past the model's context is ever written
                 room = max(positions, min(room, limit))
-        if rows > row_room:
-            row_room = max(rows, row_room + row_room // 2)
+        if rows > row_room:  # doubling: a batch that gains a row at a time copies itself log2(rows) times
+            row_room = max(rows, 2 * row_room)
         filled = int(self.lengths.max(initial=0))
         grown = []
         for buffer in self.buffers:
@@ -122,6 +122,11 @@ class SharedFeed:
             total_sequence_length=np.array(int(past.lengths.max(initial=0)) + n, dtype=np.int32),
             shift=shift,
         )
+
+    def last(self, logits: np.ndarray) -> np.ndarray:
+        """Each row's last real token's logits, (rows, 1, vocab), from the right-padded rows' logits."""
+        rows = np.arange(len(logits))
+        return logits[rows, logits.shape[1] - 1 - self.shift][:, None]
 
     def left_padded(self, logits: np.ndarray) -> np.ndarray:
         """Logits (rows, n, vocab) of the right-padded rows, put back where the caller's left-padded tokens were."""

@@ -47,8 +47,7 @@ class OnnxBackend:
 
     def prefill(self, prompts: list[list[int]], all_logits: bool) -> tuple[np.ndarray, list[np.ndarray]]:
         ids, mask, positions = left_padded(prompts, self.lm.pad_token_id)
-        logits, past = self.lm.forward(ids, mask, positions, self.lm.empty_past(len(prompts)))
-        return (logits if all_logits else logits[:, -1:]), past
+        return self.lm.forward(ids, mask, positions, self.lm.empty_past(len(prompts)), last_only=not all_logits)
 
     def step(self, tokens: np.ndarray, mask: np.ndarray, past: list[np.ndarray]):
         mask = mask.astype(np.int64)
