@@ -70,10 +70,18 @@ class SharedKV:
         self.buffers = grown
 
     def keep(self, rows: np.ndarray) -> SharedKV:
-        """Only `rows` (ascending), moved up in order; only the rows below a dropped one are copied."""
+        """Only `rows`, row rows[i] moved to place i: only rows that change place are copied (filled part)."""
         rows = np.asarray(rows, dtype=np.int64)
-        for target, source in enumerate(rows):
-            if target != source:
+        moves = [(target, int(source)) for target, source in enumerate(rows) if target != source]
+        written: set[int] = set()
+        for target, source in moves:
+            if source in written:  # an order that reads a place it already wrote: gather all at once
+                for buffer in self.buffers:
+                    buffer[: len(rows)] = buffer[rows]
+                break
+            written.add(target)
+        else:
+            for target, source in moves:
                 filled = int(self.lengths[source])
                 for buffer in self.buffers:
                     buffer[target, :, :filled] = buffer[source, :, :filled]

@@ -7,11 +7,11 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import make_model_dir, run_cli
 
 from finetune import onnx_kv_cache
 from finetune.errors import FinetuneError
 from finetune.onnx_kv_cache import SharedFeed, SharedKV
-from tests.conftest import make_model_dir, run_cli
 
 
 def filled(rows: int, lengths: list[int], seed: int) -> SharedKV:
@@ -48,6 +48,15 @@ def test_buffers_grow_keep_rows_and_take_in_new_ones():
     kv.keep(np.array([0, 2]))  # row 1 leaves; row 2 moves up
     assert kv.rows == 2 and kv.lengths.tolist() == [2, 4]
     assert same(contents(kv), [[rows[0], rows[2]] for rows in before])
+
+    shuffled = filled(5, [3, 1, 4, 1, 5], seed=2)
+    rows = contents(shuffled)
+    shuffled.keep(np.array([4, 1, 3]))  # the engine's order: the last row fills the first gap
+    assert shuffled.lengths.tolist() == [5, 1, 1] and same(contents(shuffled), [[r[4], r[1], r[3]] for r in rows])
+    swapped = filled(3, [2, 3, 1], seed=3)
+    rows = contents(swapped)
+    swapped.keep(np.array([2, 0, 1]))  # every source is also a target: gathered at once
+    assert same(contents(swapped), [[r[2], r[0], r[1]] for r in rows])
 
     other = filled(2, [6, 1], seed=1)
     joined = kv.extend(other)

@@ -217,6 +217,15 @@ def test_prefill_groups_keep_echo_alone_and_bound_their_size(monkeypatch):
     assert [[len(h.request.prompt_ids) for h in g] for g in groups] == [[5, 9], [4], [3, 10, 10], [10]]
 
 
+def test_rows_that_stay_move_the_least_when_others_leave():
+    from finetune.serving.engine import fill_from_tail
+
+    assert fill_from_tail([0, 1, 2]) == [0, 1, 2]
+    assert fill_from_tail([1, 2, 3, 5, 6]) == [6, 1, 2, 3, 5]  # row 0 left: the last row takes its place
+    assert fill_from_tail([0, 4, 5]) == [0, 5, 4]
+    assert sorted(fill_from_tail([2, 7, 9])) == [2, 7, 9] and fill_from_tail([2, 7, 9])[2] == 2
+
+
 def test_seeded_sampling_is_the_same_alone_and_batched(backend):
     def sampled(prompt: str, seed: int) -> Request:
         return Request(backend.encode(prompt), max_tokens=16, temperature=0.9, top_k=40, top_p=0.9, seed=seed)

@@ -44,7 +44,8 @@ class Backend(Protocol):
         """Several pasts as one batch: each left-padded (with zeros) to the longest, rows in order."""
 
     def select(self, past: Past, rows: np.ndarray, start: int) -> Past:
-        """Only `rows`, and only the columns from `start` on (columns that are padding in every kept row)."""
+        """Only `rows`, row rows[i] as row i (any order), and only the columns from `start` on (columns that
+        are padding in every kept row)."""
 
 
 def left_padded(prompts: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

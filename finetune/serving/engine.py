@@ -66,6 +66,16 @@ class _Batch:
 PREFILL_TOKENS = 2048
 
 
+def fill_from_tail(keep: list[int]) -> list[int]:
+    """The rows to keep, ordered to move the fewest: a row already within the kept count stays in its place,
+    and the last rows take the places of rows that leave (an in-place KV cache copies one row per gap, where
+    keeping the order would shift every row below the first gap)."""
+    count = len(keep)
+    movers = iter(reversed([row for row in keep if row >= count]))
+    kept = set(keep)
+    return [place if place in kept else next(movers) for place in range(count)]
+
+
 def prefill_groups(handles: list[Handle]) -> list[list[Handle]]:
     """Newcomers in arrival order, grouped for prefill: an echo request alone (it keeps every position's
     logits), the others together while the group's padded size stays within PREFILL_TOKENS."""
@@ -329,10 +339,11 @@ class Engine:
         if not keep:
             self._batch = _Batch()
         else:
-            mask = batch.mask[keep]
+            order = fill_from_tail(keep)
+            mask = batch.mask[order]
             start = int(np.argmax(mask.any(axis=0)))  # the first column some remaining row uses
             self._batch = _Batch(
-                [batch.rows[i] for i in keep], mask[:, start:], self.backend.select(batch.past, np.array(keep), start)
+                [batch.rows[i] for i in order], mask[:, start:], self.backend.select(batch.past, np.array(order), start)
             )
         self._gauge()
 
