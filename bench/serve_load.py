@@ -280,13 +280,17 @@ def interleaved_rounds(rows: list[str], paths: dict[str, Path], args, work: Path
     come from cells a few seconds apart."""
     servers = {}
     try:
-        for row in rows:
+        # transformers serve --continuous-batching sizes its KV cache from the free memory (14 GB here):
+        # started first, it leaves the others what they need.
+        for row in sorted(rows, key=lambda r: not r.startswith("hf")):
             port = free_port()
             command = server_command(row, paths, port, args.max_batch_size)
             servers[row] = (start_server(command, port, work / f"server-{row}-rounds.log"), port)
+        servers = {row: servers[row] for row in rows}  # rounds run in the order asked for
         models = {row: served_model(port, row, paths) for row, (_, port) in servers.items()}
-        for row, (_, port) in servers.items():
-            asyncio.run(load(port, models[row], 8, 2, 1, Cell(row, 8, 2)))
+        for row, (_, port) in servers.items():  # a batch of 16 once: first-time allocations stay out
+            warm = 16 if row not in SERIAL_ROWS else 2
+            asyncio.run(load(port, models[row], 8, warm, 1, Cell(row, 8, warm)))
         tokens = args.new_tokens[0]
         rounds = []
         for index in range(args.rounds):

@@ -235,7 +235,8 @@ def _manifest(
     spec_in = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}]
     for name, dtype_name, shape, note in CONTROL_INPUTS["shared" if shared_kv else "concat"]:
         spec_in.append({"name": name, "dtype": dtype_name, "shape": shape, "note": note})
-    spec_out = [{"name": "logits", "dtype": float_type, "shape": ["batch", "sequence", model.config.vocab_size]}]
+    positions = "outputs" if shared_kv else "sequence"  # the rows of logits_positions, or every position
+    spec_out = [{"name": "logits", "dtype": float_type, "shape": ["batch", positions, model.config.vocab_size]}]
     for i, (heads, key_dim, value_dim) in enumerate(layout):
         for kv, dim in (("key", key_dim), ("value", value_dim)):
             spec_in.append(
@@ -281,7 +282,8 @@ USAGE_CONCAT = (
 USAGE_SHARED = (
     "ONNX Runtime GroupQueryAttention: allocate past_key_values.* with room for the longest row, bind each "
     "present.* output to the same memory as its past input (I/O binding: written in place), right pad the "
-    "prompts; each step feeds the new token, its position, seqlens_k and total_sequence_length"
+    "prompts; each step feeds the new token, its position, seqlens_k, total_sequence_length and "
+    "logits_positions (the positions whose logits to compute, 0 for a decode step)"
 )
 
 

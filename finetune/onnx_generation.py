@@ -55,6 +55,7 @@ CONTROL_INPUTS = {
         ("position_ids", "int64", ["batch", "sequence"], "each row's filled length plus 0, 1, ... (right padded)"),
         ("seqlens_k", "int32", ["batch"], "each row's filled length after this call, minus 1"),
         ("total_sequence_length", "int32", [], "the longest filled length before this call plus sequence"),
+        ("logits_positions", "int64", ["batch", "outputs"], "per row, the positions whose logits to compute"),
     ],
 }
 
@@ -196,6 +197,8 @@ class OnnxCausalLM:
         past.reserve(len(input_ids), int(feed.total_sequence_length), self.max_positions)
         binding = self.session.io_binding()
         binding.bind_output("logits")
+        picks = feed.last_positions() if last_only else feed.all_positions()
+        binding.bind_cpu_input("logits_positions", picks)
         for name in ("input_ids", "position_ids", "seqlens_k", "total_sequence_length"):
             binding.bind_cpu_input(name, getattr(feed, name))
         for past_name, present_name, view in zip(self.past_names, self.present_names, past.views()):
@@ -205,7 +208,7 @@ class OnnxCausalLM:
         self.session.run_with_iobinding(binding)
         logits = binding.get_outputs()[0].numpy()
         past.lengths = feed.seqlens_k.astype(np.int64) + 1
-        return (feed.last(logits) if last_only else feed.left_padded(logits)), past
+        return (logits if last_only else feed.left_padded(logits)), past
 
     def greedy(self, input_ids: np.ndarray, attention_mask: np.ndarray, steps: int) -> np.ndarray:
         """`steps` argmax tokens per row, ignoring EOS (used to verify exports)."""

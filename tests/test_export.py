@@ -77,8 +77,8 @@ def test_onnx_export_parity_and_greedy_equality(workdir, architecture):
     else:
         assert manifest["kv_cache"] == "shared" and ops.get("GroupQueryAttention") == "com.microsoft"
         assert "MultiHeadAttention" not in ops and "attention_mask" not in names
-        assert names[:4] == ["input_ids", "position_ids", "seqlens_k", "total_sequence_length"]
-        assert names[4] == "past_key_values.0.key"
+        assert names[:5] == ["input_ids", "position_ids", "seqlens_k", "total_sequence_length", "logits_positions"]
+        assert names[5] == "past_key_values.0.key" and ops.get("GatherND") == ""  # logits at chosen rows only
     assert manifest["onnxruntime_fusions"]
     assert "needs ONNX Runtime" in (out / "README.md").read_text()
     for name in ("tokenizer.json", "README.md", "model.onnx", "generation_config.json"):
@@ -96,6 +96,7 @@ def test_onnx_graph_has_dynamic_batch_sequence_and_past(workdir, gpt2_dir):
     assert dims["input_ids"] == ["batch", "sequence"]
     assert dims["past_key_values.1.value"][0] == "batch" and dims["past_key_values.1.value"][2] == "past_sequence"
     assert dims["seqlens_k"] == ["batch"] and dims["total_sequence_length"] == []
+    assert dims["logits_positions"] == ["batch", "outputs"]
     assert not (workdir / "o" / "verification.json").exists()
 
 

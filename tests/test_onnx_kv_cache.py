@@ -74,7 +74,8 @@ def test_a_left_padded_block_is_fed_right_padded_and_its_logits_put_back():
     assert feed.position_ids.tolist() == [[0, 1, 2, 3]] * 3
     logits = feed.input_ids[:, :, None].astype(np.float32)  # each position's "logits" is its token
     assert feed.left_padded(logits)[:, :, 0][mask == 1].tolist() == ids[mask == 1].tolist()
-    assert feed.last(logits)[:, 0, 0].tolist() == [2, 6, 7]  # each row's last real token
+    assert np.take_along_axis(feed.input_ids, feed.last_positions(), 1)[:, 0].tolist() == [2, 6, 7]
+    assert feed.all_positions().tolist() == [[0, 1, 2, 3]] * 3
 
     past = SharedKV.empty([(1, 1)], 2, np.float32)
     past.lengths = np.array([5, 2])
