@@ -19,6 +19,8 @@ token and request latency (p50/p95), and failures. Rows:
 Then `finetune generate`'s own tokens/s for one request (in this process, same run and exports), and
 each row as a share of this machine's compute roofline: FLOPs per generated token x tokens/s over a
 measured large-GEMM rate (fp32 with torch, int8 with ONNX Runtime's MatMulInteger).
+After the sweep, interleaved rounds: every row's server up at once, one 16-client cell per row in turn
+(`--rounds`, 3): the targets' ratios from cells seconds apart, since this VM's speed drifts over minutes.
 Targets (issue 14), at 16 clients: ONNX int8 >= 3x, ONNX fp32 >= 1.5x, torch >= 1.2x the output tokens/s
 of `transformers serve --continuous-batching`; each >= 5x its own batching-off figure; time to first
 token p95 <= 0.5 s; at concurrency 1 within 10% of `finetune generate`.
