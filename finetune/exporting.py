@@ -478,12 +478,18 @@ def _verify_export(
     return report
 
 
+# Architectures whose attention mask is causal and padding masking only (no ALiBi or relative-position
+# bias, which GroupQueryAttention would drop): the in-place KV cache is tried for these alone.
+PLAIN_CAUSAL_ATTENTION = {"gpt2", "llama", "qwen2", "qwen3", "mistral", "gpt_neox"}
+
+
 def _shared_kv_fits(model: PreTrainedModel, dtype: str) -> bool:
     """GroupQueryAttention (in place KV cache) for fp32 graphs, whose attention is causal with no window:
     ONNX Runtime's CPU kernel is fp32 only, and a sliding window would need its local_window_size."""
     window = getattr(model.config, "sliding_window", None)
     use_window = getattr(model.config, "use_sliding_window", window is not None)
-    return dtype == "fp32" and not (window and use_window)
+    plain = model.config.model_type in PLAIN_CAUSAL_ATTENTION
+    return plain and dtype == "fp32" and not (window and use_window)
 
 
 def _trained_block_size(source: Path) -> Optional[int]:

@@ -69,10 +69,13 @@ def read_manifest(path: Path) -> dict:
                 f"ONNX manifest {path}: '{key}' should be a {kind.__name__}, not {manifest[key]!r}; {EXPORT_AGAIN}"
             )
     for key in ("bos_token_id", "max_positions"):
-        if manifest.get(key) is not None and not isinstance(manifest[key], int):
+        value = manifest.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise FinetuneError(
-                f"ONNX manifest {path}: '{key}' should be an integer, not {manifest[key]!r}; {EXPORT_AGAIN}"
+                f"ONNX manifest {path}: '{key}' should be a non-negative integer, not {value!r}; {EXPORT_AGAIN}"
             )
+    if manifest.get("max_positions") == 0:
+        raise FinetuneError(f"ONNX manifest {path}: 'max_positions' should be at least 1, not 0; {EXPORT_AGAIN}")
     kv_cache = manifest.setdefault("kv_cache", "concat")
     if not isinstance(kv_cache, str) or kv_cache not in CONTROL_INPUTS:
         raise FinetuneError(
@@ -83,7 +86,7 @@ def read_manifest(path: Path) -> dict:
     inputs = manifest["inputs"]
     outputs = manifest.get("outputs")
     well_formed = (
-        len(inputs) >= control
+        len(inputs) > control
         and all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in inputs)
         and all(
             isinstance(s.get("shape"), list)
@@ -91,20 +94,26 @@ def read_manifest(path: Path) -> dict:
             and all(isinstance(d, int) for d in s["shape"][1::2])
             for s in inputs[control:]
         )
-        and (
-            kv_cache == "concat"
-            or (
-                isinstance(outputs, list)
-                and len(outputs) == len(inputs) - control + 1
-                and all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in outputs)
-            )
-        )
     )
     if not well_formed:
         raise FinetuneError(
             f"ONNX manifest {path}: 'inputs' is not a list of named inputs with past key/value shapes; {EXPORT_AGAIN}"
         )
+    if kv_cache == "shared":
+        # Each present output is bound to its past input's memory: the pairs must match name for name.
+        presents = [present_name(s["name"]) for s in inputs[control:]]
+        named = isinstance(outputs, list) and all(isinstance(s, dict) for s in outputs)
+        if not named or [s.get("name") for s in outputs[1:]] != presents:
+            raise FinetuneError(
+                f"ONNX manifest {path}: 'outputs' should be logits then {', '.join(presents[:2])}, ... in the "
+                f"order of the past inputs; {EXPORT_AGAIN}"
+            )
     return manifest
+
+
+def present_name(past_name: str) -> str:
+    """optimum's naming: past_key_values.N.key is fed back from present.N.key."""
+    return past_name.replace("past_key_values.", "present.", 1)
 
 
 class OnnxCausalLM:
@@ -148,7 +157,7 @@ class OnnxCausalLM:
         self.past_specs = self.manifest["inputs"][control:]
         self.input_names = [spec["name"] for spec in self.manifest["inputs"]]
         self.past_names = self.input_names[control:]
-        self.present_names = [spec["name"] for spec in self.manifest.get("outputs", [])[1:]]
+        self.present_names = [present_name(name) for name in self.past_names]
         self.eos_token_id = self.manifest["eos_token_id"]
         self.pad_token_id = self.manifest["pad_token_id"]
         self.bos_token_id = self.manifest.get("bos_token_id")

@@ -113,13 +113,33 @@ def _mask_feeds_only_attention(graph, mask) -> bool:
     return True
 
 
+def _graph_inputs_upstream(value) -> set:
+    """The names of the graph inputs whose values `value` is computed from (constants, initializers and
+    inputs read only for their shape aside)."""
+    names, frontier, seen = set(), [value], set()
+    while frontier:
+        current = frontier.pop()
+        producer = current.producer()
+        if producer is None:
+            if current.const_value is None and not current.is_initializer():
+                names.add(current.name)
+        elif id(producer) not in seen and producer.op_type not in ("Shape", "Size"):
+            seen.add(id(producer))
+            frontier.extend(v for v in producer.inputs if v is not None)
+    return names
+
+
 def _attention_fits(node, graph_inputs: set, graph_outputs: set) -> bool:
-    """A self-attention node with the past from graph inputs and the present to graph outputs, no biases."""
+    """A self-attention node with the past from graph inputs and the present to graph outputs, no projection
+    bias, 3-D query/key/value, and an attention bias made from attention_mask alone (causal and padding
+    masking: a bias from anything else, such as positions, would be lost in GroupQueryAttention)."""
     inputs = list(node.inputs) + [None] * (8 - len(node.inputs))
     return (
         node.domain == "com.microsoft"
         and len(node.inputs) == 8
-        and all(inputs[i] is not None for i in (0, 1, 2, 6, 7))
+        and all(inputs[i] is not None for i in (0, 1, 2, 5, 6, 7))
+        and all(v.shape is None or len(v.shape) == 3 for v in inputs[:3])
+        and _graph_inputs_upstream(inputs[ATTENTION_BIAS]) == {MASK_INPUT}
         and inputs[3] is None  # projection bias
         and inputs[4] is None  # key padding mask
         and id(inputs[6]) in graph_inputs

@@ -134,12 +134,29 @@ def test_decoding_past_the_buffers_room_matches_transformers(exported, monkeypat
     assert stepped.lengths.tolist() == [len(e) + 1 for e in encoded]
 
 
-def test_a_manifest_naming_an_unknown_cache_is_one_clear_error(exported, tmp_path):
+def swap_first_present(manifest: dict) -> None:
+    outputs = manifest["outputs"]
+    outputs[1], outputs[2] = outputs[2], outputs[1]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m.update(kv_cache="paged"), "'kv_cache' should be one of concat, shared"),
+        (lambda m: m.update(kv_cache=["shared"]), "'kv_cache' should be one of"),
+        # a present bound to the wrong past would silently compute other numbers
+        (swap_first_present, "'outputs' should be logits then present.0.key, present.0.value"),
+        (lambda m: m.pop("outputs"), "'outputs' should be logits then"),
+        (lambda m: m.update(max_positions=True), "'max_positions' should be a non-negative integer"),
+        (lambda m: m.update(max_positions=0), "'max_positions' should be at least 1"),
+    ],
+)
+def test_a_malformed_shared_manifest_is_one_clear_error(exported, tmp_path, edit, message):
     from finetune.onnx_generation import OnnxCausalLM
 
     copy = shutil.copytree(exported[1], tmp_path / "onnx")
     manifest = json.loads((copy / "finetune_onnx.json").read_text())
-    manifest["kv_cache"] = "paged"
+    edit(manifest)
     (copy / "finetune_onnx.json").write_text(json.dumps(manifest))
-    with pytest.raises(FinetuneError, match="'kv_cache' should be one of concat, shared"):
+    with pytest.raises(FinetuneError, match=message):
         OnnxCausalLM(copy)
