@@ -255,6 +255,14 @@ def served_model(port: int, row: str, paths: dict[str, Path]) -> str:
     return httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"][0]["id"]
 
 
+def measure(row: str, port: int, model: str, new_tokens: int, concurrency: int, args) -> Cell:
+    """One cell: `concurrency` clients each sending their requests back to back (at least 4 requests in all)."""
+    cell = Cell(row, new_tokens, concurrency)
+    per_client = 1 if row in SERIAL_ROWS else args.per_client
+    asyncio.run(load(port, model, new_tokens, concurrency, max(per_client, 4 // concurrency), cell))
+    return cell
+
+
 def run_row(row: str, paths: dict[str, Path], args, work: Path) -> list[Cell]:
     port = free_port()
     proc = start_server(server_command(row, paths, port, args.max_batch_size), port, work / f"server-{row}.log")
@@ -265,9 +273,7 @@ def run_row(row: str, paths: dict[str, Path], args, work: Path) -> list[Cell]:
         concurrencies = [c for c in args.concurrency if row not in SERIAL_ROWS or c in SERIAL_CONCURRENCY]
         for new_tokens in args.new_tokens:
             for concurrency in concurrencies:
-                cell = Cell(row, new_tokens, concurrency)
-                per_client = 1 if row in SERIAL_ROWS else args.per_client
-                asyncio.run(load(port, model, new_tokens, concurrency, max(per_client, 4 // concurrency), cell))
+                cell = measure(row, port, model, new_tokens, concurrency, args)
                 cells.append(cell)
                 print(format_cell(cell), flush=True)
     finally:
@@ -298,10 +304,7 @@ def interleaved_rounds(rows: list[str], paths: dict[str, Path], args, work: Path
         for index in range(args.rounds):
             cells = {}
             for row, (_, port) in servers.items():
-                cell = Cell(row, tokens, 16)
-                per_client = 1 if row in SERIAL_ROWS else args.per_client
-                asyncio.run(load(port, models[row], tokens, 16, per_client, cell))
-                cells[row] = cell
+                cells[row] = measure(row, port, models[row], tokens, 16, args)
             rounds.append(cells)
             print(f"round {index + 1}: " + ", ".join(f"{r} {c.tokens_per_s:.1f}" for r, c in cells.items()), flush=True)
         return rounds

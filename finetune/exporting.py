@@ -151,11 +151,11 @@ def _onnx_wrapper(model: PreTrainedModel, num_layers: int) -> torch.nn.Module:
 
 
 def _io_names(num_layers: int, shared_kv: bool = False) -> tuple[list[str], list[str]]:
-    from finetune.onnx_generation import CONTROL_INPUTS  # it imports this module
+    from finetune.onnx_generation import CONTROL_INPUTS, present_name  # it imports this module
 
     # optimum's naming, so existing ONNX Runtime generation loaders recognise the graph.
     past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    present = [present_name(name) for name in past]
     control = [spec[0] for spec in CONTROL_INPUTS["shared" if shared_kv else "concat"]]
     return ["input_ids", *control, *past], ["logits", *present]
 

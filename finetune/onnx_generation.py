@@ -82,7 +82,7 @@ def read_manifest(path: Path) -> dict:
             f"ONNX manifest {path}: 'kv_cache' should be one of {', '.join(CONTROL_INPUTS)}, not {kv_cache!r}; "
             f"{EXPORT_AGAIN} (or upgrade finetune)"
         )
-    control = 1 + len(CONTROL_INPUTS[kv_cache])
+    control = first_past_input(kv_cache)
     inputs = manifest["inputs"]
     outputs = manifest.get("outputs")
     well_formed = (
@@ -109,6 +109,11 @@ def read_manifest(path: Path) -> dict:
                 f"order of the past inputs; {EXPORT_AGAIN}"
             )
     return manifest
+
+
+def first_past_input(kv_cache: str) -> int:
+    """The index of the first past input: input_ids and the control inputs of this kind of KV cache come first."""
+    return 1 + len(CONTROL_INPUTS[kv_cache])
 
 
 def present_name(past_name: str) -> str:
@@ -152,7 +157,7 @@ class OnnxCausalLM:
             self.session = ort.InferenceSession(str(model_file), providers=providers)
         self.model_file = model_file
         self.float_type = np.float16 if self.manifest["dtype"] == "fp16" else np.float32
-        control = 1 + len(CONTROL_INPUTS[self.manifest["kv_cache"]])
+        control = first_past_input(self.manifest["kv_cache"])
         self.shared_kv = self.manifest["kv_cache"] == "shared"
         self.past_specs = self.manifest["inputs"][control:]
         self.input_names = [spec["name"] for spec in self.manifest["inputs"]]
@@ -210,10 +215,10 @@ class OnnxCausalLM:
         binding.bind_cpu_input("logits_positions", picks)
         for name in ("input_ids", "position_ids", "seqlens_k", "total_sequence_length"):
             binding.bind_cpu_input(name, getattr(feed, name))
-        for past_name, present_name, view in zip(self.past_names, self.present_names, past.views()):
+        for past_input, present_output, view in zip(self.past_names, self.present_names, past.views()):
             value = ort.OrtValue.ortvalue_from_numpy(view)  # the same memory in and out: written in place
-            binding.bind_ortvalue_input(past_name, value)
-            binding.bind_ortvalue_output(present_name, value)
+            binding.bind_ortvalue_input(past_input, value)
+            binding.bind_ortvalue_output(present_output, value)
         self.session.run_with_iobinding(binding)
         logits = binding.get_outputs()[0].numpy()
         past.lengths = feed.seqlens_k.astype(np.int64) + 1

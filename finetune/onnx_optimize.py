@@ -57,6 +57,15 @@ def save(model, path: Path, external: bool) -> None:
     ir.save(model, str(path), external_data=path.name + ".data" if external else None)
 
 
+def replace_value(old, new) -> None:
+    """`new` takes `old`'s place in the graph: its uses, its graph-output slot, its name, type and shape."""
+    import onnx_ir as ir
+
+    name, old.name = old.name, None  # names are unique in a graph: free it first
+    new.name, new.type, new.shape = name, old.type, old.shape
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+
+
 def fuse(source: Path, target: Path, external: bool, shared_kv: bool = False) -> dict[str, int]:
     """Write `source` with ONNX Runtime's fused operators to `target`; returns the fusions applied.
 
@@ -197,9 +206,7 @@ def share_kv_cache(model) -> int:
         )
         graph.insert_before(node, replacement)
         for old, new in zip(node.outputs, replacement.outputs):
-            name, old.name = old.name, None
-            new.name, new.type, new.shape = name, old.type, old.shape
-            ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+            replace_value(old, new)
         graph.remove(node, safe=True)
     # hidden (batch, sequence, width) -> the rows at logits_positions (batch, outputs, width) -> output layer
     picks = ir.Value(name="logits_positions", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([batch, "outputs"]))

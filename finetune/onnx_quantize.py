@@ -174,6 +174,8 @@ class _RowQuantizer:
     def _rewrite(self, node, weight, transposed: bool) -> None:
         import onnx_ir as ir
 
+        from finetune.onnx_optimize import replace_value
+
         w8, w_scale = self._int8_weight(weight, transposed)
 
         added: list = []
@@ -188,11 +190,8 @@ class _RowQuantizer:
         if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
             result = op("Add", [result, node.inputs[2]])
         self.graph.insert_before(node, added)
-        old = node.outputs[0]
-        name, result.type, result.shape = old.name, old.type, old.shape  # a graph output (the logits) keeps them
-        ir.convenience.replace_all_uses_with(old, result, replace_graph_outputs=True)
+        replace_value(node.outputs[0], result)  # a graph output (the logits) keeps its name, type and shape
         self.graph.remove(node, safe=True)
-        result.name = name
         if not weight.uses():
             self.graph.initializers.pop(weight.name)
 
